@@ -1,0 +1,96 @@
+"""The one error hierarchy of pyambient.
+
+Every error the mesh raises on purpose is a :class:`MeshError`.  Library
+exceptions (``OSError``, ``ssl.SSLError``, ``h2.exceptions.*``) are translated
+into these at the I/O boundary, once, with the cause chained, so callers above
+that boundary handle only the kinds below::
+
+    MeshError
+    ├── ConfigError              bad input from a person or an API object
+    │   ├── IdentityError        not a valid SPIFFE identity
+    │   └── InvalidObjectError   an API object that cannot be translated
+    ├── CertificateError         cannot issue, load or verify a certificate
+    ├── TransportError           the byte stream itself failed
+    │   ├── StreamClosedError    we closed it ourselves, then used it
+    │   ├── StreamBrokenError    the peer or the network broke it
+    │   └── HandshakeError       TLS handshake failed (cert, ALPN, version)
+    │       └── PeerIdentityError  the handshake succeeded but the peer is not who we expect
+    ├── ProtocolError            the peer violated HTTP/2, HBONE or HTTP/1.1
+    ├── UpstreamError            could not reach the destination
+    │   ├── ConnectRefusedError  connection refused / unreachable
+    │   ├── ConnectTimeoutError  no answer within the connect timeout
+    │   └── TunnelRejectedError  the HBONE peer answered non-200 (``status`` holds it)
+    └── PolicyDeniedError        authorization said no
+
+Messages say what to check, not just what happened.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base of every error pyambient raises on purpose."""
+
+
+class ConfigError(MeshError):
+    """Bad input from a person or an API object."""
+
+
+class IdentityError(ConfigError):
+    """A string that is not a valid ``spiffe://<td>/ns/<ns>/sa/<sa>`` identity."""
+
+
+class InvalidObjectError(ConfigError):
+    """An API object that cannot be translated; the previous good config stays in force."""
+
+
+class CertificateError(MeshError):
+    """A certificate cannot be issued, loaded or verified."""
+
+
+class TransportError(MeshError):
+    """The byte stream failed."""
+
+
+class StreamClosedError(TransportError):
+    """The stream was closed by this side and then used."""
+
+
+class StreamBrokenError(TransportError):
+    """The peer or the network broke the stream (reset, EOF mid-handshake, ...)."""
+
+
+class HandshakeError(TransportError):
+    """The TLS handshake failed."""
+
+
+class PeerIdentityError(HandshakeError):
+    """The peer proved an identity, but not one we accept."""
+
+
+class ProtocolError(MeshError):
+    """The peer violated the protocol (HTTP/2, HBONE, HTTP/1.1)."""
+
+
+class UpstreamError(MeshError):
+    """The destination could not be reached."""
+
+
+class ConnectRefusedError(UpstreamError):
+    """The destination refused the connection or is unreachable."""
+
+
+class ConnectTimeoutError(UpstreamError):
+    """The destination did not answer within the connect timeout."""
+
+
+class TunnelRejectedError(UpstreamError):
+    """The HBONE peer answered the CONNECT with a non-200 status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PolicyDeniedError(MeshError):
+    """Authorization denied the connection or request."""

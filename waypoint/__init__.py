@@ -1,0 +1,1 @@
+"""pyambient: waypoint."""
