@@ -1,0 +1,7 @@
+"""``python -m deploy.ambientctl``."""
+
+import sys
+
+from deploy.ambientctl import main
+
+sys.exit(main())
