@@ -1,0 +1,119 @@
+"""The in-pod capture rules, checked in two real network namespaces joined by veth."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from common.netns import call_in_netns
+from ztunnel.inpod.install import install_capture, remove_capture
+from ztunnel.inpod.origdst import original_destination
+from ztunnel.inpod.rules import ZTUNNEL_MARK
+
+pytestmark = pytest.mark.netns
+
+POD_IP, PEER_IP = "10.213.0.2", "10.213.0.1"
+
+
+@dataclass
+class Pair:
+    pod: str
+    peer: str
+
+
+def _sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    tag = secrets.token_hex(3)
+    pod, peer = f"pa-t{tag}-pod", f"pa-t{tag}-peer"
+    _sh("ip", "netns", "add", pod)
+    _sh("ip", "netns", "add", peer)
+    try:
+        _sh("ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", peer)
+        for ns, ip in ((pod, POD_IP), (peer, PEER_IP)):
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield Pair(f"/run/netns/{pod}", f"/run/netns/{peer}")
+    finally:
+        subprocess.run(["ip", "netns", "del", pod], check=False)
+        subprocess.run(["ip", "netns", "del", peer], check=False)
+
+
+def _listen(ns: str, ip: str, port: int) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ip, port))
+        s.listen(8)
+        s.settimeout(5)
+        return s
+    return call_in_netns(ns, make)
+
+
+def _dial(ns: str, dst: tuple[str, int], mark: bool = False,
+          source: str | None = None) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket()
+        s.settimeout(5)
+        if mark:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ZTUNNEL_MARK)
+        if source:
+            s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            s.bind((source, 0))
+        s.connect(dst)
+        return s
+    return call_in_netns(ns, make)
+
+
+async def test_capture_redirects_outbound_inbound_and_spares_ztunnel(pair: Pair) -> None:
+    await install_capture(pair.pod)
+    out_l = _listen(pair.pod, "0.0.0.0", 15001)
+    in_l = _listen(pair.pod, "0.0.0.0", 15006)
+    hbone_l = _listen(pair.pod, "0.0.0.0", 15008)
+    app_l = _listen(pair.pod, "0.0.0.0", 8080)
+    dest_l = _listen(pair.peer, PEER_IP, 9000)
+    with out_l, in_l, hbone_l, app_l, dest_l:
+        # The application's outbound TCP lands on 15001 with its destination intact.
+        with _dial(pair.pod, (PEER_IP, 9000)):
+            conn, _ = out_l.accept()
+            with conn:
+                assert original_destination(conn) == (PEER_IP, 9000)
+        # ztunnel's own (marked) socket goes straight out.
+        with _dial(pair.pod, (PEER_IP, 9000), mark=True):
+            conn, src = dest_l.accept()
+            conn.close()
+            assert src[0] == POD_IP
+        # Inbound plaintext to an application port lands on 15006.
+        with _dial(pair.peer, (POD_IP, 8080)):
+            conn, src = in_l.accept()
+            with conn:
+                assert src[0] == PEER_IP
+                assert original_destination(conn) == (POD_IP, 8080)
+        # HBONE is served directly.
+        with _dial(pair.peer, (POD_IP, 15008)):
+            conn, _ = hbone_l.accept()
+            conn.close()
+        # ztunnel's inbound connect keeps the real source IP, and replies come back to it.
+        with _dial(pair.pod, (POD_IP, 8080), mark=True, source=PEER_IP) as spoofed:
+            conn, src = app_l.accept()
+            with conn:
+                assert src[0] == PEER_IP
+                conn.sendall(b"reply")
+                assert spoofed.recv(16) == b"reply"
+
+    await remove_capture(pair.pod)
+    dest_l = _listen(pair.peer, PEER_IP, 9000)
+    with dest_l, _dial(pair.pod, (PEER_IP, 9000)):
+        conn, src = dest_l.accept()
+        conn.close()
+        assert src[0] == POD_IP
