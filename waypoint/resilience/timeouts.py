@@ -1,0 +1,87 @@
+"""Route and per-try deadlines, and the timeout header sent upstream.
+
+Semantics (Envoy "Router filter" headers; Istio "Virtual Service" ``timeout`` and
+``retries.perTryTimeout``; Gateway API ``HTTPRouteTimeouts``):
+
+* The route timeout covers the whole request: every try and every backoff.
+  Exceeded: 504 ``upstream request timeout``, response flag ``UT``.
+* ``x-envoy-upstream-rq-timeout-ms`` replaces the route timeout (``0`` disables it);
+  ``x-envoy-upstream-rq-per-try-timeout-ms`` replaces the per-try timeout.
+  Malformed values are ignored.
+* A per-try timeout not below the route timeout is ignored (Envoy drops it).
+* Each try ends at ``min(try start + per_try, route deadline)``.
+* ``x-envoy-expected-rq-timeout-ms`` tells the upstream how long this try may
+  take: the per-try timeout if set, else what is left of the route timeout; the
+  header is absent when no timeout applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from waypoint.resilience.config import RetryPolicy, TimeoutPolicy
+
+#: 504 body Envoy sends when the route or per-try timeout fires.
+TIMEOUT_BODY = b"upstream request timeout"
+
+
+def _header_seconds(headers: Mapping[str, str] | None, name: str) -> float | None:
+    """A millisecond header in seconds; ``None`` if absent or malformed; 0.0 if zero."""
+    if not headers:
+        return None
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not raw.isdigit():
+        return None
+    return int(raw) / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """Deadlines of one request, in the shell's monotonic clock (seconds)."""
+
+    request_deadline: float | None
+    """When the whole request times out; ``None``: never."""
+    per_try: float | None
+    """Seconds one try may take; ``None``: bounded only by ``request_deadline``."""
+
+    def try_deadline(self, now: float) -> float | None:
+        """When a try started at ``now`` times out."""
+        if self.per_try is None:
+            return self.request_deadline
+        end = now + self.per_try
+        if self.request_deadline is not None and self.request_deadline < end:
+            return self.request_deadline
+        return end
+
+    def expected_timeout_ms(self, now: float) -> int | None:
+        """Value for ``x-envoy-expected-rq-timeout-ms`` on a try started at ``now``."""
+        end = self.try_deadline(now)
+        if end is None:
+            return None
+        return max(0, round((end - now) * 1000))
+
+    def expired(self, now: float) -> bool:
+        """Whether the route deadline has passed (no further try or backoff)."""
+        return self.request_deadline is not None and now >= self.request_deadline
+
+
+def deadlines(now: float, timeouts: TimeoutPolicy, retries: RetryPolicy | None = None,
+              request_headers: Mapping[str, str] | None = None) -> Deadlines:
+    """Effective deadlines for a request arriving at ``now``."""
+    route = timeouts.request
+    header_route = _header_seconds(request_headers, "x-envoy-upstream-rq-timeout-ms")
+    if header_route is not None:
+        route = header_route or None
+    per_try = timeouts.per_try
+    if retries is not None and retries.per_try_timeout is not None:
+        per_try = retries.per_try_timeout
+    header_try = _header_seconds(request_headers, "x-envoy-upstream-rq-per-try-timeout-ms")
+    if header_try is not None:
+        per_try = header_try or None
+    if per_try is not None and route is not None and per_try >= route:
+        per_try = None
+    return Deadlines(None if route is None else now + route, per_try)
