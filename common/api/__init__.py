@@ -1,1 +1,1 @@
-"""Spec models of the Kubernetes API objects the mesh reads (Gateway API, Istio), plus shared parsing helpers."""
+"""Spec models of the API objects the mesh reads (Gateway API, Istio), and parsing helpers."""

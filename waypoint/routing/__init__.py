@@ -1,0 +1,1 @@
+"""Route table of the waypoint: API objects -> compiled table -> per-request route decisions."""
