@@ -20,7 +20,10 @@ that boundary handle only the kinds below::
     │   ├── ConnectRefusedError  connection refused / unreachable
     │   ├── ConnectTimeoutError  no answer within the connect timeout
     │   └── TunnelRejectedError  the HBONE peer answered non-200 (``status`` holds it)
-    └── PolicyDeniedError        authorization said no
+    ├── PolicyDeniedError        authorization said no
+    └── KubeApiError             the Kubernetes API answered a failure ``Status`` (``code``)
+        ├── ResourceExpiredError   410: the resourceVersion was compacted away; list again
+        └── ApiServerUnreachableError  no answer from the API server at all (``code`` 0)
 
 Messages say what to check, not just what happened.
 """
@@ -94,3 +97,26 @@ class TunnelRejectedError(UpstreamError):
 
 class PolicyDeniedError(MeshError):
     """Authorization denied the connection or request."""
+
+
+class KubeApiError(MeshError):
+    """The Kubernetes API answered with a failure ``Status`` (or could not be asked).
+
+    ``code`` is the HTTP status (0 when no answer came), ``reason`` the Status reason
+    (``NotFound``, ``Conflict``, ``Invalid``...), ``status`` the whole Status object.
+    """
+
+    def __init__(self, code: int, reason: str, message: str,
+                 status: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.status: dict[str, object] = status if status is not None else {}
+
+
+class ResourceExpiredError(KubeApiError):
+    """410 Gone/Expired: a watch asked for a resourceVersion older than the server keeps."""
+
+
+class ApiServerUnreachableError(KubeApiError):
+    """The API server could not be reached (refused, timed out, reset): retry with backoff."""
