@@ -1,0 +1,716 @@
+"""Mesh mTLS: TLS contexts, peer identity, and a trio stream over a native TLS socket.
+
+Theory of operation
+-------------------
+HBONE runs HTTP/2 over TLS 1.3 with a client certificate on both sides.  The byte
+stream under it is :class:`TLSStream`: a non-blocking stdlib ``ssl.SSLSocket``
+driven by trio's ``wait_readable``/``wait_writable``.  OpenSSL then reads and
+writes the kernel socket itself, with no MemoryBIO copies and no Python work per
+TLS record on the send side; ANCHORS.md measured 2.6x the bulk throughput of
+``trio.SSLStream`` this way.
+
+The rules of a non-blocking SSL socket that the stream follows:
+
+* every operation is *attempted first*, and only when OpenSSL answers
+  ``SSLWantRead``/``SSLWantWrite`` do we wait on the fd.  OpenSSL may hold whole
+  records in its own buffer (``pending()``, read-ahead), so waiting on the fd
+  before trying could sleep forever on data that already arrived;
+* a read may want to write (a TLS 1.3 KeyUpdate answer) and a write may want to
+  read; both are handled;
+* a write that returned ``SSLWantWrite`` has been partly encrypted and sent, so it
+  must be retried with the same bytes.  A ``send_all`` cancelled in that state
+  leaves the TLS stream unusable for sending: it is marked broken, as trio does;
+  a cancelled ``receive`` loses nothing and the stream stays usable;
+* one ``receive`` call drains as many records as are ready, up to the buffer size,
+  because OpenSSL returns at most one record (16 KiB) per ``SSL_read`` and large
+  reads are what make bulk transfer fast.
+
+OpenSSL knobs the stdlib does not expose (Python < 3.15 has no
+``SSLContext.set_ciphersuites``, and ``SSLSocket.unwrap`` cannot half-close; see
+:class:`_LibSSL`) are reached through ``ctypes`` on the very ``libssl`` the ``_ssl``
+module uses, after a self-test.  Where that is unavailable the module still works:
+the cipher-suite policy is then enforced after the handshake instead of during
+it, and half-close falls back to the stdlib's racy shutdown (documented there).
+
+Errors are translated once, here: handshake failures become :class:`HandshakeError`
+with a message saying what to check, identity mismatches
+:class:`PeerIdentityError`, a broken stream :class:`StreamBrokenError` (cause
+chained), use after ``aclose`` :class:`StreamClosedError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import ssl
+import sys
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
+from typing import Final
+
+import trio
+from cryptography import x509
+
+from common.ca import WorkloadCertificate
+from common.errors import (
+    CertificateError,
+    ConfigError,
+    ConnectRefusedError,
+    ConnectTimeoutError,
+    HandshakeError,
+    IdentityError,
+    PeerIdentityError,
+    StreamBrokenError,
+    StreamClosedError,
+    TransportError,
+)
+from common.identity import SpiffeId
+
+ALPN_H2: Final = "h2"
+# DESIGN.md 4: TLS 1.3 with AES-GCM suites only.  AES-128 first: it is what BoringSSL
+# (Envoy) prefers too, and it is the faster of the two on AES-NI hardware.
+CIPHERSUITES: Final = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384")
+# Large reads are what make bulk transfer fast (ANCHORS.md): one receive drains many records.
+DEFAULT_RECEIVE_SIZE: Final = 256 * 1024
+# OpenSSL's read buffer with read-ahead on: several 16 KiB records per recv() syscall.
+_READ_BUFFER_LEN: Final = 128 * 1024
+# ztunnel marks its own sockets so the in-pod nftables rules let them through (DESIGN.md 7).
+ZTUNNEL_MARK: Final = 0x539
+# Only when a read and a write both need the same fd direction (a TLS 1.3 KeyUpdate
+# answer while a send is also blocked): trio allows one waiter per direction, so the
+# second one polls at this period until the first one has made progress.
+_SHARED_WAIT_POLL: Final = 0.001
+
+
+# --------------------------------------------------------------------------------------
+# OpenSSL knobs the ssl module does not expose
+
+
+class _LibSSL:
+    """``libssl`` functions the ``ssl`` module lacks, called on its own objects.
+
+    CPython's ``_ssl`` context object starts (after the object header) with its
+    ``SSL_CTX *``, and its socket object with a weak reference then its ``SSL *``;
+    this layout has been the same from 3.7 to 3.13.  :meth:`load` verifies it
+    before trusting it: the ``SSL_CTX_get_options`` read through the pointer must
+    equal ``SSLContext.options`` (checked for two different values), and the
+    ``SSL *`` of a test socket must point back to that ``SSL_CTX``.
+    """
+
+    _SSL_CTRL_SET_READ_AHEAD: Final = 41
+    _SSL_ERROR_WANT_READ: Final = 2
+    _SSL_ERROR_WANT_WRITE: Final = 3
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        vp, i, c_long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        self._lib = lib
+        lib.SSL_CTX_get_options.argtypes = [vp]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.SSL_CTX_set_ciphersuites.argtypes = [vp, ctypes.c_char_p]
+        lib.SSL_CTX_set_ciphersuites.restype = i
+        lib.SSL_CTX_ctrl.argtypes = [vp, i, c_long, vp]
+        lib.SSL_CTX_ctrl.restype = c_long
+        lib.SSL_CTX_set_default_read_buffer_len.argtypes = [vp, ctypes.c_size_t]
+        lib.SSL_CTX_set_default_read_buffer_len.restype = None
+        lib.SSL_get_SSL_CTX.argtypes = [vp]
+        lib.SSL_get_SSL_CTX.restype = vp
+        lib.SSL_shutdown.argtypes = [vp]
+        lib.SSL_shutdown.restype = i
+        lib.SSL_get_error.argtypes = [vp, i]
+        lib.SSL_get_error.restype = i
+        lib.ERR_clear_error.argtypes = []
+        lib.ERR_clear_error.restype = None
+
+    @staticmethod
+    def _field(obj: object, index: int) -> int:
+        address = id(obj) + object.__basicsize__ + index * ctypes.sizeof(ctypes.c_void_p)
+        return ctypes.c_void_p.from_address(address).value or 0
+
+    @classmethod
+    def load(cls) -> _LibSSL | None:
+        """The helper, or ``None`` where it cannot be used safely (then the stdlib path)."""
+        if (os.environ.get("PYAMBIENT_TLS_NATIVE", "1") == "0"
+                or sys.implementation.name != "cpython"
+                or not (3, 10) <= sys.version_info[:2] <= (3, 14)):
+            return None
+        try:
+            import _ssl
+
+            lib = cls(ctypes.CDLL(_ssl.__file__))
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            for flip in (0, ssl.OP_NO_TICKET):
+                ctx.options ^= flip
+                if lib._lib.SSL_CTX_get_options(lib._ctx_unchecked(ctx)) != int(ctx.options):
+                    return None
+            probe = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
+            if lib._lib.SSL_get_SSL_CTX(cls._field(probe._sslobj, 1)) != lib._ctx_unchecked(ctx):  # type: ignore[attr-defined]
+                return None
+        except (OSError, AttributeError, ImportError):
+            return None
+        return lib
+
+    def _ctx_unchecked(self, ctx: ssl.SSLContext) -> int:
+        return self._field(ctx, 0)
+
+    def _ssl_ptr(self, sock: ssl.SSLSocket) -> int:
+        sslobj = getattr(sock, "_sslobj", None)
+        if sslobj is None:
+            raise StreamClosedError("the TLS socket is closed")
+        return self._field(sslobj, 1)
+
+    def tune_context(self, ctx: ssl.SSLContext) -> None:
+        """AES-GCM suites only, and read-ahead with a large read buffer."""
+        ptr = self._ctx_unchecked(ctx)
+        if self._lib.SSL_CTX_set_ciphersuites(ptr, ":".join(CIPHERSUITES).encode()) != 1:
+            self._lib.ERR_clear_error()
+            raise CertificateError("OpenSSL refused the TLS 1.3 AES-GCM cipher suites")
+        self._lib.SSL_CTX_ctrl(ptr, self._SSL_CTRL_SET_READ_AHEAD, 1, None)
+        self._lib.SSL_CTX_set_default_read_buffer_len(ptr, _READ_BUFFER_LEN)
+
+    def send_close_notify(self, sock: ssl.SSLSocket) -> bool:
+        """Queue and try to flush our close_notify, without reading anything.
+
+        Returns ``True`` when it is on the wire, ``False`` when the socket buffer was
+        full (call again when writable: OpenSSL then only retries the flush).
+        ``SSLSocket.unwrap`` cannot be used: it calls ``SSL_shutdown`` a second time,
+        which reads, and OpenSSL fails the connection if application data is there.
+        """
+        ptr = self._ssl_ptr(sock)
+        self._lib.ERR_clear_error()
+        ret = self._lib.SSL_shutdown(ptr)
+        if ret >= 0:
+            return True
+        err = self._lib.SSL_get_error(ptr, ret)
+        self._lib.ERR_clear_error()
+        if err == self._SSL_ERROR_WANT_WRITE:
+            return False
+        raise StreamBrokenError(f"sending TLS close_notify failed (SSL error {err})")
+
+
+_libssl = _LibSSL.load()
+
+
+# --------------------------------------------------------------------------------------
+# Contexts
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
+    # ssl only loads keys from files; an anonymous memory file keeps the private key
+    # off every file system (DESIGN.md 5: keys never leave the process).
+    fds = [os.memfd_create("pyambient-cert", os.MFD_CLOEXEC),
+           os.memfd_create("pyambient-key", os.MFD_CLOEXEC)]
+    try:
+        for fd, data in zip(fds, (cert.cert_pem, cert.key_pem), strict=True):
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    except (ssl.SSLError, OSError) as exc:
+        raise CertificateError(
+            f"cannot load the certificate and key of {cert.identity}: {exc}") from exc
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _context(cert: WorkloadCertificate, *, server_side: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    # HBONE checks the peer's SPIFFE ID, never a DNS name (DESIGN.md 4).
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cadata=cert.roots_pem.decode("ascii"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise CertificateError(f"cannot load the mesh roots: {exc}") from exc
+    _load_cert_chain(ctx, cert)
+    ctx.set_alpn_protocols([ALPN_H2])
+    if server_side:
+        # No session resumption in the mesh: tickets would only cost a write per handshake.
+        ctx.num_tickets = 0
+    if _libssl is not None:
+        _libssl.tune_context(ctx)
+    return ctx
+
+
+def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+    """TLS 1.3 AES-GCM, ALPN h2, our certificate, the peer's chain verified against our roots."""
+    return _context(cert, server_side=False)
+
+
+def server_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+    """As :func:`client_context`, and a client certificate is required."""
+    return _context(cert, server_side=True)
+
+
+# --------------------------------------------------------------------------------------
+# Peer identity and error translation
+
+
+def peer_identity(ssl_obj: ssl.SSLSocket | ssl.SSLObject) -> SpiffeId:
+    """The peer's SPIFFE ID: the single ``spiffe://`` URI SAN of its (verified) certificate."""
+    der = ssl_obj.getpeercert(binary_form=True)
+    if not der:
+        raise PeerIdentityError("the peer presented no certificate")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise PeerIdentityError("the peer certificate has no SAN, so no SPIFFE ID") from exc
+    except ValueError as exc:
+        raise PeerIdentityError(f"the peer certificate cannot be parsed: {exc}") from exc
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.lower().startswith("spiffe://")]
+    if len(uris) != 1:
+        raise PeerIdentityError(
+            f"the peer certificate has {len(uris)} spiffe:// URI SANs; a mesh workload "
+            f"certificate has exactly one")
+    try:
+        return SpiffeId.parse(uris[0])
+    except IdentityError as exc:
+        raise PeerIdentityError(f"the peer certificate's URI SAN is not a workload identity: "
+                                f"{exc}") from exc
+
+
+# Reasons OpenSSL reports for a peer that rejected *our* side of the handshake.  In
+# TLS 1.3 the client finishes first, so a server's verdict on the client certificate
+# arrives as an alert on the client's first read, after connect_tls returned.
+_PEER_REJECTED: Final = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        "the peer requires a client certificate and we sent none",
+    "TLSV1_ALERT_UNKNOWN_CA":
+        "the peer does not trust the CA of our certificate: check that both sides share "
+        "the mesh root (trust bundle)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+        "the peer says our certificate has expired or is not yet valid: check certificate "
+        "renewal and both clocks",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the peer rejected our certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer rejected our certificate",
+    "TLSV1_ALERT_DECRYPT_ERROR": "the peer could not verify our certificate's signature",
+    "TLSV1_ALERT_ACCESS_DENIED": "the peer denied access",
+}
+_REASONS: Final = {
+    **_PEER_REJECTED,
+    "WRONG_VERSION_NUMBER":
+        "the peer did not speak TLS (plaintext on the HBONE port 15008?)",
+    "HTTP_REQUEST": "the peer sent a plaintext HTTP request to a TLS port (HBONE needs mTLS)",
+    "HTTPS_PROXY_REQUEST": "the peer sent a plaintext proxy CONNECT to a TLS port",
+    "UNKNOWN_PROTOCOL": "the peer did not speak TLS (plaintext on the HBONE port 15008?)",
+    "RECORD_LAYER_FAILURE": "the peer did not speak TLS (plaintext on the HBONE port 15008?)",
+    "UNSUPPORTED_PROTOCOL": "the peer does not offer TLS 1.3, which HBONE requires",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the peer does not accept TLS 1.3, which HBONE requires",
+    "NO_PROTOCOLS_AVAILABLE": "no TLS 1.3 available, which HBONE requires",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        "the client presented no certificate; HBONE clients must present their mesh "
+        "workload certificate",
+    "NO_SHARED_CIPHER": "no shared cipher suite; HBONE needs TLS 1.3 with AES-GCM",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE":
+        "the peer aborted the handshake (no shared cipher suite, or it rejected our "
+        "certificate)",
+    "NO_APPLICATION_PROTOCOL": "no shared ALPN protocol; HBONE needs ALPN h2",
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "the peer does not accept ALPN h2, which HBONE needs",
+}
+
+
+def _explain_verify(exc: ssl.SSLCertVerificationError, peer: str) -> str:
+    message = exc.verify_message or str(exc)
+    if exc.verify_code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+        return (f"the {peer} certificate is expired or not yet valid ({message}): check its "
+                f"renewal and both clocks")
+    if exc.verify_code in (2, 19, 20, 21):  # no issuer / self-signed in chain / local issuer
+        return (f"the {peer} certificate is not signed by a trusted mesh root ({message}): "
+                f"another CA? check that both sides share the trust bundle")
+    return f"the {peer} certificate did not verify: {message}"
+
+
+def _handshake_error(exc: BaseException, *, server_side: bool) -> HandshakeError:
+    peer = "client" if server_side else "server"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        text = _explain_verify(exc, peer)
+    elif isinstance(exc, ssl.SSLError) and exc.reason in _REASONS:
+        text = _REASONS[exc.reason]
+    elif isinstance(exc, ssl.SSLEOFError | ConnectionError | ssl.SSLZeroReturnError):
+        text = (f"the {peer} closed the connection during the TLS handshake (it may have "
+                f"rejected our certificate, or it is not an HBONE {peer})")
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    error = HandshakeError(f"TLS handshake with the {peer} failed: {text}")
+    error.__cause__ = exc
+    return error
+
+
+def _stream_error(exc: BaseException) -> TransportError:
+    if isinstance(exc, ssl.SSLError) and exc.reason in _PEER_REJECTED:
+        error: TransportError = HandshakeError(
+            f"the peer rejected the TLS session: {_PEER_REJECTED[exc.reason]}")
+    elif isinstance(exc, ssl.SSLEOFError):
+        error = StreamBrokenError(
+            "the peer closed the connection without TLS close_notify (crashed, reset, or "
+            "a truncation attempt)")
+    else:
+        error = StreamBrokenError(f"the TLS stream broke: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+# --------------------------------------------------------------------------------------
+# The stream
+
+
+class _Guard:
+    """Raises ``trio.BusyResourceError`` when two tasks use one direction at once."""
+
+    __slots__ = ("_busy", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._busy = False
+        self._what = what
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self._busy:
+            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
+
+async def _wait(sock: socket.socket, *, readable: bool) -> None:
+    try:
+        if readable:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.wait_writable(sock)
+    except trio.BusyResourceError:
+        # The other direction of this stream waits on the same fd direction (see
+        # _SHARED_WAIT_POLL); its retry will make our progress possible too.
+        await trio.sleep(_SHARED_WAIT_POLL)
+    except trio.ClosedResourceError as exc:
+        raise StreamClosedError("the stream was closed while waiting on it") from exc
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
+    """A trio stream over an established non-blocking TLS socket.
+
+    ``send_eof`` sends TLS close_notify and keeps the receive side open (TLS 1.3
+    half-close); the peer's ``receive_some`` then returns ``b""``.  After a
+    cancelled ``send_all`` the send side is broken (part of a record may be out);
+    after a cancelled receive nothing is lost.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, identity: SpiffeId, alpn: str | None) -> None:
+        self.socket = sock
+        self.peer_identity = identity
+        self.alpn = alpn
+        cipher = sock.cipher()
+        self.cipher = cipher[0] if cipher else ""
+        self._send_guard = _Guard("sending")
+        self._receive_guard = _Guard("receiving")
+        self._closed = False
+        self._eof_sent = False
+        self._eof_received = False
+        self._send_broken: TransportError | None = None
+        self._receive_error: TransportError | None = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosedError("the TLS stream was closed by this side")
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _check_can_send(self) -> None:
+        self._check_open()
+        if self._send_broken is not None:
+            raise StreamBrokenError("the send side of this TLS stream is broken"
+                                    ) from self._send_broken
+        if self._eof_sent:
+            raise StreamClosedError("send after send_eof")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``; a cancelled call breaks the send side (see class doc)."""
+        with self._send_guard.hold():
+            self._check_can_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            view = memoryview(data)
+            if view.itemsize != 1 or view.ndim != 1:
+                view = view.cast("B")
+            total, waited = 0, False
+            try:
+                while total < len(view):
+                    try:
+                        total += self.socket.send(view[total:])
+                    except ssl.SSLWantWriteError:
+                        waited = True
+                        await _wait(self.socket, readable=False)
+                    except ssl.SSLWantReadError:
+                        waited = True
+                        await _wait(self.socket, readable=True)
+            except trio.Cancelled as exc:
+                self._send_broken = StreamBrokenError("send_all was cancelled mid-write")
+                self._send_broken.__cause__ = exc
+                raise
+            except (ssl.SSLError, OSError) as exc:
+                self._send_broken = _stream_error(exc)
+                raise self._send_broken from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_guard.hold():
+            self._check_can_send()
+            await _wait(self.socket, readable=False)
+
+    async def send_eof(self) -> None:
+        """Send TLS close_notify; receiving continues until the peer's own EOF."""
+        with self._send_guard.hold():
+            self._check_open()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._eof_sent:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            if self._send_broken is not None:
+                raise StreamBrokenError("the send side of this TLS stream is broken"
+                                        ) from self._send_broken
+            try:
+                await self._send_close_notify()
+            except (ssl.SSLError, OSError) as exc:
+                self._send_broken = _stream_error(exc)
+                raise self._send_broken from exc
+            self._eof_sent = True
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_close_notify(self) -> None:
+        if _libssl is not None:
+            while not _libssl.send_close_notify(self.socket):
+                await _wait(self.socket, readable=False)
+            return
+        # Stdlib fallback: SSLObject.shutdown sends close_notify, then immediately tries
+        # to read the peer's; that read fails the connection if the peer's application
+        # data is already waiting.  Racy, hence only a fallback.
+        with suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            self.socket._sslobj.shutdown()  # type: ignore[attr-defined]
+
+    # -- receiving --------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Up to ``max_bytes`` (default 256 KiB) bytes; ``b""`` once the peer sent EOF."""
+        size = DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be at least 1")
+        buf = bytearray(size)
+        with memoryview(buf) as view:
+            n = await self.receive_into(view)
+        del buf[n:]
+        return buf
+
+    async def receive_into(self, buf: memoryview) -> int:
+        """Fill ``buf`` with what is ready (at least one byte); 0 once the peer sent EOF."""
+        with self._receive_guard.hold():
+            self._check_open()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._receive_error is not None:
+                raise self._receive_error
+            if self._eof_received or len(buf) == 0:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return 0
+            total, waited = 0, False
+            while total < len(buf):
+                try:
+                    n = self.socket.recv_into(buf[total:])
+                except ssl.SSLZeroReturnError:
+                    # The peer's close_notify.  The ssl module returns 0 for it only while
+                    # we have not sent ours; after our send_eof it raises this instead.
+                    n = 0
+                except ssl.SSLWantReadError:
+                    if total:
+                        break
+                    waited = True
+                    await _wait(self.socket, readable=True)
+                    continue
+                except ssl.SSLWantWriteError:
+                    if total:
+                        break
+                    waited = True
+                    await _wait(self.socket, readable=False)
+                    continue
+                except (ssl.SSLError, OSError) as exc:
+                    self._receive_error = _stream_error(exc)
+                    if total:  # hand over what arrived; the error comes next call
+                        break
+                    raise self._receive_error from exc
+                if n == 0:
+                    self._eof_received = True
+                    break
+                total += n
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return total
+
+    # -- closing ----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Send close_notify if we can without waiting, then close; closes even if cancelled."""
+        if not self._closed:
+            self._closed = True
+            if (_libssl is not None and not self._eof_sent and self._send_broken is None
+                    and not self._send_guard_busy()):
+                # A failure means the peer is gone already; closing is all that is left.
+                with suppress(TransportError):
+                    _libssl.send_close_notify(self.socket)
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+        await trio.lowlevel.checkpoint()
+
+    def _send_guard_busy(self) -> bool:
+        # A send in progress may have half a record out; a close_notify after it
+        # would be garbage to the peer.
+        return self._send_guard._busy
+
+
+# --------------------------------------------------------------------------------------
+# Connecting and accepting
+
+
+async def _handshake(sock: ssl.SSLSocket) -> None:
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(sock)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+def _check_session(sock: ssl.SSLSocket) -> str:
+    cipher = sock.cipher()
+    if cipher is None or cipher[0] not in CIPHERSUITES:
+        raise HandshakeError(f"negotiated cipher suite {cipher and cipher[0]!r} is not one "
+                             f"of {', '.join(CIPHERSUITES)}, which HBONE requires")
+    alpn = sock.selected_alpn_protocol()
+    if alpn != ALPN_H2:
+        raise HandshakeError(f"the peer negotiated ALPN {alpn!r}, not 'h2': it is not an HBONE "
+                             f"peer (or it does not offer ALPN)")
+    return alpn
+
+
+async def _tcp_connect(host: str, port: int, *, so_mark: int | None,
+                       source: tuple[str, int] | None) -> socket.socket:
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnectRefusedError(f"cannot resolve {host!r}: {exc}") from exc
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if so_mark is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, so_mark)
+            except PermissionError as exc:
+                raise ConfigError("setting SO_MARK needs CAP_NET_ADMIN: run with that "
+                                  "capability or without a mark") from exc
+        if source is not None:
+            sock.bind(source)
+        err = sock.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectRefusedError(
+                f"TCP connect to {host}:{port} failed: {os.strerror(err)} (is the peer "
+                f"listening? for HBONE, is port 15008 open and not blocked by a "
+                f"NetworkPolicy?)") from OSError(err, os.strerror(err))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, *,
+                      expected: Collection[SpiffeId] | None,
+                      connect_timeout: float = 10.0, so_mark: int | None = None,
+                      source: tuple[str, int] | None = None) -> TLSStream:
+    """TCP connect and TLS handshake to ``host:port`` within ``connect_timeout``.
+
+    The server must negotiate ALPN h2 and, when ``expected`` is given, prove one of
+    those identities.  Raises :class:`ConnectRefusedError`/:class:`ConnectTimeoutError`
+    for TCP, :class:`HandshakeError`/:class:`PeerIdentityError` for TLS.
+    """
+    tls: ssl.SSLSocket | None = None
+    phase = "tcp"
+    with trio.move_on_after(connect_timeout) as scope:
+        sock = await _tcp_connect(host, port, so_mark=so_mark, source=source)
+        phase = "tls"
+        try:
+            tls = ctx.wrap_socket(sock, server_side=False, do_handshake_on_connect=False,
+                                  suppress_ragged_eofs=False)
+            await _handshake(tls)
+        except (ssl.SSLError, OSError) as exc:
+            (tls or sock).close()
+            raise _handshake_error(exc, server_side=False) from exc
+        except BaseException:
+            (tls or sock).close()
+            raise
+    if scope.cancelled_caught:
+        if tls is not None:
+            tls.close()
+        if phase == "tcp":
+            raise ConnectTimeoutError(
+                f"no TCP connection to {host}:{port} within {connect_timeout} s (is a firewall "
+                f"or NetworkPolicy dropping port {port}?)")
+        raise HandshakeError(f"no TLS handshake with {host}:{port} within {connect_timeout} s "
+                             f"(is it a TLS server?)")
+    assert tls is not None
+    try:
+        alpn = _check_session(tls)
+        identity = peer_identity(tls)
+        if expected is not None and identity not in expected:
+            names = ", ".join(sorted(str(e) for e in expected)) or "(none)"
+            raise PeerIdentityError(
+                f"{host}:{port} presented identity {identity}, but we expected one of: {names}")
+    except BaseException:
+        tls.close()
+        raise
+    return TLSStream(tls, identity, alpn)
+
+
+async def accept_tls(sock: socket.socket, ctx: ssl.SSLContext, *, trust_domain: str,
+                     handshake_timeout: float = 10.0) -> TLSStream:
+    """Server-side handshake on an accepted socket; the client's trust domain must be ours.
+
+    ``sock`` is consumed: closed on any failure.
+    """
+    sock.setblocking(False)
+    try:
+        tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
+                              suppress_ragged_eofs=False)
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise _handshake_error(exc, server_side=True) from exc
+    try:
+        with trio.move_on_after(handshake_timeout) as scope:
+            try:
+                await _handshake(tls)
+            except (ssl.SSLError, OSError) as exc:
+                raise _handshake_error(exc, server_side=True) from exc
+        if scope.cancelled_caught:
+            raise HandshakeError(
+                f"the client did not complete a TLS handshake within {handshake_timeout} s "
+                f"(slow client, or plaintext that never looks like TLS)")
+        alpn = _check_session(tls)
+        identity = peer_identity(tls)
+        if identity.trust_domain != trust_domain:
+            raise PeerIdentityError(
+                f"client identity {identity} is from trust domain {identity.trust_domain!r}; "
+                f"this server accepts only {trust_domain!r}")
+    except BaseException:
+        tls.close()
+        raise
+    return TLSStream(tls, identity, alpn)
