@@ -1,0 +1,1 @@
+"""Istio AuthorizationPolicy and PeerAuthentication: compiled per config, checked per connection."""
