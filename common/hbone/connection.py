@@ -1,0 +1,449 @@
+"""The trio shell around :class:`H2Protocol`: one HBONE connection over one byte stream.
+
+Theory of operation
+-------------------
+Two tasks per connection.  The *reader* reads large chunks (256 KiB) and feeds them
+to the protocol, dispatching the events to streams; it never writes, so a peer that
+stops reading cannot block it (no deadlock of two readers each stuck in a write).
+The *writer* is the only task that writes: it collects pending stream payloads (as
+far as the peer's windows allow, round-robin, a bounded batch per stream per round)
+plus the protocol's own frames, and writes them in order.  A stream's ``send_all``
+returns when its bytes went out, so an application can never queue more than the
+one buffer it passed in.
+
+The connection ends when the transport reaches EOF or fails, on a protocol error
+(GOAWAY already queued and flushed), or when we close it after a GOAWAY once its
+last stream finished.  Every stream still open then fails with
+:class:`StreamResetError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h2.errors
+import h2.events
+import h2.exceptions
+import structlog
+import trio
+
+from common.errors import MeshError, ProtocolError, TransportError
+from common.hbone.protocol import DataChunk, Event, H2Protocol
+from common.hbone.stream import HboneStream, StreamResetError
+from common.identity import SpiffeId
+from common.logging import get_logger
+
+READ_SIZE = 256 * 1024
+# Payload taken from one stream per writer round: large enough to amortize the round,
+# small enough that one bulk stream cannot starve the others.
+_SEND_BATCH = 1024 * 1024
+# Writes below this size are joined into one buffer (one TLS record run, one syscall);
+# larger payloads go out by reference, uncopied.
+_COALESCE_BELOW = 64 * 1024
+
+# Errors that mean "the transport is gone", from trio streams or A's TLSStream.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    TransportError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+RequestCallback = Callable[["HboneConnection", h2.events.RequestReceived], None]
+
+_log = get_logger("hbone")
+
+
+@dataclass(slots=True)
+class _PendingSend:
+    stream: HboneStream
+    view: memoryview
+    pos: int = 0
+    done: bool = False
+    error: BaseException | None = None
+
+
+class HboneConnection:
+    """One HTTP/2 connection carrying HBONE streams; either side.
+
+    Run :meth:`run` in a nursery; it returns when the connection is over.
+    """
+
+    def __init__(self, transport: trio.abc.HalfCloseableStream | trio.abc.Stream, *,
+                 client_side: bool, peer_identity: SpiffeId | None = None,
+                 peer_address: tuple[str, int] | None = None,
+                 on_request: RequestCallback | None = None,
+                 log: structlog.typing.FilteringBoundLogger | None = None) -> None:
+        self.transport = transport
+        self.client_side = client_side
+        self.peer_identity = peer_identity
+        self.peer_address = peer_address
+        self.protocol = H2Protocol(client_side=client_side, clock=trio.current_time)
+        self.log = log or _log.bind(peer=str(peer_identity) if peer_identity else None,
+                                    peer_addr=peer_address)
+        self._on_request = on_request
+        self.streams: dict[int, HboneStream] = {}
+        self._sends: dict[int, _PendingSend] = {}
+        self._written: list[_PendingSend] = []
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._senders = trio.lowlevel.ParkingLot()
+        self._idle_lot = trio.lowlevel.ParkingLot()  # unparked whenever the stream set changes
+        self._stopping = False
+        self.closed = False
+        self.goaway_received = False
+        self.draining = False
+        self.error: BaseException | None = None
+        self.nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it ends; streams still open then fail."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer)
+                task_status.started()
+                await self._reader()
+                self._fail_streams(self.error)
+                self._stop_writer()
+                # Give the writer a moment to flush a GOAWAY; a dead peer must not hold us.
+                with trio.move_on_after(1.0):
+                    await self._done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            self._fail_streams(self.error)
+            with trio.CancelScope(shield=True):
+                await _close_quietly(self.transport)
+            self._idle_lot.unpark_all()
+
+    @property
+    def available(self) -> bool:
+        """True while new streams may be opened on this connection."""
+        return not (self.closed or self.goaway_received or self.draining or self.protocol.closed)
+
+    @property
+    def max_streams(self) -> int:
+        return min(100, self.protocol.peer_max_concurrent_streams)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    def close(self, error_code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        """GOAWAY now and end the connection once its last stream finished."""
+        self.draining = True
+        self.protocol.close(error_code)
+        self._wake_writer()
+        self._maybe_finish()
+
+    def abort(self) -> None:
+        """End the connection now, failing its streams."""
+        self.draining = True
+        self._stopping = True
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    async def wait_idle(self) -> None:
+        """Return once the connection has no streams or is closed."""
+        while self.streams and not self.closed:
+            await self._idle_lot.park()
+
+    async def wait_busy(self) -> None:
+        """Return once the connection has a stream or is closed."""
+        while not self.streams and not self.closed:
+            await self._idle_lot.park()
+
+    async def wait_closed(self) -> None:
+        while not self.closed:
+            await self._idle_lot.park()
+
+    def _maybe_finish(self) -> None:
+        self._idle_lot.unpark_all()
+        if not self.streams and (self.draining or self.goaway_received):
+            self._stopping = True
+            self._wake_writer()
+
+    # -- streams --------------------------------------------------------------------------
+
+    def open_stream(self, headers: list[tuple[bytes, bytes]]) -> HboneStream:
+        """Send a request now (no await); the caller then awaits its response."""
+        if not self.available:
+            raise StreamResetError("connection no longer accepts streams", retryable=True)
+        try:
+            stream_id = self.protocol.send_request(headers)
+        except h2.exceptions.TooManyStreamsError as exc:
+            raise StreamResetError("peer's stream limit reached", retryable=True) from exc
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self._idle_lot.unpark_all()
+        self._wake_writer()
+        return stream
+
+    def accept_stream(self, stream_id: int) -> HboneStream:
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self._idle_lot.unpark_all()
+        return stream
+
+    def respond(self, stream: HboneStream, status: int) -> None:
+        """Answer a request: 200 opens the tunnel, anything else ends the stream."""
+        ok = status == 200
+        try:
+            self.protocol.send_response(stream.stream_id, status, end_stream=not ok)
+        except h2.exceptions.StreamClosedError as exc:
+            raise StreamResetError("the client reset the stream before the answer") from exc
+        if not ok:
+            stream._local_ended = True
+            stream._close_now()
+        self._wake_writer()
+
+    def _acknowledge(self, stream_id: int, size: int) -> None:
+        if not self.closed:
+            self.protocol.acknowledge(stream_id, size)
+            self._wake_writer()
+
+    def _end_stream(self, stream: HboneStream) -> None:
+        if self.closed:
+            return
+        try:
+            self.protocol.end_stream(stream.stream_id)
+        except h2.exceptions.StreamClosedError:
+            return
+        self._wake_writer()
+        self._retire_if_finished(stream)
+
+    def _retire_if_finished(self, stream: HboneStream) -> None:
+        if stream._remote_ended and stream._local_ended and stream._error is None:
+            # Both directions done: the stream no longer counts against the pool.
+            self.streams.pop(stream.stream_id, None)
+            self._maybe_finish()
+
+    def _forget(self, stream: HboneStream, *, reset: bool, unconsumed: int) -> None:
+        pending = self._sends.pop(stream.stream_id, None)
+        if pending is not None:
+            pending.error = StreamResetError("the HBONE stream was closed while sending")
+            self._senders.unpark_all()
+        if not self.closed:
+            if reset:
+                self.protocol.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+            # Bytes nobody will read still free the connection window.
+            self.protocol.acknowledge(0, unconsumed)
+            self._wake_writer()
+        self.streams.pop(stream.stream_id, None)
+        self._maybe_finish()
+
+    async def _send(self, stream: HboneStream, view: memoryview) -> None:
+        if self.closed:
+            raise StreamResetError("the HBONE connection is closed")
+        pending = _PendingSend(stream, view)
+        self._sends[stream.stream_id] = pending
+        self._wake_writer()
+        try:
+            while not pending.done:
+                if pending.error is not None:
+                    raise pending.error
+                await self._senders.park()
+        except BaseException:
+            if not pending.done:
+                # Cancelled or failed mid-way: the peer holds part of the buffer, so the
+                # stream can only be reset (trio's contract for a cancelled send_all).
+                self._sends.pop(stream.stream_id, None)
+                stream._on_error(StreamResetError("send was interrupted; stream reset"))
+                if not self.closed:
+                    self.protocol.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+                    self._wake_writer()
+            raise
+        if pending.error is not None:
+            raise pending.error
+
+    async def _wait_send_window(self, stream: HboneStream) -> None:
+        while (not self.closed and stream._error is None
+               and self.protocol.send_window(stream.stream_id) <= 0):
+            await self._senders.park()
+        await trio.lowlevel.checkpoint()
+
+    def _fail_streams(self, cause: BaseException | None) -> None:
+        text = f"HBONE connection lost: {cause}" if cause else "HBONE connection closed"
+        for stream in list(self.streams.values()):
+            stream._on_error(StreamResetError(text, retryable=stream.status is None))
+        for pending in self._sends.values():
+            pending.error = StreamResetError(text)
+        self._sends.clear()
+        self.streams.clear()
+        self._senders.unpark_all()
+        self._idle_lot.unpark_all()
+
+    # -- reader ---------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        receive = self.transport.receive_some
+        protocol = self.protocol
+        try:
+            while not self._stopping:
+                data = await receive(READ_SIZE)
+                if not data:
+                    if not (self.draining or self.goaway_received) or self.streams:
+                        self.log.debug("hbone peer closed the connection")
+                    return
+                for event in protocol.receive_data(data):
+                    self._dispatch(event)
+                self._wake_writer()
+        except ProtocolError as exc:
+            self.error = exc
+            self.log.warning("hbone protocol error, connection closed", reason=str(exc))
+            self._wake_writer()
+        except TRANSPORT_ERRORS as exc:
+            self.error = exc
+            if self.streams:
+                self.log.info("hbone connection lost", reason=str(exc))
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, DataChunk):
+            stream = self.streams.get(event.stream_id)
+            if stream is None or stream._closed:
+                self.protocol.acknowledge(event.stream_id, len(event.data))
+            else:
+                stream._on_data(event.data)
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._wake_writer()
+            self._senders.unpark_all()
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_end()
+                self._retire_if_finished(stream)
+        elif isinstance(event, h2.events.RequestReceived):
+            if self._on_request is None:
+                self.protocol.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            else:
+                self._on_request(self, event)
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_response(_status(event.headers))
+        elif isinstance(event, h2.events.StreamReset):
+            self._on_reset(event)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._on_goaway(event)
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.pop(event.stream_id, None)
+        self._sends.pop(event.stream_id, None)
+        if stream is None:
+            return
+        code = int(event.error_code or 0)
+        refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
+        if code == h2.errors.ErrorCodes.NO_ERROR and stream._remote_ended:
+            # RFC 9113 8.1: a complete answer followed by "stop sending": not an error.
+            stream._local_ended = True
+        else:
+            stream._on_error(StreamResetError(
+                f"peer reset HBONE stream {event.stream_id} ({_code_name(code)})",
+                error_code=code, retryable=refused and stream.status is None))
+        self._senders.unpark_all()
+        self._maybe_finish()
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        self.goaway_received = True
+        last = event.last_stream_id if event.last_stream_id is not None else 2**31 - 1
+        code = int(event.error_code or 0)
+        if code != h2.errors.ErrorCodes.NO_ERROR:
+            self.log.info("hbone peer sent GOAWAY", error=_code_name(code))
+        for stream_id, stream in list(self.streams.items()):
+            if stream_id > last:
+                self.streams.pop(stream_id)
+                stream._on_error(StreamResetError(
+                    "peer is going away and did not process this stream",
+                    error_code=code, retryable=True))
+        self._maybe_finish()
+
+    # -- writer ---------------------------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        self._writer_lot.unpark_all()
+
+    def _stop_writer(self) -> None:
+        self._stopping = True
+        self._wake_writer()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                pieces = self._collect()
+                if pieces:
+                    await self._write(pieces)
+                    for pending in self._written:
+                        pending.done = True
+                    if self._written:
+                        self._written.clear()
+                        self._senders.unpark_all()
+                    continue
+                if self._stopping:
+                    break
+                await self._writer_lot.park()
+            if self.transport is not None and self.draining and not self.streams:
+                # Our GOAWAY is out and nothing is left: end the reader too.
+                await _close_quietly(self.transport)
+        except TRANSPORT_ERRORS as exc:
+            if self.error is None:
+                self.error = exc
+            await _close_quietly(self.transport)
+        finally:
+            self._done.set()
+
+    def _collect(self) -> list[bytes | memoryview]:
+        protocol = self.protocol
+        for stream_id, pending in list(self._sends.items()):
+            try:
+                taken = protocol.send_data(stream_id, pending.view[pending.pos:pending.pos
+                                                                   + _SEND_BATCH])
+            except h2.exceptions.StreamClosedError:
+                pending.error = StreamResetError(f"HBONE stream {stream_id} is closed")
+                del self._sends[stream_id]
+                self._senders.unpark_all()
+                continue
+            pending.pos += taken
+            if pending.pos == len(pending.view):
+                del self._sends[stream_id]
+                self._written.append(pending)
+        return protocol.data_to_send()
+
+    async def _write(self, pieces: list[bytes | memoryview]) -> None:
+        send = self.transport.send_all
+        small: list[bytes | memoryview] = []
+        for piece in pieces:
+            if len(piece) < _COALESCE_BELOW:
+                small.append(piece)
+                continue
+            if small:
+                await send(b"".join(small))
+                small = []
+            await send(piece)
+        if small:
+            await send(small[0] if len(small) == 1 else b"".join(small))
+
+
+def _status(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b":status":
+            try:
+                return int(value)
+            except ValueError:
+                break
+    return 0
+
+
+def _code_name(code: int) -> str:
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return str(code)
+
+
+async def _close_quietly(transport: Any) -> None:
+    gone = (MeshError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+    with trio.CancelScope(shield=True), contextlib.suppress(*gone):
+        await transport.aclose()
+

@@ -1,0 +1,469 @@
+"""Sans-I/O HTTP/2 connection for HBONE: bytes in, events out; frames out, no sockets.
+
+Theory of operation
+-------------------
+``h2`` keeps the connection and stream state (HEADERS, SETTINGS, RST_STREAM, GOAWAY,
+PING, WINDOW_UPDATE from the peer, HPACK), but its DATA path copies every frame
+several times and ANCHORS.md measured it slower than Envoy's whole tunnel.  So DATA
+frames take a path of our own, in both directions:
+
+* Receive: :meth:`H2Protocol.receive_data` splits the byte stream into frames itself.
+  Every non-DATA frame is handed to ``h2`` whole.  A DATA frame's payload is delivered
+  as it arrives (a 1 MiB frame read in 256 KiB pieces gives four :class:`DataChunk`
+  events, no reassembly), and flow control for received DATA is ours alone: ``h2``
+  never sees a non-empty DATA frame, so its inbound windows are never consumed and we
+  never ask it to widen them.  To keep ``h2``'s stream state right, a DATA frame that
+  carries END_STREAM is replayed to ``h2`` as an empty DATA frame with END_STREAM
+  once its payload was delivered; a DATA frame for a stream we do not hold open is
+  replayed empty at once, so ``h2`` answers it (RST_STREAM or GOAWAY) as it would.
+* Send: :meth:`H2Protocol.send_data` builds DATA frame headers itself, queues the
+  caller's payload as a memoryview (no copy) and debits the same outbound window
+  counters ``h2`` keeps, so ``h2``'s view of the peer's windows stays exact.
+  END_STREAM goes through ``h2`` (an empty DATA frame) so its state machine sees it.
+
+Output order is preserved by always draining ``h2``'s buffer into ours before we
+append frames of our own.
+
+Our inbound windows are credited (WINDOW_UPDATE) only when the application says the
+bytes were consumed (:meth:`H2Protocol.acknowledge`), which is what makes a slow
+reader slow the writer.  The peer can therefore have at most one stream window
+(4 MiB) of unconsumed data queued per stream; more is a FLOW_CONTROL_ERROR.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from common.errors import ProtocolError
+
+# DESIGN.md section 4: what we offer every HBONE peer.
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_SIZE = 1024 * 1024
+MAX_CONCURRENT_STREAMS = 100
+# HBONE requests carry a handful of short headers; 64 KiB stops header bombs early.
+MAX_HEADER_LIST_SIZE = 64 * 1024
+# RFC 9113: the initial connection window before any WINDOW_UPDATE.
+_DEFAULT_WINDOW = 65_535
+# Credits are batched: a WINDOW_UPDATE per few hundred KiB, not per read.
+_STREAM_CREDIT_THRESHOLD = STREAM_WINDOW // 8
+_CONNECTION_CREDIT_THRESHOLD = CONNECTION_WINDOW // 8
+
+# CVE-2023-44487 (rapid reset): a token bucket of peer-sent RST_STREAM frames.  A well
+# behaved client cancels a stream now and then; thousands per second is an attack.
+RESET_BURST = 200
+RESET_RATE_PER_SECOND = 100.0
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as (hi16, lo8), type, flags, stream
+_DATA = 0x0
+_HEADERS = 0x1
+_PUSH_PROMISE = 0x5
+_GOAWAY = 0x7
+_WINDOW_UPDATE = 0x8
+_CONTINUATION = 0x9
+_FLAG_END_STREAM = 0x1
+_FLAG_END_HEADERS = 0x4
+_FLAG_PADDED = 0x8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataChunk:
+    """Payload bytes received on ``stream_id`` (a piece of one DATA frame, padding removed)."""
+
+    stream_id: int
+    data: bytes | bytearray
+
+
+Event = DataChunk | h2.events.Event
+
+
+def _error_code(code: int) -> h2.errors.ErrorCodes | int:
+    try:
+        return h2.errors.ErrorCodes(code)
+    except ValueError:
+        return code
+
+
+def _frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
+    return _FRAME_HEADER.pack(length >> 8, length & 0xFF, ftype, flags, stream_id)
+
+
+class H2Protocol:
+    """One HTTP/2 connection's state, either side; never blocks, never does I/O.
+
+    Call :meth:`receive_data` with bytes from the peer and act on the events; call
+    :meth:`data_to_send` after every call and write what it returns, in order.
+    Methods raise :class:`common.errors.ProtocolError` when the peer broke the
+    protocol; a GOAWAY is then already queued in :meth:`data_to_send`.
+    """
+
+    def __init__(self, *, client_side: bool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client_side = client_side
+        self._clock = clock
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        self._h2 = h2.connection.H2Connection(config=config)
+        settings: dict[h2.settings.SettingCodes, int] = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+        }
+        if client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        else:
+            settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS
+        self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values=settings)
+        self._out: list[bytes | memoryview] = []
+        self._h2.initiate_connection()
+        self._flush_h2()
+        # The connection window is widened once, by us, and tracked by us from here on.
+        self._out.append(self._window_update(0, CONNECTION_WINDOW - _DEFAULT_WINDOW))
+
+        self._preface_left = 0 if client_side else len(_PREFACE)
+        self._partial = bytearray()  # a frame header, or a whole non-DATA frame, in progress
+        self._frame_len = -1  # length of the non-DATA frame being collected, -1 if none
+        self._expect_continuation = False
+        # DATA frame in progress: stream, payload bytes still to come, padding after them.
+        self._data_stream = 0
+        self._data_left = 0
+        self._pad_left = 0
+        self._data_flags = 0
+        self._data_deliver = False
+
+        self._receiving: set[int] = set()  # streams whose peer side is open and registered
+        self._conn_window = CONNECTION_WINDOW
+        self._stream_window: dict[int, int] = {}
+        self._conn_credit = 0
+        self._stream_credit: dict[int, int] = {}
+
+        self._reset_tokens = float(RESET_BURST)
+        self._reset_stamp = clock()
+        self.closed = False  # h2 is done: an error GOAWAY went out or came in
+        self.goaway_sent = False
+
+    # -- output ---------------------------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """Everything queued for the peer, in order; the caller writes it all."""
+        self._flush_h2()
+        out, self._out = self._out, []
+        return out
+
+    def _flush_h2(self) -> None:
+        pending = self._h2.data_to_send()
+        if pending:
+            self._out.append(pending)
+
+    @staticmethod
+    def _window_update(stream_id: int, increment: int) -> bytes:
+        return _frame_header(4, _WINDOW_UPDATE, 0, stream_id) + struct.pack(">L", increment)
+
+    # -- requests and responses -----------------------------------------------------------
+
+    def send_request(self, headers: list[tuple[bytes, bytes]]) -> int:
+        """Open a stream with a request HEADERS frame (no END_STREAM); returns its id."""
+        stream_id: int = self._h2.get_next_available_stream_id()
+        self._h2.send_headers(stream_id, headers)
+        return stream_id
+
+    def send_response(self, stream_id: int, status: int, *, end_stream: bool) -> None:
+        """Answer a request; a non-200 answer normally ends the stream."""
+        self._h2.send_headers(stream_id, [(b":status", str(status).encode())],
+                              end_stream=end_stream)
+        if end_stream and self._stream_open(stream_id):
+            # RFC 9113 section 8.1: after a complete answer, RST_STREAM(NO_ERROR) tells the
+            # client to stop sending the request body; it frees the stream slot too.
+            self.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _stream_open(self, stream_id: int) -> bool:
+        stream = self._h2.streams.get(stream_id)
+        return stream is not None and not stream.closed
+
+    def _start_receiving(self, stream_id: int) -> None:
+        self._receiving.add(stream_id)
+        self._stream_window[stream_id] = STREAM_WINDOW
+        self._stream_credit[stream_id] = 0
+
+    def _stop_receiving(self, stream_id: int) -> None:
+        self._receiving.discard(stream_id)
+        self._stream_window.pop(stream_id, None)
+        self._stream_credit.pop(stream_id, None)
+
+    def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """RST_STREAM, unless the stream is already closed both ways."""
+        self._stop_receiving(stream_id)
+        if self._stream_open(stream_id) and not self.closed:
+            self._h2.reset_stream(stream_id, error_code)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our side of the stream (END_STREAM on an empty DATA frame)."""
+        if not self.closed:
+            self._h2.end_stream(stream_id)
+
+    def close(self, error_code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        """Queue GOAWAY.  With NO_ERROR it is graceful: streams already open carry on
+        (h2 itself would refuse to send anything after its GOAWAY, so this one is
+        ours); with an error code the connection is over."""
+        if self.closed or (self.goaway_sent and error_code == h2.errors.ErrorCodes.NO_ERROR):
+            return
+        if error_code != h2.errors.ErrorCodes.NO_ERROR:
+            self.closed = True
+            self._h2.close_connection(error_code=error_code)
+            return
+        self.goaway_sent = True
+        last: int = self._h2.highest_inbound_stream_id
+        self._flush_h2()
+        self._out.append(_frame_header(8, _GOAWAY, 0, 0) + struct.pack(">LL", last, error_code))
+
+    def ping(self, opaque: bytes) -> None:
+        self._h2.ping(opaque)
+
+    # -- sending DATA ---------------------------------------------------------------------
+
+    def send_window(self, stream_id: int) -> int:
+        """How many payload bytes the peer lets us send on ``stream_id`` now."""
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.closed:
+            return 0
+        window: int = min(self._h2.outbound_flow_control_window,
+                          stream.outbound_flow_control_window)
+        return max(window, 0)
+
+    def send_data(self, stream_id: int, data: memoryview) -> int:
+        """Queue as much of ``data`` as the peer's windows allow; return the bytes taken.
+
+        ``data`` is queued by reference: keep it unchanged until :meth:`data_to_send`'s
+        result was written.
+        """
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.closed:
+            raise h2.exceptions.StreamClosedError(stream_id)
+        take = min(len(data), self._h2.outbound_flow_control_window,
+                   stream.outbound_flow_control_window)
+        if take <= 0:
+            return 0
+        self._flush_h2()
+        max_frame: int = self._h2.max_outbound_frame_size
+        out = self._out
+        data = data[:take]
+        for start in range(0, take, max_frame):
+            piece = data[start:start + max_frame]
+            out.append(_frame_header(len(piece), _DATA, 0, stream_id))
+            out.append(piece)
+        # The same counters h2.send_data would debit, so h2's window view stays exact.
+        self._h2.outbound_flow_control_window -= take
+        stream.outbound_flow_control_window -= take
+        return take
+
+    # -- flow control credits -------------------------------------------------------------
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """The application consumed ``size`` bytes of ``stream_id``: credit the peer."""
+        if size <= 0:
+            return
+        self._conn_credit += size
+        if self._conn_credit >= _CONNECTION_CREDIT_THRESHOLD:
+            self._flush_h2()
+            self._out.append(self._window_update(0, self._conn_credit))
+            self._conn_window += self._conn_credit
+            self._conn_credit = 0
+        if stream_id in self._receiving:
+            credit = self._stream_credit[stream_id] + size
+            if credit >= _STREAM_CREDIT_THRESHOLD:
+                self._flush_h2()
+                self._out.append(self._window_update(stream_id, credit))
+                self._stream_window[stream_id] += credit
+                credit = 0
+            self._stream_credit[stream_id] = credit
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
+        """Feed bytes read from the peer; return what happened, in order."""
+        events: list[Event] = []
+        view = memoryview(data)
+        pos = 0
+        end = len(data)
+        try:
+            if self._preface_left:
+                take = min(self._preface_left, end)
+                events.extend(self._h2.receive_data(data[:take]))
+                self._preface_left -= take
+                pos = take
+            while pos < end:
+                if self._data_left or self._pad_left:
+                    pos = self._continue_data(data, view, pos, end, events)
+                elif self._frame_len >= 0:
+                    take = min(self._frame_len - len(self._partial), end - pos)
+                    self._partial += view[pos:pos + take]
+                    pos += take
+                    if len(self._partial) == self._frame_len:
+                        self._complete_frame(events)
+                else:
+                    pos = self._start_frame(view, pos, end, events)
+        except h2.exceptions.ProtocolError as exc:
+            self.closed = True
+            raise ProtocolError(f"peer broke HTTP/2: {exc}") from exc
+        return events
+
+    def _start_frame(self, view: memoryview, pos: int, end: int, events: list[Event]) -> int:
+        """Read a frame header (possibly across reads) and set up the frame's handling."""
+        need = 9 - len(self._partial)
+        if need > 0:
+            take = min(need, end - pos)
+            self._partial += view[pos:pos + take]
+            pos += take
+            if len(self._partial) < 9:
+                return pos
+        hi, lo, ftype, flags, stream_id = _FRAME_HEADER.unpack(self._partial[:9])
+        length = (hi << 8) | lo
+        stream_id &= 0x7FFF_FFFF
+        if length > MAX_FRAME_SIZE:
+            self._fail(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
+                       f"frame of {length} bytes exceeds our max frame size {MAX_FRAME_SIZE}")
+        if ftype != _DATA or self._expect_continuation or stream_id == 0:
+            # h2 checks the length and everything else of non-DATA frames itself.
+            self._frame_len = 9 + length
+            if ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+                self._expect_continuation = not flags & _FLAG_END_HEADERS
+            if len(self._partial) == self._frame_len:
+                self._complete_frame(events)
+            return pos
+        if flags & _FLAG_PADDED:
+            if length < 1:
+                self._fail(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "padded DATA frame with no body")
+            if len(self._partial) < 10:
+                if pos == end:
+                    return pos
+                self._partial += view[pos:pos + 1]
+                pos += 1
+            pad = self._partial[9]
+            if pad > length - 1:
+                self._fail(h2.errors.ErrorCodes.PROTOCOL_ERROR, "DATA padding longer than frame")
+            payload = length - 1 - pad
+        else:
+            pad = -1
+            payload = length
+        self._partial.clear()
+        if length > self._conn_window:
+            self._fail(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR,
+                       "peer sent more DATA than the connection window allows")
+        self._conn_window -= length
+        self._data_stream = stream_id
+        self._data_flags = flags
+        self._data_left = payload
+        self._pad_left = max(pad, 0)  # the pad-length byte itself is already read
+        deliver = stream_id in self._receiving
+        self._data_deliver = deliver
+        if deliver:
+            window = self._stream_window[stream_id]
+            if length > window:
+                self._fail(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR,
+                           f"peer sent more DATA than stream {stream_id}'s window allows")
+            self._stream_window[stream_id] = window - length
+            # The pad-length byte and padding count against the windows but carry nothing.
+            if pad >= 0:
+                self.acknowledge(stream_id, pad + 1)
+        else:
+            # Not ours (closed, reset, or never opened): free the connection window and
+            # let h2 answer the frame as it would.
+            self.acknowledge(0, length)
+            self._feed_h2(_frame_header(0, _DATA, flags & ~_FLAG_PADDED, stream_id), events)
+        if payload == 0 and not self._pad_left:
+            self._finish_data(events)
+        return pos
+
+    def _continue_data(self, data: bytes | bytearray, view: memoryview, pos: int, end: int,
+                       events: list[Event]) -> int:
+        if self._data_left:
+            take = min(self._data_left, end - pos)
+            if self._data_deliver:
+                chunk = data if take == end else view[pos:pos + take].tobytes()
+                events.append(DataChunk(stream_id=self._data_stream, data=chunk))
+            pos += take
+            self._data_left -= take
+        if not self._data_left:
+            take = min(self._pad_left, end - pos)
+            pos += take
+            self._pad_left -= take
+            if not self._pad_left:
+                self._finish_data(events)
+        return pos
+
+    def _complete_frame(self, events: list[Event]) -> None:
+        frame = bytes(self._partial)
+        self._partial.clear()
+        self._frame_len = -1
+        if frame[3] == _GOAWAY and not self._expect_continuation:
+            self._receive_goaway(frame, events)
+        else:
+            self._feed_h2(frame, events)
+
+    def _receive_goaway(self, frame: bytes, events: list[Event]) -> None:
+        """GOAWAY is ours too: h2 would refuse all further frames after one, but the
+        streams the peer already accepted must run to completion."""
+        if len(frame) < 17 or frame[5:9] != b"\0\0\0\0":
+            self._fail(h2.errors.ErrorCodes.PROTOCOL_ERROR, "malformed GOAWAY frame")
+        last, code = struct.unpack(">LL", frame[9:17])
+        event = h2.events.ConnectionTerminated()
+        event.last_stream_id = last & 0x7FFF_FFFF
+        event.error_code = _error_code(code)
+        event.additional_data = frame[17:]
+        events.append(event)
+
+    def _finish_data(self, events: list[Event]) -> None:
+        if self._data_deliver and self._data_flags & _FLAG_END_STREAM:
+            self._feed_h2(_frame_header(0, _DATA, _FLAG_END_STREAM, self._data_stream), events)
+
+    def _feed_h2(self, frame: bytes, events: list[Event]) -> None:
+        for event in self._h2.receive_data(frame):
+            if isinstance(event, h2.events.DataReceived):
+                # Only our empty END_STREAM replays reach h2; their events carry nothing.
+                continue
+            if isinstance(event, h2.events.RequestReceived | h2.events.ResponseReceived):
+                # Registered before the caller sees the event: DATA may follow in the
+                # same read.
+                self._start_receiving(event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._stop_receiving(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self._stop_receiving(event.stream_id)
+                if event.remote_reset:
+                    self._count_reset()
+            events.append(event)
+
+    def _count_reset(self) -> None:
+        now = self._clock()
+        refill = (now - self._reset_stamp) * RESET_RATE_PER_SECOND
+        self._reset_tokens = min(float(RESET_BURST), self._reset_tokens + refill)
+        self._reset_stamp = now
+        self._reset_tokens -= 1
+        if self._reset_tokens < 0:
+            self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                       f"peer reset more than {RESET_BURST} streams in a burst "
+                       f"(rapid-reset flood, CVE-2023-44487)")
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.close(code)
+        raise ProtocolError(reason)
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def peer_max_concurrent_streams(self) -> int:
+        value: int = self._h2.remote_settings.max_concurrent_streams
+        return value
+
+    def buffered_receive_window(self, stream_id: int) -> int:
+        """Bytes the peer may still send on ``stream_id`` before a credit (for tests)."""
+        return self._stream_window.get(stream_id, 0)

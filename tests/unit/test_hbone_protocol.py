@@ -1,0 +1,242 @@
+"""The sans-I/O HTTP/2 core, driven over a fake link: no sockets, no trio."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+
+from common.errors import ProtocolError
+from common.hbone.protocol import (
+    MAX_FRAME_SIZE,
+    RESET_BURST,
+    STREAM_WINDOW,
+    DataChunk,
+    Event,
+    H2Protocol,
+)
+from common.hbone.request import build_request
+
+
+def _pump(src: H2Protocol, dst: H2Protocol, *, split: int | None = None) -> list[Event]:
+    wire = b"".join(bytes(p) for p in src.data_to_send())
+    events: list[Event] = []
+    if split is None:
+        if wire:
+            events.extend(dst.receive_data(wire))
+        return events
+    for start in range(0, len(wire), split):
+        events.extend(dst.receive_data(wire[start:start + split]))
+    return events
+
+
+def _handshake() -> tuple[H2Protocol, H2Protocol]:
+    client, server = H2Protocol(client_side=True), H2Protocol(client_side=False)
+    _pump(client, server)
+    _pump(server, client)
+    _pump(client, server)
+    return client, server
+
+
+def _open(client: H2Protocol, server: H2Protocol) -> int:
+    stream_id = client.send_request(build_request("10.0.0.1:80"))
+    events = _pump(client, server)
+    assert any(isinstance(e, h2.events.RequestReceived) for e in events)
+    server.send_response(stream_id, 200, end_stream=False)
+    events = _pump(server, client)
+    assert any(isinstance(e, h2.events.ResponseReceived) for e in events)
+    return stream_id
+
+
+def _data(events: list[Event], stream_id: int) -> bytes:
+    return b"".join(bytes(e.data) for e in events
+                    if isinstance(e, DataChunk) and e.stream_id == stream_id)
+
+
+def test_settings_offer_windows_and_frame_size() -> None:
+    client, _server = _handshake()
+    # What each side learnt from the other's SETTINGS.
+    assert client._h2.remote_settings.initial_window_size == STREAM_WINDOW
+    assert client._h2.remote_settings.max_frame_size == MAX_FRAME_SIZE
+    assert client.peer_max_concurrent_streams == 100
+    # The connection window was widened to 16 MiB with a WINDOW_UPDATE on stream 0.
+    assert client._h2.outbound_flow_control_window == 16 * 1024 * 1024
+
+
+def test_data_round_trip_survives_any_read_split() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    payload = random.Random(1).randbytes(3 * MAX_FRAME_SIZE + 12345)
+    sent = client.send_data(stream_id, memoryview(payload))
+    assert sent == min(len(payload), STREAM_WINDOW)
+    for split in (1, 7, 9, 10, 4096, 262_144):
+        other_client, other_server = _handshake()
+        sid = _open(other_client, other_server)
+        other_client.send_data(sid, memoryview(payload[:300_000]))
+        other_client.end_stream(sid)
+        events = _pump(other_client, other_server, split=split)
+        assert _data(events, sid) == payload[:300_000]
+        assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+def test_data_frames_respect_peer_max_frame_size() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    # Before it sees a bigger SETTINGS, a peer gets 16 KiB frames (RFC 9113 default);
+    # simulate such a peer by lowering what h2 believes.
+    client._h2.max_outbound_frame_size = 16_384
+    client.send_data(stream_id, memoryview(b"a" * 100_000))
+    wire = b"".join(bytes(p) for p in client.data_to_send())
+    lengths = []
+    pos = 0
+    while pos < len(wire):
+        hi, lo = struct.unpack(">HB", wire[pos:pos + 3])
+        length = (hi << 8) | lo
+        lengths.append(length)
+        pos += 9 + length
+    assert max(lengths) == 16_384
+    assert sum(lengths) == 100_000
+
+
+def test_window_stops_sender_until_consumer_acknowledges() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    big = memoryview(bytes(STREAM_WINDOW + 1000))
+    assert client.send_data(stream_id, big) == STREAM_WINDOW
+    assert client.send_window(stream_id) == 0
+    events = _pump(client, server)
+    received = len(_data(events, stream_id))
+    assert received == STREAM_WINDOW
+    # Nothing acknowledged: still no window, whatever else happens on the link.
+    _pump(server, client)
+    assert client.send_window(stream_id) == 0
+    server.acknowledge(stream_id, received)
+    _pump(server, client)
+    assert client.send_window(stream_id) == STREAM_WINDOW
+
+
+def test_peer_exceeding_stream_window_is_a_flow_control_error() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    client.send_data(stream_id, memoryview(bytes(STREAM_WINDOW)))
+    _pump(client, server)
+    # A misbehaving peer ignores the window: forge one more DATA frame.
+    forged = struct.pack(">HBBBL", 0, 10, 0, 0, stream_id) + b"x" * 10
+    with pytest.raises(ProtocolError, match="window"):
+        server.receive_data(forged)
+    goaway = b"".join(bytes(p) for p in server.data_to_send())
+    events = client.receive_data(goaway)
+    terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert terminated and terminated[0].error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+
+
+def test_padded_data_frame_delivers_payload_and_credits_padding() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    body = b"hello"
+    padded = struct.pack(">HBBBL", 0, 1 + len(body) + 4, 0, 0x8 | 0x1, stream_id)
+    padded += bytes([4]) + body + b"\0" * 4
+    events = server.receive_data(padded)
+    assert _data(events, stream_id) == body
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+def test_half_close_each_way_independently() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    client.send_data(stream_id, memoryview(b"request"))
+    client.end_stream(stream_id)
+    events = _pump(client, server)
+    assert _data(events, stream_id) == b"request"
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+    # The server still sends after the client's END_STREAM.
+    server.send_data(stream_id, memoryview(b"reply"))
+    server.end_stream(stream_id)
+    events = _pump(server, client)
+    assert _data(events, stream_id) == b"reply"
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+def test_data_for_a_reset_stream_is_dropped_and_frees_the_connection_window() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    server.reset_stream(stream_id)
+    client.send_data(stream_id, memoryview(bytes(1000)))
+    events = _pump(client, server)
+    assert _data(events, stream_id) == b""
+    assert server._conn_window + server._conn_credit == 16 * 1024 * 1024
+
+
+def test_rapid_reset_flood_gets_enhance_your_calm() -> None:
+    client, server = _handshake()
+    with pytest.raises(ProtocolError, match="rapid-reset"):
+        for _ in range(RESET_BURST + 10):
+            stream_id = client.send_request(build_request("10.0.0.1:80"))
+            client.reset_stream(stream_id)
+            _pump(client, server)
+    events = _pump(server, client)
+    terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert terminated[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_resets_at_a_modest_rate_are_fine() -> None:
+    now = [0.0]
+    client = H2Protocol(client_side=True)
+    server = H2Protocol(client_side=False, clock=lambda: now[0])
+    _pump(client, server)
+    _pump(server, client)
+    for _ in range(RESET_BURST * 3):
+        now[0] += 0.02  # 50 resets per second, half the refill rate
+        stream_id = client.send_request(build_request("10.0.0.1:80"))
+        client.reset_stream(stream_id)
+        _pump(client, server)
+    assert not server.closed
+
+
+def test_graceful_goaway_lets_open_streams_finish() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    server.close()
+    events = _pump(server, client)
+    terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert terminated[0].last_stream_id == stream_id
+    assert terminated[0].error_code == h2.errors.ErrorCodes.NO_ERROR
+    # Both sides keep using the stream after the GOAWAY.
+    client.send_data(stream_id, memoryview(b"more"))
+    client.end_stream(stream_id)
+    assert _data(_pump(client, server), stream_id) == b"more"
+    server.send_data(stream_id, memoryview(b"done"))
+    server.end_stream(stream_id)
+    assert _data(_pump(server, client), stream_id) == b"done"
+
+
+def test_oversized_frame_is_refused_before_it_is_buffered() -> None:
+    _client, server = _handshake()
+    header = struct.pack(">HBBBL", (MAX_FRAME_SIZE + 1) >> 8, (MAX_FRAME_SIZE + 1) & 0xFF,
+                         0x1, 0x4, 1)
+    with pytest.raises(ProtocolError, match="max frame size"):
+        server.receive_data(header)
+
+
+def test_interoperates_with_plain_h2_peer() -> None:
+    """Our fast DATA path must look like ordinary HTTP/2 to a stock h2 peer."""
+    import h2.config
+
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                header_encoding=None))
+    peer.initiate_connection()
+    client = H2Protocol(client_side=True)
+    peer_events = peer.receive_data(b"".join(bytes(p) for p in client.data_to_send()))
+    client.receive_data(peer.data_to_send())
+    peer.receive_data(b"".join(bytes(p) for p in client.data_to_send()))
+    stream_id = client.send_request(build_request("10.0.0.1:80"))
+    client.send_data(stream_id, memoryview(b"z" * 50_000))  # within the 64 KiB default
+    client.end_stream(stream_id)
+    peer_events = peer.receive_data(b"".join(bytes(p) for p in client.data_to_send()))
+    body = b"".join(e.data for e in peer_events if isinstance(e, h2.events.DataReceived))
+    assert body == b"z" * 50_000
+    assert any(isinstance(e, h2.events.StreamEnded) for e in peer_events)
