@@ -1,0 +1,269 @@
+"""EndpointPicker: which host of one cluster gets this try.
+
+Theory of operation: the picker combines the pieces of this package for one
+destination cluster.  Hosts are split into priority levels and locality groups
+(:mod:`~waypoint.resilience.locality`); each group has a balancer over its
+usable hosts (:mod:`~waypoint.resilience.lb`); the outlier detector
+(:mod:`~waypoint.resilience.outlier`) decides which hosts are usable.  The
+derived state is rebuilt only when the host set or an ejection changes (the
+detector's ``version``), so a pick costs a version check, a draw for the level
+(and locality), and one balancer pick.
+
+A pick:
+
+1. ends expired ejections (O(1) unless one is due);
+2. draws a priority level by priority load (Envoy overprovisioning 1.4);
+3. draws a locality group by ``distribute`` weight x health (Envoy "Locality
+   weighted load balancing"), if ``distribute`` applies;
+4. picks a host: consistent hash when configured and the request has a key,
+   else the simple policy; hosts in ``exclude`` (previous tries) are avoided for
+   up to ``max_attempts`` picks, as Envoy's ``previous_hosts`` predicate with
+   ``host_selection_retry_max_attempts`` does.
+
+Panic (Istio ``minHealthPercent``, Envoy "Panic threshold"): when fewer than
+that percent of a level's hosts are healthy, the level uses all its hosts,
+ejected or not.  Istio's default 0 never panics: with every host ejected the
+pick is ``None`` and the shell answers 503 ``no healthy upstream`` (flag ``UH``).
+
+``PASSTHROUGH`` is not a pick: the shell connects to the original destination.
+The picker treats it as ``RANDOM`` if asked anyway.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from types import MappingProxyType
+
+from waypoint.resilience.config import (
+    LoadBalancerSettings,
+    OutlierDetectionSettings,
+    SimpleLb,
+)
+from waypoint.resilience.hosts import Host, Locality
+from waypoint.resilience.lb import (
+    HashBalancer,
+    LeastRequest,
+    Maglev,
+    RandomBalancer,
+    RingHash,
+    RoundRobin,
+    SimpleBalancer,
+    ring_points_per_weight,
+)
+from waypoint.resilience.locality import (
+    level_health,
+    locality_weights,
+    priority_levels,
+    priority_load,
+)
+from waypoint.resilience.outlier import LocalFailure, OutlierDetector
+
+#: Body and response flag when no host can be picked (Envoy's).
+NO_HEALTHY_UPSTREAM_BODY = b"no healthy upstream"
+NO_HEALTHY_UPSTREAM_FLAG = "UH"
+
+_SIMPLE: dict[SimpleLb, type[SimpleBalancer]] = {
+    SimpleLb.ROUND_ROBIN: RoundRobin,
+    SimpleLb.LEAST_REQUEST: LeastRequest,
+    SimpleLb.RANDOM: RandomBalancer,
+    SimpleLb.PASSTHROUGH: RandomBalancer,
+}
+
+
+class _Group:
+    """Hosts of one locality (or a whole level) and their balancers."""
+
+    __slots__ = ("balancer", "hash", "hosts", "panic", "usable", "weight")
+
+    def __init__(self, hosts: list[Host], weight: float, hash_balancer: HashBalancer | None
+                 ) -> None:
+        self.hosts = hosts
+        self.weight = weight
+        self.hash = hash_balancer
+        self.usable: list[Host] = []
+        self.panic = False
+        self.balancer: SimpleBalancer | None = None
+
+
+class _Level:
+    __slots__ = ("cumulative", "groups", "hosts")
+
+    def __init__(self, hosts: list[Host], groups: list[_Group]) -> None:
+        self.hosts = hosts
+        self.groups = groups
+        self.cumulative: list[float] = []
+
+
+class EndpointPicker:
+    """Chooses hosts for one cluster; owns its outlier detector."""
+
+    def __init__(self, hosts: Iterable[Host], lb: LoadBalancerSettings,
+                 outlier: OutlierDetectionSettings | None = None, *,
+                 client_locality: Locality | None = None,
+                 client_labels: Mapping[str, str] | None = None) -> None:
+        self.lb = lb
+        self.detector = OutlierDetector(outlier, ()) if outlier is not None else None
+        self._min_health = outlier.min_health_percent if outlier is not None else 0.0
+        self._client_locality = client_locality or Locality()
+        self._client_labels = client_labels or MappingProxyType({})
+        self._hosts: list[Host] = []
+        self._levels: list[_Level] = []
+        self._level_cumulative: list[float] = []
+        self._built_version = -1
+        self._ring_points: dict[tuple[int, Locality | None], int] = {}
+        self._dirty = True
+        self.set_hosts(hosts)
+
+    @property
+    def hosts(self) -> Sequence[Host]:
+        """Every host of the cluster, ejected or not."""
+        return self._hosts
+
+    def set_hosts(self, hosts: Iterable[Host]) -> None:
+        """Replace the host set (discovery update).
+
+        A host whose address, weight, locality and labels are unchanged keeps its
+        existing object, and so its outlier and least-request state.
+        """
+        old = {h.address: h for h in self._hosts}
+        merged: list[Host] = []
+        for host in hosts:
+            prev = old.get(host.address)
+            same = (prev is not None and prev.weight == host.weight
+                    and prev.locality == host.locality and prev.labels == host.labels)
+            merged.append(prev if same and prev is not None else host)
+        self._hosts = merged
+        if self.detector is not None:
+            self.detector.set_hosts(merged)
+        self._build_levels()
+        self._dirty = True
+
+    def _build_levels(self) -> None:
+        locality_lb = self.lb.locality_lb
+        levels = priority_levels(self._hosts, locality_lb, client_locality=self._client_locality,
+                                 client_labels=self._client_labels,
+                                 outlier_detection=self.detector is not None)
+        weights = locality_weights(self._hosts, locality_lb, self._client_locality)
+        self._levels = []
+        for rank, level_hosts in enumerate(levels):
+            if weights is None:
+                groups = [_Group(level_hosts, 1.0,
+                                 self._hash_balancer(level_hosts, (rank, None)))]
+            else:
+                by_locality: dict[Locality, list[Host]] = {}
+                for host in level_hosts:
+                    if host.locality in weights:
+                        by_locality.setdefault(host.locality, []).append(host)
+                groups = [_Group(hs, weights[loc], self._hash_balancer(hs, (rank, loc)))
+                          for loc, hs in by_locality.items()]
+            if groups:
+                self._levels.append(_Level(level_hosts, groups))
+
+    def _hash_balancer(self, hosts: list[Host], key: tuple[int, Locality | None]
+                       ) -> HashBalancer | None:
+        ch = self.lb.consistent_hash
+        if ch is None or not hosts:
+            return None
+        if ch.algorithm == "maglev":
+            return Maglev(hosts, ch.table_size)
+        # Per-group ring density survives host changes, so new hosts only take keys.
+        points = ring_points_per_weight(sum(h.weight for h in hosts), ch.minimum_ring_size,
+                                        self._ring_points.get(key))
+        self._ring_points[key] = points
+        return RingHash(hosts, points)
+
+    def _refresh(self, rng: random.Random) -> None:
+        """Recompute usable hosts, balancers and loads after a health or host change."""
+        make: type[SimpleBalancer] = (
+            RandomBalancer if self.lb.consistent_hash is not None else _SIMPLE[self.lb.simple])
+        health: list[float] = []
+        for level in self._levels:
+            healthy_total = 0
+            for group in level.groups:
+                healthy = [h for h in group.hosts if not h.ejected]
+                healthy_total += len(healthy)
+                group.panic = 100.0 * len(healthy) < self._min_health * len(group.hosts)
+                group.usable = group.hosts if group.panic else healthy
+                group.balancer = make(group.usable, rng) if group.usable else None
+            level.cumulative = list(itertools.accumulate(
+                g.weight * (100.0 if g.panic else level_health(
+                    sum(1 for h in g.hosts if not h.ejected), len(g.hosts)))
+                for g in level.groups))
+            level_total = sum(len(g.hosts) for g in level.groups)
+            health.append(level_health(healthy_total, level_total))
+        load = priority_load(health)
+        if self._levels and not any(load):
+            # Envoy: when every level is down, all load goes to the first level,
+            # which only yields hosts if it is in panic.
+            load[0] = 100.0
+        self._level_cumulative = list(itertools.accumulate(load))
+        self._built_version = self.detector.version if self.detector is not None else 0
+        self._dirty = False
+
+    def pick(self, now: float, rng: random.Random, hash_key: int | None = None,
+             exclude: Collection[Host] = (), max_attempts: int = 5) -> Host | None:
+        """A host for the next try, or ``None``: answer 503 ``no healthy upstream``."""
+        detector = self.detector
+        if detector is not None:
+            detector.expire(now)
+            if detector.version != self._built_version:
+                self._dirty = True
+        if self._dirty:
+            self._refresh(rng)
+        levels = self._levels
+        if not levels:
+            return None
+        if len(levels) == 1:
+            level = levels[0]
+        else:
+            cumulative = self._level_cumulative
+            index = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
+            level = levels[min(index, len(levels) - 1)]
+        groups = level.groups
+        if len(groups) == 1:
+            group = groups[0]
+        else:
+            cumulative = level.cumulative
+            if cumulative[-1] <= 0:
+                return None
+            index = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
+            group = groups[min(index, len(groups) - 1)]
+        balancer = group.balancer
+        if balancer is None:
+            return None
+        if hash_key is not None and group.hash is not None:
+            panic = group.panic
+            host = group.hash.pick(
+                hash_key, lambda h: (panic or not h.ejected) and h not in exclude)
+            return host if host is not None else balancer.pick(rng)
+        host = balancer.pick(rng)
+        if exclude:
+            for _ in range(max_attempts - 1):
+                if host not in exclude:
+                    break
+                host = balancer.pick(rng)
+        return host
+
+    def request_started(self, host: Host) -> None:
+        """Count an active request on ``host`` (least request reads it)."""
+        host.active_requests += 1
+
+    def request_finished(self, host: Host) -> None:
+        host.active_requests -= 1
+
+    def report_response(self, host: Host, status: int, now: float) -> bool:
+        """Feed a response status to outlier detection; ``True`` if ``host`` was ejected."""
+        return self.detector is not None and self.detector.report_response(host, status, now)
+
+    def report_local_failure(self, host: Host, failure: LocalFailure, now: float) -> bool:
+        """Feed a connect failure, reset or timeout to outlier detection."""
+        return (self.detector is not None
+                and self.detector.report_local_failure(host, failure, now))
+
+    def sweep(self, now: float) -> None:
+        """Run every outlier ``interval`` (the shell's timer)."""
+        if self.detector is not None:
+            self.detector.sweep(now)
