@@ -18,7 +18,9 @@ A pick:
 4. picks a host: consistent hash when configured and the request has a key,
    else the simple policy; hosts in ``exclude`` (previous tries) are avoided for
    up to ``max_attempts`` picks, as Envoy's ``previous_hosts`` predicate with
-   ``host_selection_retry_max_attempts`` does.
+   ``host_selection_retry_max_attempts`` does, and then by a scan of the group
+   (unlike Envoy, so that a retry reaches another host whenever the chosen
+   level and locality have one).
 
 Panic (Istio ``minHealthPercent``, Envoy "Panic threshold"): when fewer than
 that percent of a level's hosts are healthy, the level uses all its hosts,
@@ -240,11 +242,14 @@ class EndpointPicker:
                 hash_key, lambda h: (panic or not h.ejected) and h not in exclude)
             return host if host is not None else balancer.pick(rng)
         host = balancer.pick(rng)
-        if exclude:
+        if exclude and host in exclude:
             for _ in range(max_attempts - 1):
-                if host not in exclude:
-                    break
                 host = balancer.pick(rng)
+                if host not in exclude:
+                    return host
+            # Unlucky draws: take any other usable host of the group before giving up,
+            # so that a retry goes to another host whenever one exists.
+            return next((h for h in group.usable if h not in exclude), host)
         return host
 
     def request_started(self, host: Host) -> None:
