@@ -25,15 +25,18 @@ def _one_of(model: ApiModel, names: tuple[str, ...], what: str, required: bool =
 
 
 class StringMatch(ApiModel):
-    """Istio ``StringMatch``: exactly one of exact / prefix / regex (RE2, full match)."""
+    """Istio ``StringMatch``: at most one of exact / prefix / regex (RE2, full match).
+
+    An empty match (``{}``) means "present" for headers and "anything" elsewhere.
+    """
 
     exact: str | None = None
     prefix: str | None = None
     regex: str | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> StringMatch:
-        _one_of(self, ("exact", "prefix", "regex"), "a string match")
+    def _at_most_one(self) -> StringMatch:
+        _one_of(self, ("exact", "prefix", "regex"), "a string match", required=False)
         return self
 
 

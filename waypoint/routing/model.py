@@ -189,13 +189,19 @@ class Cluster:
 
 @dataclass(frozen=True, slots=True)
 class WeightedBackend:
-    """A weighted destination of a rule; ``cluster`` None marks an invalid backend (500)."""
+    """A weighted destination of a rule.
+
+    ``cluster`` None marks a backend that did not resolve: requests drawn to it
+    are answered ``invalid_status`` (Gateway API 500; Istio/Envoy 503 "cluster
+    not found").
+    """
 
     name: str
     weight: int
     cluster: Cluster | None
     request_headers: HeaderOps = NO_HEADER_OPS
     response_headers: HeaderOps = NO_HEADER_OPS
+    invalid_status: int = 500
 
 
 class PathRewriteKind(Enum):
