@@ -5,9 +5,9 @@ injection" HTTP filter):
 
 * Delay and abort are drawn independently; the delay happens first, then the
   abort.  An aborted request never reaches the backend.
-* Percentages are fractions of 100 with per-million granularity (Istio sends
-  Envoy a ``FractionalPercent`` over a million), so 0.1 % is one in a thousand;
-  a missing percentage (0) injects nothing.
+* Percentages are fractions of 100 (Istio sends Envoy a ``FractionalPercent``
+  over a million; our draw is a float, at least as fine), so 0.1 % is one in a
+  thousand; a missing percentage (0) injects nothing.
 * An HTTP abort answers ``http_status`` with body ``fault filter abort``; a gRPC
   abort answers HTTP 200 with ``grpc-status`` (a trailers-only response).
 * Response flags: ``DI`` for an injected delay, ``FI`` for an injected abort.
@@ -25,12 +25,10 @@ from waypoint.resilience.config import FaultAbort, FaultPolicy
 #: Body of an injected HTTP abort (Envoy's).
 ABORT_BODY = b"fault filter abort"
 
-_MILLION = 1_000_000
-
 
 def _hit(percentage: float, rng: random.Random) -> bool:
-    threshold = round(percentage * (_MILLION // 100))
-    return threshold > 0 and rng.randrange(_MILLION) < threshold
+    # A float draw is finer than Envoy's per-million and ~5x cheaper than randrange.
+    return percentage > 0.0 and rng.random() * 100.0 < percentage
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from common.errors import ConfigError
+
 _EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -61,7 +63,7 @@ class Host:
     def __init__(self, address: str, *, weight: int = 1, locality: Locality | None = None,
                  labels: Mapping[str, str] | None = None) -> None:
         if weight < 1:
-            raise ValueError(f"host {address}: weight must be >= 1, got {weight}")
+            raise ConfigError(f"endpoint {address}: LB weight must be >= 1, got {weight}")
         self.address = address
         self.weight = weight
         self.locality = locality if locality is not None else Locality()

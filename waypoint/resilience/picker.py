@@ -75,6 +75,14 @@ _SIMPLE: dict[SimpleLb, type[SimpleBalancer]] = {
 }
 
 
+def _not_ejected(host: Host) -> bool:
+    return not host.ejected
+
+
+def _any_host(host: Host) -> bool:
+    return True
+
+
 class _Group:
     """Hosts of one locality (or a whole level) and their balancers."""
 
@@ -237,9 +245,12 @@ class EndpointPicker:
         if balancer is None:
             return None
         if hash_key is not None and group.hash is not None:
-            panic = group.panic
-            host = group.hash.pick(
-                hash_key, lambda h: (panic or not h.ejected) and h not in exclude)
+            if exclude:
+                panic = group.panic
+                host = group.hash.pick(
+                    hash_key, lambda h: (panic or not h.ejected) and h not in exclude)
+            else:
+                host = group.hash.pick(hash_key, _any_host if group.panic else _not_ejected)
             return host if host is not None else balancer.pick(rng)
         host = balancer.pick(rng)
         if exclude and host in exclude:

@@ -127,6 +127,22 @@ def backoff(retry_number: int, base: float, cap: float, rng: random.Random) -> f
     return rng.random() * min(((1 << n) - 1) * base, cap)
 
 
+#: Compiled ``retry_on`` sets: (policy bits, gRPC codes).  Keyed by the frozenset
+#: itself (its hash is cached), bounded by the distinct sets the config uses.
+_COMPILED: dict[frozenset[str], tuple[int, frozenset[int]]] = {}
+
+
+def _compile(retry_on: frozenset[str]) -> tuple[int, frozenset[int]]:
+    compiled = _COMPILED.get(retry_on)
+    if compiled is None:
+        bits = 0
+        for name in retry_on:
+            bits |= _BITS.get(name, 0)
+        grpc = frozenset(GRPC_RETRY_ON[name] for name in retry_on if name in GRPC_RETRY_ON)
+        compiled = _COMPILED[retry_on] = (bits, grpc)
+    return compiled
+
+
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -141,30 +157,26 @@ class RetryState:
                  ) -> None:
         """``request_headers``: lower-case names; ``x-envoy-*`` retry headers are honoured."""
         self._policy = policy
-        bits = 0
-        grpc: set[int] = set()
-        for name in policy.retry_on:
-            if name in GRPC_RETRY_ON:
-                grpc.add(GRPC_RETRY_ON[name])
-            else:
-                bits |= _BITS[name]
-        codes = set(policy.retriable_status_codes)
+        bits, grpc = _compile(policy.retry_on)
+        codes = policy.retriable_status_codes
         max_retries = policy.attempts
         if request_headers:
-            for name in _split(request_headers.get("x-envoy-retry-on", "")):
-                bits |= _BITS.get(name, 0)
-            for name in _split(request_headers.get("x-envoy-retry-grpc-on", "")):
-                if name in GRPC_RETRY_ON:
-                    grpc.add(GRPC_RETRY_ON[name])
-            for code in _split(request_headers.get("x-envoy-retriable-status-codes", "")):
-                if code.isdigit():
-                    codes.add(int(code))
-            header_max = request_headers.get("x-envoy-max-retries", "").strip()
-            if header_max.isdigit():
-                max_retries = int(header_max)
+            header = request_headers.get("x-envoy-retry-on")
+            if header:
+                extra_bits, _ = _compile(frozenset(_split(header)))
+                bits |= extra_bits
+            header = request_headers.get("x-envoy-retry-grpc-on")
+            if header:
+                grpc = grpc | _compile(frozenset(_split(header)))[1]
+            header = request_headers.get("x-envoy-retriable-status-codes")
+            if header:
+                codes = codes | {int(c) for c in _split(header) if c.isdigit()}
+            header = request_headers.get("x-envoy-max-retries")
+            if header and header.strip().isdigit():
+                max_retries = int(header)
         self._bits = bits
-        self._grpc = frozenset(grpc)
-        self._codes = frozenset(codes)
+        self._grpc = grpc
+        self._codes = codes
         self._max_retries = max_retries if (bits or grpc) else 0
         self._base = policy.backoff_base
         self._cap = policy.max_backoff
