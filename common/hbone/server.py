@@ -188,6 +188,10 @@ class HboneServer:
     async def _run_handler(self, connection: HboneConnection, stream: HboneStream,
                            request: ConnectRequest) -> None:
         responder = Responder(connection, stream, request)
+        if stream._error is not None or stream._closed:
+            # Reset before the handler even started (a rapid-reset client): connect nothing.
+            await stream.aclose()
+            return
         try:
             await self._handler(request, responder)
         except TRANSPORT_ERRORS as exc:
