@@ -16,6 +16,7 @@ from waypoint.resilience.config import (
     OutlierDetectionSettings,
     RetryPolicy,
     SimpleLb,
+    TimeoutPolicy,
 )
 
 
@@ -79,3 +80,10 @@ def test_consistent_hash_needs_one_source_and_prime_table() -> None:
 def test_distribute_weights_must_sum_to_100() -> None:
     with pytest.raises(ConfigError):
         LocalityDistribute(from_="us-east/*", to={"us-east/a/*": 50})
+
+
+def test_zero_timeouts_mean_disabled() -> None:
+    # Istio/Envoy: a 0s timeout disables it.
+    assert TimeoutPolicy(request=0, per_try=0) == TimeoutPolicy()
+    assert RetryPolicy(per_try_timeout=0).per_try_timeout is None
+    assert ConnectionPoolSettings(tcp_idle_timeout=0).tcp_idle_timeout is None

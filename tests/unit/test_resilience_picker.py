@@ -158,3 +158,21 @@ def test_picks_never_return_ejected_hosts_unless_panic(policy: SimpleLb, n: int,
             assert all(h.ejected for h in hs)
         else:
             assert not host.ejected
+
+
+def test_mesh_default_prefers_the_client_zone_once_outlier_detection_is_set() -> None:
+    # Istio: localityLbSetting is enabled mesh-wide by default; failover needs outlier detection.
+    zone_a = hosts(1, "r1/a")
+    zone_b = [Host("10.3.0.1:80", locality=Locality("r1", "b"))]
+    rng = random.Random(2)
+    with_od = EndpointPicker(zone_a + zone_b, RR, OutlierDetectionSettings(),
+                             client_locality=Locality("r1", "a"))
+    assert {with_od.pick(0.0, rng) for _ in range(20)} == set(zone_a)
+    without_od = EndpointPicker(zone_a + zone_b, RR, client_locality=Locality("r1", "a"))
+    assert {without_od.pick(0.0, rng) for _ in range(20)} == set(zone_a + zone_b)
+    disabled = EndpointPicker(zone_a + zone_b, LoadBalancerSettings(
+        simple=SimpleLb.ROUND_ROBIN, locality_lb=LocalityLbSettings(enabled=False)),
+        OutlierDetectionSettings(), client_locality=Locality("r1", "a"))
+    assert {disabled.pick(0.0, rng) for _ in range(20)} == set(zone_a + zone_b)
+    unknown_client = EndpointPicker(zone_a + zone_b, RR, OutlierDetectionSettings())
+    assert {unknown_client.pick(0.0, rng) for _ in range(20)} == set(zone_a + zone_b)

@@ -4,7 +4,8 @@ These are the types the translator builds from Istio ``VirtualService`` /
 ``DestinationRule`` and Gateway API ``HTTPRoute`` objects, and the decision
 cores in this package read.  They carry Istio's defaults, so a translator only
 sets what the API object sets.  Durations are float seconds; ``None`` means
-"disabled / not set" (a ``0s`` duration in the API is translated to ``None``).
+"disabled / not set"; a ``0`` timeout is accepted and stored as ``None``, since
+``0s`` disables a timeout in Istio and Envoy.
 
 Sources for the defaults (cited by page name):
 
@@ -66,6 +67,13 @@ def _check_duration(value: float | None, name: str) -> None:
            f"{name} must be a positive finite number of seconds or None (disabled), got {value!r}")
 
 
+def _zero_disables(obj: object, *names: str) -> None:
+    """Turn a ``0s`` duration into ``None`` (Istio and Envoy: zero disables the timeout)."""
+    for name in names:
+        if getattr(obj, name) == 0:
+            object.__setattr__(obj, name, None)
+
+
 def _check_percent(value: float, name: str) -> None:
     _check(0.0 <= value <= 100.0, f"{name} must be a percentage in [0, 100], got {value!r}")
 
@@ -95,6 +103,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         _check(self.attempts >= 0, f"retries.attempts must be >= 0, got {self.attempts}")
+        _zero_disables(self, "per_try_timeout")
         _check_duration(self.per_try_timeout, "retries.perTryTimeout")
         unknown = self.retry_on - ALL_RETRY_ON
         _check(not unknown, f"retries.retryOn has unknown policies {sorted(unknown)}; "
@@ -137,6 +146,7 @@ class TimeoutPolicy:
     per_try: float | None = None
 
     def __post_init__(self) -> None:
+        _zero_disables(self, "request", "per_try")
         _check_duration(self.request, "timeout (request)")
         _check_duration(self.per_try, "timeouts.backendRequest (per try)")
 
@@ -217,6 +227,7 @@ class ConnectionPoolSettings:
         _check(self.max_requests_per_connection >= 0,
                "connectionPool.http.maxRequestsPerConnection must be >= 0")
         _check_duration(self.connect_timeout, "connectionPool.tcp.connectTimeout")
+        _zero_disables(self, "tcp_idle_timeout", "http_idle_timeout")
         _check_duration(self.tcp_idle_timeout, "connectionPool.tcp.idleTimeout")
         _check_duration(self.http_idle_timeout, "connectionPool.http.idleTimeout")
 
@@ -357,7 +368,12 @@ class LocalityLbSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadBalancerSettings:
-    """Istio ``LoadBalancerSettings``: a simple policy or a consistent hash, plus locality."""
+    """Istio ``LoadBalancerSettings``: a simple policy or a consistent hash, plus locality.
+
+    ``locality_lb=None`` means the mesh default, which in Istio is locality load
+    balancing *enabled* (failover by region/zone/subzone, in effect only when the
+    cluster has outlier detection); ``LocalityLbSettings(enabled=False)`` turns it off.
+    """
 
     simple: SimpleLb = SimpleLb.LEAST_REQUEST
     consistent_hash: ConsistentHashSettings | None = None

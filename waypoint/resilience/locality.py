@@ -96,6 +96,9 @@ def priority_levels(hosts: Sequence[Host], settings: LocalityLbSettings | None, 
     if (settings is None or not settings.enabled or settings.distribute
             or not outlier_detection):
         return [list(hosts)] if hosts else []
+    if not settings.failover_priority and not client_locality.region:
+        # A client of unknown locality has no "near" to prefer.
+        return [list(hosts)] if hosts else []
     if settings.failover_priority:
         ranks = [label_rank(client_labels, client_locality, h, settings.failover_priority)
                  for h in hosts]

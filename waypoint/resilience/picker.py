@@ -41,6 +41,7 @@ from types import MappingProxyType
 
 from waypoint.resilience.config import (
     LoadBalancerSettings,
+    LocalityLbSettings,
     OutlierDetectionSettings,
     SimpleLb,
 )
@@ -62,6 +63,9 @@ from waypoint.resilience.locality import (
     priority_load,
 )
 from waypoint.resilience.outlier import LocalFailure, OutlierDetector
+
+#: Istio's mesh-wide default (``meshConfig.localityLbSetting.enabled: true``).
+MESH_DEFAULT_LOCALITY_LB = LocalityLbSettings()
 
 #: Body and response flag when no host can be picked (Envoy's).
 NO_HEALTHY_UPSTREAM_BODY = b"no healthy upstream"
@@ -152,7 +156,7 @@ class EndpointPicker:
         self._dirty = True
 
     def _build_levels(self) -> None:
-        locality_lb = self.lb.locality_lb
+        locality_lb = self.lb.locality_lb or MESH_DEFAULT_LOCALITY_LB
         levels = priority_levels(self._hosts, locality_lb, client_locality=self._client_locality,
                                  client_labels=self._client_labels,
                                  outlier_detection=self.detector is not None)
