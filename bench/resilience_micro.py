@@ -120,6 +120,8 @@ def main() -> None:
     measure("pick ROUND_ROBIN excluding a previous host",
             lambda: rr.pick(1.0, rng, None, tried), n)
 
+    measure("whole idle request path (see below)", _request_path(rng), n)
+
     build_hosts = hosts(20)
     start = time.perf_counter_ns()
     EndpointPicker(build_hosts, LoadBalancerSettings(
@@ -134,6 +136,37 @@ def _decide(policy: RetryPolicy, outcome: TryOutcome, rng: random.Random
         state = RetryState(policy)
         state.start_try(None)
         return state.decide(outcome, body_held=True, rng=rng)
+    return run
+
+
+def _request_path(rng: random.Random) -> Callable[[], object]:
+    """Everything one successful request costs with retries, breaker and outlier on:
+    RetryState, deadlines, fault draw, breaker admit/release, pick, counters, outlier
+    report, retry decision."""
+    route_retry = RetryPolicy(attempts=3, retry_on=frozenset({"5xx", "connect-failure"}))
+    route_timeouts = TimeoutPolicy(request=2.0)
+    breaker = CircuitBreaker(ConnectionPoolSettings(max_connections=100))
+    picker = EndpointPicker(hosts(3), LoadBalancerSettings(), OutlierDetectionSettings())
+    ok = TryOutcome(OutcomeKind.RESPONSE, status=200)
+    headers: dict[str, str] = {}
+
+    def run() -> object:
+        state = RetryState(route_retry, headers)
+        limits = deadlines(1.0, route_timeouts, route_retry, headers)
+        faults.decide(None, rng)
+        if not breaker.try_request():
+            return None
+        try:
+            host = picker.pick(1.0, rng, None, state.excluded_hosts())
+            assert host is not None
+            state.start_try(host)
+            limits.try_deadline(1.0)
+            picker.request_started(host)
+            picker.request_finished(host)
+            picker.report_response(host, 200, 1.0)
+            return state.decide(ok, body_held=True, rng=rng)
+        finally:
+            breaker.release_request()
     return run
 
 

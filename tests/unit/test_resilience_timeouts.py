@@ -57,3 +57,10 @@ def test_expected_timeout_header_is_per_try_or_remaining_route() -> None:
     assert d.expected_timeout_ms(0.0) == 300
     assert d.expected_timeout_ms(0.9) == 100
     assert deadlines(0.0, TimeoutPolicy(request=1.0)).expected_timeout_ms(0.25) == 750
+
+
+def test_remaining_clamps_delays_to_the_route_deadline() -> None:
+    d = deadlines(10.0, TimeoutPolicy(request=0.5))
+    assert d.remaining(10.2) == pytest.approx(0.3)
+    assert d.remaining(11.0) == 0.0
+    assert deadlines(0.0, TimeoutPolicy()).remaining(5.0) is None

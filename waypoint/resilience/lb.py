@@ -187,11 +187,10 @@ class RingHash:
     def size(self) -> int:
         return len(self._points)
 
-    def pick(self, key_hash: int, usable: Usable, attempt: int = 0) -> Host | None:
-        """The host owning ``key_hash``; ``attempt`` > 0 starts that many points later
-        (Envoy's retry behaviour); unusable hosts are stepped over."""
+    def pick(self, key_hash: int, usable: Usable) -> Host | None:
+        """The first usable host at or after ``key_hash`` on the ring."""
         n = len(self._points)
-        start = bisect.bisect_left(self._points, key_hash) + attempt
+        start = bisect.bisect_left(self._points, key_hash)
         ring = self._ring_hosts
         host = ring[start % n]
         if usable(host):
@@ -242,16 +241,17 @@ class Maglev:
             iteration += 1
         self._table: list[Host] = [h for h in table if h is not None]
 
-    def pick(self, key_hash: int, usable: Usable, attempt: int = 0) -> Host | None:
-        """The host for ``key_hash``; unusable hosts (and ``attempt`` > 0) rehash."""
+    def pick(self, key_hash: int, usable: Usable) -> Host | None:
+        """The host for ``key_hash``; if it is unusable, rehash (seeded 1, 2, ...)."""
         table = self._table
         m = self.table_size
-        host = table[key_hash % m] if attempt == 0 else None
-        if host is not None and usable(host):
+        host = table[key_hash % m]
+        if usable(host):
             return host
-        # Rehash with the attempt number mixed in; bounded, then a linear scan.
-        for k in range(max(attempt, 1), max(attempt, 1) + 4 * len(self.hosts)):
-            host = table[_hash64(key_hash.to_bytes(8, "little"), k) % m]
+        # Bounded rehashing, then a linear scan so that a usable host is always found.
+        key = key_hash.to_bytes(8, "little")
+        for seed in range(1, 1 + 4 * len(self.hosts)):
+            host = table[_hash64(key, seed) % m]
             if usable(host):
                 return host
         for host in self.hosts:

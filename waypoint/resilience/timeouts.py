@@ -64,6 +64,13 @@ class Deadlines:
             return None
         return max(0, round((end - now) * 1000))
 
+    def remaining(self, now: float) -> float | None:
+        """Seconds left of the route timeout (``None``: unbounded); clamp fault delays
+        and retry backoffs with it."""
+        if self.request_deadline is None:
+            return None
+        return max(0.0, self.request_deadline - now)
+
     def expired(self, now: float) -> bool:
         """Whether the route deadline has passed (no further try or backoff)."""
         return self.request_deadline is not None and now >= self.request_deadline
