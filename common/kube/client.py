@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -126,10 +126,13 @@ class KubeClient:
     # -- raw JSON ---------------------------------------------------------------------------
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json") -> Any:
+                      body: Any = None, content_type: str = "application/json",
+                      accept: str | None = None) -> Any:
         """One request; returns the decoded JSON answer or raises a KubeApiError."""
         content = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": content_type} if content is not None else None
+        headers = {"Content-Type": content_type} if content is not None else {}
+        if accept:
+            headers["Accept"] = accept
         try:
             response = await self._http.request(method, path, params=params, content=content,
                                                 headers=headers)
@@ -147,7 +150,7 @@ class KubeClient:
     async def watch(self, rt: ResourceType, *, namespace: str | None = None,
                     resource_version: str | None = None, label_selector: str | None = None,
                     field_selector: str | None = None, timeout_seconds: int | None = None,
-                    allow_bookmarks: bool = True) -> AsyncIterator[RawWatchEvent]:
+                    allow_bookmarks: bool = True) -> AsyncGenerator[RawWatchEvent, None]:
         """One watch request, event by event, until the server ends it.
 
         An ERROR event raises (410 as ResourceExpiredError), as does a broken stream

@@ -25,7 +25,7 @@ from common.kube.selectors import (
     parse_label_selector,
 )
 
-from . import status, tables
+from . import openapi, status, tables
 from .patch import apply_patch
 from .store import Store, StoredEvent
 from .validation import check_object
@@ -181,6 +181,16 @@ class ApiHandler:
     def _discovery(self, path: str) -> Response | None:
         if path in ("/healthz", "/readyz", "/livez"):
             return Response(200, b"ok", "text/plain")
+        if path == "/openapi/v3":
+            return json_response(200, openapi.root_document())
+        if path.startswith("/openapi/v3/"):
+            rest = path.removeprefix("/openapi/v3/").split("/")
+            doc = None
+            if len(rest) == 2 and rest[0] == "api":
+                doc = openapi.group_version_document("", rest[1])
+            elif len(rest) == 3 and rest[0] == "apis":
+                doc = openapi.group_version_document(rest[1], rest[2])
+            return json_response(200, doc) if doc else None
         if path == "/version":
             return json_response(200, SERVER_VERSION)
         if path == "/api":

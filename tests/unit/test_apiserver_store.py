@@ -1,0 +1,184 @@
+"""The SQLite store and the request handler, without sockets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.errors import KubeApiError, ResourceExpiredError
+from common.kube.resources import by_kind
+from deploy.local.apiserver.handler import ApiHandler, Request, Response, WatchPlan, watch_events
+from deploy.local.apiserver.store import Store
+
+PODS, NS = by_kind("Pod"), by_kind("Namespace")
+
+
+def ns(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+
+
+def pod(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "demo", "labels": labels or {}},
+            "spec": {"containers": [{"name": "c", "image": "ambient/echo"}]}}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "db.sqlite", retain_events=5)
+    s.create(NS, ns("demo"))
+    return s
+
+
+def test_one_global_resource_version_counts_every_write(store: Store) -> None:
+    a = store.create(PODS, pod("a"))
+    b = store.create(PODS, pod("b"))
+    assert (a["metadata"]["resourceVersion"], b["metadata"]["resourceVersion"]) == ("2", "3")
+    deleted = store.delete(PODS, "demo", "a")
+    assert deleted["metadata"]["resourceVersion"] == "4" and store.resource_version == 4
+
+
+def test_noop_update_writes_nothing_and_spec_change_bumps_generation(store: Store) -> None:
+    created = store.create(PODS, pod("a"))
+    same = store.update(PODS, json.loads(json.dumps(created)))
+    assert same["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    changed = json.loads(json.dumps(created))
+    changed["spec"]["containers"][0]["image"] = "other"
+    updated = store.update(PODS, changed)
+    assert updated["metadata"]["generation"] == 2
+    relabeled = json.loads(json.dumps(updated))
+    relabeled["metadata"]["labels"] = {"x": "y"}
+    assert store.update(PODS, relabeled)["metadata"]["generation"] == 2
+
+
+def test_history_survives_reopen_and_is_bounded(tmp_path: Path, store: Store) -> None:
+    for i in range(3):
+        store.create(PODS, pod(f"p{i}"))
+    store.close()
+    reopened = Store(tmp_path / "db.sqlite", retain_events=5)
+    assert reopened.resource_version == 4
+    assert [e.object["metadata"]["name"] for e in reopened.events_since(PODS, "demo", 2)] == \
+        ["p1", "p2"]
+    for i in range(3, 8):
+        reopened.create(PODS, pod(f"p{i}"))
+    assert reopened.compacted == 4  # 9 writes, 5 kept
+    with pytest.raises(ResourceExpiredError) as err:
+        reopened.events_since(PODS, "demo", 3)
+    assert err.value.status["code"] == 410
+    assert len(reopened.events_since(PODS, "demo", 4)) == 5
+
+
+def test_failed_write_leaves_counters_and_data_alone(store: Store) -> None:
+    store.create(PODS, pod("a"))
+    before = store.resource_version
+    with pytest.raises(KubeApiError) as err:
+        store.create(PODS, pod("a"))
+    assert err.value.code == 409 and store.resource_version == before
+
+
+def test_namespace_delete_cascades_with_events(store: Store) -> None:
+    store.create(PODS, pod("a"))
+    store.delete(NS, None, "demo")
+    assert store.list_objects(PODS, None)[0] == []
+    kinds = [(e.type, e.object["metadata"]["name"]) for e in store.events_since(PODS, None, 2)]
+    assert kinds == [("DELETED", "a")]
+
+
+def handle(store: Store, method: str, target: str, body: Any = None,
+           headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    raw = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    result = ApiHandler(store).handle(Request(method, target, headers or {}, raw))
+    assert isinstance(result, Response)
+    return result.status, json.loads(result.body) if result.content_type.endswith("json") \
+        else result.body
+
+
+def test_discovery_documents(store: Store) -> None:
+    code, core = handle(store, "GET", "/api/v1")
+    assert code == 200 and core["kind"] == "APIResourceList"
+    pods = next(r for r in core["resources"] if r["name"] == "pods")
+    assert pods["namespaced"] and "watch" in pods["verbs"] and pods["shortNames"] == ["po"]
+    assert any(r["name"] == "pods/status" for r in core["resources"])
+    _, groups = handle(store, "GET", "/apis")
+    names = {g["name"] for g in groups["groups"]}
+    assert {"apps", "discovery.k8s.io", "gateway.networking.k8s.io", "networking.istio.io",
+            "security.istio.io"} <= names
+    code, istio = handle(store, "GET", "/apis/networking.istio.io/v1alpha3")
+    assert code == 200 and {r["kind"] for r in istio["resources"]} >= {"VirtualService"}
+    assert handle(store, "GET", "/openapi/v2")[0] == 404
+    code, v3 = handle(store, "GET", "/openapi/v3")
+    assert code == 200 and "apis/apps/v1" in v3["paths"]
+
+
+def test_alias_versions_serve_the_same_objects(store: Store) -> None:
+    vs = {"apiVersion": "networking.istio.io/v1alpha3", "kind": "VirtualService",
+          "metadata": {"name": "web"}, "spec": {"hosts": ["web"]}}
+    code, created = handle(store, "POST",
+                           "/apis/networking.istio.io/v1alpha3/namespaces/demo/virtualservices",
+                           vs)
+    assert code == 201 and created["apiVersion"] == "networking.istio.io/v1alpha3"
+    _, got = handle(store, "GET",
+                    "/apis/networking.istio.io/v1/namespaces/demo/virtualservices/web")
+    assert got["apiVersion"] == "networking.istio.io/v1" and got["spec"] == {"hosts": ["web"]}
+
+
+def test_patch_media_types(store: Store) -> None:
+    store.create(PODS, pod("a", {"app": "web"}))
+    path = "/api/v1/namespaces/demo/pods/a"
+    code, merged = handle(store, "PATCH", path, {"metadata": {"labels": {"app": None, "v": "2"}}},
+                          {"content-type": "application/merge-patch+json"})
+    assert code == 200 and merged["metadata"]["labels"] == {"v": "2"}
+    code, strategic = handle(store, "PATCH", path, {
+        "spec": {"$setElementOrder/containers": [{"name": "c"}, {"name": "d"}],
+                 "containers": [{"name": "d", "image": "new"}]}},
+        {"content-type": "application/strategic-merge-patch+json"})
+    assert [c["name"] for c in strategic["spec"]["containers"]] == ["c", "d"]
+    assert strategic["spec"]["containers"][0]["image"] == "ambient/echo"
+    code, jsonp = handle(store, "PATCH", path, [{"op": "replace", "path": "/metadata/labels/v",
+                                                 "value": "3"}],
+                         {"content-type": "application/json-patch+json"})
+    assert code == 200 and jsonp["metadata"]["labels"] == {"v": "3"}
+    code, status = handle(store, "PATCH", path, {"x": 1}, {"content-type": "text/plain"})
+    assert code == 415 and status["reason"] == "UnsupportedMediaType"
+
+
+def test_put_with_stale_version_conflicts_and_missing_object_is_404(store: Store) -> None:
+    created = store.create(PODS, pod("a"))
+    store.update(PODS, {**created, "metadata": {**created["metadata"], "labels": {"x": "1"}}})
+    code, status = handle(store, "PUT", "/api/v1/namespaces/demo/pods/a", created)
+    assert code == 409 and status["reason"] == "Conflict"
+    code, status = handle(store, "PUT", "/api/v1/namespaces/demo/pods/zz", pod("zz"))
+    assert code == 404 and status["details"] == {"name": "zz", "kind": "pods"}
+    code, status = handle(store, "PUT", "/api/v1/namespaces/demo/pods/a", pod("b"))
+    assert code == 400
+
+
+def test_tables_for_kubectl(store: Store) -> None:
+    running = pod("a")
+    running["status"] = {"phase": "Running"}
+    store.create(PODS, running)
+    accept = {"accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}
+    code, table = handle(store, "GET", "/api/v1/pods", headers=accept)
+    assert code == 200 and table["kind"] == "Table"
+    assert [c["name"] for c in table["columnDefinitions"]][:5] == \
+        ["Name", "Ready", "Status", "Restarts", "Age"]
+    # Without containerStatuses a Running pod counts all its containers ready.
+    assert table["rows"][0]["cells"][:3] == ["a", "1/1", "Running"]
+    assert table["rows"][0]["object"]["metadata"]["namespace"] == "demo"
+
+
+def test_watch_plan_and_selector_transitions(store: Store) -> None:
+    result = ApiHandler(store).handle(Request(
+        "GET", "/api/v1/namespaces/demo/pods?watch=1&resourceVersion=1&labelSelector=app%3Dweb"
+        "&allowWatchBookmarks=true&timeoutSeconds=5"))
+    assert isinstance(result, WatchPlan)
+    assert (result.resource_version, result.bookmarks, result.timeout) == (1, True, 5.0)
+    a = store.create(PODS, pod("a", {"app": "web"}))
+    store.create(PODS, pod("b", {"app": "db"}))
+    store.update(PODS, {**a, "metadata": {**a["metadata"], "labels": {"app": "db"}}})
+    seen = [(t, o["metadata"]["name"]) for t, o in watch_events(result,
+                                                               store.events_since(PODS, "demo", 1))]
+    assert seen == [("ADDED", "a"), ("DELETED", "a")]
