@@ -176,3 +176,19 @@ def test_mesh_default_prefers_the_client_zone_once_outlier_detection_is_set() ->
     assert {disabled.pick(0.0, rng) for _ in range(20)} == set(zone_a + zone_b)
     unknown_client = EndpointPicker(zone_a + zone_b, RR, OutlierDetectionSettings())
     assert {unknown_client.pick(0.0, rng) for _ in range(20)} == set(zone_a + zone_b)
+
+
+def test_locality_weight_scales_with_its_health() -> None:
+    # Envoy "Locality weighted load balancing": effective weight = weight x min(100, 1.4 x
+    # healthy %); zone a 80 with half its hosts ejected -> 80 x 0.7 = 56 against zone b's 20.
+    zone_a = hosts(2, "r1/a")
+    zone_b = [Host("10.3.0.1:80", locality=Locality("r1", "b"))]
+    lb = LoadBalancerSettings(simple=SimpleLb.RANDOM, locality_lb=LocalityLbSettings(
+        distribute=(LocalityDistribute(from_="r1/a", to={"r1/a": 80, "r1/b": 20}),)))
+    picker = EndpointPicker(zone_a + zone_b, lb, ALL_EJECTABLE, client_locality=Locality("r1", "a"))
+    for _ in range(5):
+        picker.report_response(zone_a[0], 500, 0.0)
+    rng = random.Random(12)
+    picks = Counter(picker.pick(1.0, rng) for _ in range(20_000))
+    assert picks[zone_a[0]] == 0
+    assert abs(picks[zone_b[0]] / 20_000 - 20 / 76) < 0.02

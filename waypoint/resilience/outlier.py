@@ -15,8 +15,9 @@ proto; Istio "Destination Rule" ``OutlierDetection``):
   ``max(base_ejection_time, max_ejection_time)``.  ``num_ejections`` grows by
   one per ejection and shrinks by one per ``interval`` sweep in which the host
   is not ejected.
-* At most ``max_ejection_percent`` of the hosts are ejected, but one host can
-  always be ejected (Envoy: "will eject at least one host regardless of the value").
+* A host is ejected only while the ejected share is below
+  ``max_ejection_percent`` (Envoy's rule: the last ejection may overshoot it, so
+  one host can always be ejected, as Istio's docs promise).
 * Expired ejections end at the ``interval`` sweep (:meth:`OutlierDetector.sweep`)
   or sooner when a pick looks (:meth:`OutlierDetector.expire`, O(1) when nothing is due).
 * ``min_health_percent`` (panic) is the picker's job: below it, ejections are ignored.

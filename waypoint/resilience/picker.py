@@ -24,8 +24,9 @@ A pick:
 
 Panic (Istio ``minHealthPercent``, Envoy "Panic threshold"): when fewer than
 that percent of a level's hosts are healthy, the level uses all its hosts,
-ejected or not.  Istio's default 0 never panics: with every host ejected the
-pick is ``None`` and the shell answers 503 ``no healthy upstream`` (flag ``UH``).
+ejected or not (consistent hash included).  Istio's default 0 never panics:
+with every host ejected the pick is ``None`` and the shell answers 503
+``no healthy upstream`` (flag ``UH``).
 
 ``PASSTHROUGH`` is not a pick: the shell connects to the original destination.
 The picker treats it as ``RANDOM`` if asked anyway.
@@ -103,10 +104,11 @@ class _Group:
 
 
 class _Level:
-    __slots__ = ("cumulative", "groups", "hosts")
+    """One priority level: its locality groups and their cumulative pick weights."""
 
-    def __init__(self, hosts: list[Host], groups: list[_Group]) -> None:
-        self.hosts = hosts
+    __slots__ = ("cumulative", "groups")
+
+    def __init__(self, groups: list[_Group]) -> None:
         self.groups = groups
         self.cumulative: list[float] = []
 
@@ -174,7 +176,7 @@ class EndpointPicker:
                 groups = [_Group(hs, weights[loc], self._hash_balancer(hs, (rank, loc)))
                           for loc, hs in by_locality.items()]
             if groups:
-                self._levels.append(_Level(level_hosts, groups))
+                self._levels.append(_Level(groups))
 
     def _hash_balancer(self, hosts: list[Host], key: tuple[int, Locality | None]
                        ) -> HashBalancer | None:
@@ -195,18 +197,21 @@ class EndpointPicker:
             RandomBalancer if self.lb.consistent_hash is not None else _SIMPLE[self.lb.simple])
         health: list[float] = []
         for level in self._levels:
-            healthy_total = 0
-            for group in level.groups:
-                healthy = [h for h in group.hosts if not h.ejected]
-                healthy_total += len(healthy)
-                group.panic = 100.0 * len(healthy) < self._min_health * len(group.hosts)
-                group.usable = group.hosts if group.panic else healthy
-                group.balancer = make(group.usable, rng) if group.usable else None
-            level.cumulative = list(itertools.accumulate(
-                g.weight * (100.0 if g.panic else level_health(
-                    sum(1 for h in g.hosts if not h.ejected), len(g.hosts)))
-                for g in level.groups))
+            healthy = [[h for h in g.hosts if not h.ejected] for g in level.groups]
+            healthy_total = sum(len(hs) for hs in healthy)
             level_total = sum(len(g.hosts) for g in level.groups)
+            # Envoy decides panic per priority level, then uses all of its hosts.
+            panic = 100.0 * healthy_total < self._min_health * level_total
+            weights = []
+            for group, group_healthy in zip(level.groups, healthy, strict=True):
+                group.panic = panic
+                group.usable = group.hosts if panic else group_healthy
+                group.balancer = make(group.usable, rng) if group.usable else None
+                # Locality weight scaled by the locality's health (Envoy "Locality
+                # weighted load balancing"); in panic every host counts.
+                weights.append(group.weight * level_health(
+                    len(group.usable), len(group.hosts)))
+            level.cumulative = list(itertools.accumulate(weights))
             health.append(level_health(healthy_total, level_total))
         load = priority_load(health)
         if self._levels and not any(load):
