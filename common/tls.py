@@ -93,7 +93,7 @@ class _LibSSL:
 
     CPython's ``_ssl`` context object starts (after the object header) with its
     ``SSL_CTX *``, and its socket object with a weak reference then its ``SSL *``;
-    this layout has been the same from 3.7 to 3.13.  :meth:`load` verifies it
+    this layout is the same from 3.7 to 3.13, the versions it is used on.  :meth:`load` verifies it
     before trusting it: the ``SSL_CTX_get_options`` read through the pointer must
     equal ``SSLContext.options`` (checked for two different values), and the
     ``SSL *`` of a test socket must point back to that ``SSL_CTX``.
@@ -133,7 +133,7 @@ class _LibSSL:
         """The helper, or ``None`` where it cannot be used safely (then the stdlib path)."""
         if (os.environ.get("PYAMBIENT_TLS_NATIVE", "1") == "0"
                 or sys.implementation.name != "cpython"
-                or not (3, 10) <= sys.version_info[:2] <= (3, 14)):
+                or not (3, 10) <= sys.version_info[:2] <= (3, 13)):
             return None
         try:
             import _ssl
@@ -230,6 +230,9 @@ def _context(cert: WorkloadCertificate, *, server_side: bool) -> ssl.SSLContext:
     if server_side:
         # No session resumption in the mesh: tickets would only cost a write per handshake.
         ctx.num_tickets = 0
+    set_ciphersuites = getattr(ctx, "set_ciphersuites", None)  # Python >= 3.15
+    if set_ciphersuites is not None:
+        set_ciphersuites(":".join(CIPHERSUITES))
     if _libssl is not None:
         _libssl.tune_context(ctx)
     return ctx
@@ -557,11 +560,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """Send close_notify if we can without waiting, then close; closes even if cancelled."""
         if not self._closed:
             self._closed = True
-            if (_libssl is not None and not self._eof_sent and self._send_broken is None
-                    and not self._send_guard_busy()):
-                # A failure means the peer is gone already; closing is all that is left.
-                with suppress(TransportError):
-                    _libssl.send_close_notify(self.socket)
+            if not self._eof_sent and self._send_broken is None and not self._send_guard_busy():
+                # Best effort, without waiting: a failure means the peer is gone already
+                # (or, on the stdlib path, had data in flight), and closing is all that is left.
+                with suppress(TransportError, ssl.SSLError, OSError):
+                    if _libssl is not None:
+                        _libssl.send_close_notify(self.socket)
+                    else:
+                        self.socket._sslobj.shutdown()  # type: ignore[attr-defined]
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
         await trio.lowlevel.checkpoint()
@@ -688,6 +694,9 @@ async def accept_tls(sock: socket.socket, ctx: ssl.SSLContext, *, trust_domain: 
     ``sock`` is consumed: closed on any failure.
     """
     sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # HTTP/2 frames small requests; Nagle would hold them back for an ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
                               suppress_ragged_eofs=False)
