@@ -151,3 +151,13 @@ def test_backoff_bounds_for_first_retries() -> None:
 def test_backoff_always_within_bounds(n: int, seed: int) -> None:
     value = backoff(n, 0.025, 0.25, random.Random(seed))
     assert 0.0 <= value < min((2 ** min(n, 30) - 1) * 0.025, 0.25)
+
+
+def test_grpc_retry_header_adds_grpc_codes_without_growing_the_policy_cache() -> None:
+    from waypoint.resilience import retry as retry_module
+
+    before = len(retry_module._COMPILED)
+    for i in range(50):
+        state = RetryState(NO_RETRY, {"x-envoy-retry-grpc-on": f"internal,junk{i}"})
+        assert state.is_retriable(response(200, grpc_status=13))
+    assert len(retry_module._COMPILED) <= before + 1

@@ -127,6 +127,11 @@ class RetryPolicy:
 
 #: Istio's policy for a route that says nothing about retries.
 ISTIO_DEFAULT_RETRY = RetryPolicy()
+#: Istio's default when the destination uses consistent hashing: retries stay on
+#: the hashed host (no ``previous_hosts`` predicate).  Istio also drops the
+#: predicate from explicit policies to such destinations unless
+#: ``retryIgnorePreviousHosts`` is set.
+ISTIO_DEFAULT_RETRY_CONSISTENT_HASH = RetryPolicy(retry_host_predicate=None)
 #: ``retries: {attempts: 0}``: retries explicitly off.
 NO_RETRY = RetryPolicy(attempts=0)
 

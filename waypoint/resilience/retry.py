@@ -36,7 +36,7 @@ defaults 25 ms and 250 ms.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -127,19 +127,28 @@ def backoff(retry_number: int, base: float, cap: float, rng: random.Random) -> f
     return rng.random() * min(((1 << n) - 1) * base, cap)
 
 
-#: Compiled ``retry_on`` sets: (policy bits, gRPC codes).  Keyed by the frozenset
-#: itself (its hash is cached), bounded by the distinct sets the config uses.
+def _parse(names: Iterable[str]) -> tuple[int, frozenset[int]]:
+    """Policy names to (bits, gRPC codes); unknown names are ignored."""
+    bits = 0
+    grpc = set()
+    for name in names:
+        bits |= _BITS.get(name, 0)
+        code = GRPC_RETRY_ON.get(name)
+        if code is not None:
+            grpc.add(code)
+    return bits, frozenset(grpc)
+
+
+#: Parsed route ``retry_on`` sets, keyed by the frozenset itself (its hash is
+#: cached).  Only config-made sets go here, never request headers, so the cache
+#: is bounded by the distinct policies in the config.
 _COMPILED: dict[frozenset[str], tuple[int, frozenset[int]]] = {}
 
 
 def _compile(retry_on: frozenset[str]) -> tuple[int, frozenset[int]]:
     compiled = _COMPILED.get(retry_on)
     if compiled is None:
-        bits = 0
-        for name in retry_on:
-            bits |= _BITS.get(name, 0)
-        grpc = frozenset(GRPC_RETRY_ON[name] for name in retry_on if name in GRPC_RETRY_ON)
-        compiled = _COMPILED[retry_on] = (bits, grpc)
+        compiled = _COMPILED[retry_on] = _parse(retry_on)
     return compiled
 
 
@@ -163,11 +172,10 @@ class RetryState:
         if request_headers:
             header = request_headers.get("x-envoy-retry-on")
             if header:
-                extra_bits, _ = _compile(frozenset(_split(header)))
-                bits |= extra_bits
+                bits |= _parse(_split(header))[0]
             header = request_headers.get("x-envoy-retry-grpc-on")
             if header:
-                grpc = grpc | _compile(frozenset(_split(header)))[1]
+                grpc = grpc | _parse(_split(header))[1]
             header = request_headers.get("x-envoy-retriable-status-codes")
             if header:
                 codes = codes | {int(c) for c in _split(header) if c.isdigit()}
