@@ -38,13 +38,13 @@ from common.kube.objects import (
     parse_object,
 )
 from common.kube.resources import RESOURCES, ResourceType, by_kind, lookup
-from common.kube.watch import Backoff, Change, Resync, watch_kind
+from common.kube.watch import Backoff, Change, ObjectCache, Resync, watch_kind
 
 __all__ = [
     "RESOURCES", "AuthorizationPolicy", "Backoff", "Change", "Deployment", "DestinationRule",
     "EndpointSlice", "Event", "Gateway", "HTTPRoute", "KubeClient", "KubeConfig", "KubeObject",
-    "Namespace", "Node", "ObjectList", "ObjectMeta", "PeerAuthentication", "Pod", "RawWatchEvent",
-    "Resource", "ResourceType", "Resync", "Secret", "Service", "ServiceAccount", "ServiceEntry",
-    "VirtualService", "by_kind", "load_config", "lookup", "model_for", "parse_object",
-    "watch_kind",
+    "Namespace", "Node", "ObjectCache", "ObjectList", "ObjectMeta", "PeerAuthentication", "Pod",
+    "RawWatchEvent", "Resource", "ResourceType", "Resync", "Secret", "Service", "ServiceAccount",
+    "ServiceEntry", "VirtualService", "by_kind", "load_config", "lookup", "model_for",
+    "parse_object", "watch_kind",
 ]

@@ -19,7 +19,7 @@ stream is released when the consumer stops early.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Generic, Literal
@@ -81,7 +81,7 @@ async def watch_kind(client: KubeClient, kind: type[R], namespace: str | None = 
                      label_selector: str | None = None, field_selector: str | None = None,
                      backoff: Backoff | None = None,
                      watch_timeout: int = WATCH_TIMEOUT_SECONDS,
-                     ) -> AsyncIterator[Resync[R] | Change[R]]:
+                     ) -> AsyncGenerator[Resync[R] | Change[R], None]:
     """Informer events for ``kind`` (in ``namespace``, or all), forever; see module docstring."""
     rt = kind.resource_type()
     backoff = backoff or Backoff()
@@ -126,3 +126,35 @@ async def watch_kind(client: KubeClient, kind: type[R], namespace: str | None = 
             logger.warning("watch_failed_retrying", code=exc.code, reason=exc.reason,
                            error=str(exc), retry_in=round(delay, 3))
             await trio.sleep(delay)
+
+
+class ObjectCache(Generic[R]):
+    """The newest state of every object of one kind, fed with :func:`watch_kind` events.
+
+    A :class:`Resync` replaces the whole content, a :class:`Change` updates one entry;
+    lookups are dict hits keyed by (namespace, name).
+    """
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[str, str], R] = {}
+
+    def apply(self, event: Resync[R] | Change[R]) -> None:
+        if isinstance(event, Resync):
+            self._objects = {_key(obj): obj for obj in event.objects}
+        elif event.type == "DELETED":
+            self._objects.pop(_key(event.object), None)
+        else:
+            self._objects[_key(event.object)] = event.object
+
+    def get(self, name: str, namespace: str | None = None) -> R | None:
+        return self._objects.get((namespace or "", name))
+
+    def values(self) -> list[R]:
+        return list(self._objects.values())
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
+def _key(obj: R) -> tuple[str, str]:
+    return (obj.metadata.namespace or "", obj.metadata.name)

@@ -28,6 +28,7 @@ from common.kube import (
 )
 from common.kube.objects import Container, PodSpec, PodStatus
 from deploy.local.apiserver import Store, serve
+from deploy.local.apiserver import server as server_module
 
 PODS = by_kind("Pod")
 
@@ -363,3 +364,41 @@ async def test_kubectl_get_pods_lists_pod_names(client: KubeClient, server: Serv
     assert header[:3] == ["NAMESPACE", "NAME", "READY"]
     assert "web-1" in out and "db-1" in out and "other" in out
     assert namespaces.returncode == 0 and "demo" in namespaces.stdout.decode()
+
+
+async def test_watch_outlives_the_keepalive_idle_timeout(client: KubeClient,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.3)
+    start = trio.current_time()
+    bookmarks = 0
+    with trio.fail_after(5):
+        async with aclosing(client.watch(PODS, resource_version="0")) as events:
+            async for event in events:
+                bookmarks += event.type == "BOOKMARK"
+                if trio.current_time() - start > 1.0:
+                    break
+    assert bookmarks >= 3  # every 0.2 s, well past the 0.3 s idle timeout
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+async def test_kubectl_apply_creates_then_configures(client: KubeClient, server: Server,
+                                                     tmp_path: Path) -> None:
+    manifest = tmp_path / "app.yaml"
+    text = ("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n---\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n"
+            "spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n")
+    manifest.write_text(text)
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "KUBECONFIG": str(tmp_path / "none")}
+    outputs = []
+    with trio.fail_after(60):
+        for content in (text, text.replace("port: 80,", "port: 81,")):
+            manifest.write_text(content)
+            result = await trio.run_process(
+                ["kubectl", "--server", server.url, "apply", "-f", str(manifest)],
+                capture_stdout=True, capture_stderr=True, env=env, check=False)
+            assert result.returncode == 0, result.stderr.decode()
+            outputs.append(result.stdout.decode().splitlines())
+    assert outputs == [["namespace/demo created", "service/web created"],
+                       ["namespace/demo unchanged", "service/web configured"]]
+    svc = await client.get(Service, "web", "demo")
+    assert [p.port for p in svc.spec.ports] == [81]

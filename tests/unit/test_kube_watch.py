@@ -13,7 +13,17 @@ import pytest
 import trio
 
 from common.errors import ApiServerUnreachableError, KubeApiError, ResourceExpiredError
-from common.kube import Backoff, Change, KubeClient, KubeConfig, Pod, Resync, by_kind, watch_kind
+from common.kube import (
+    Backoff,
+    Change,
+    KubeClient,
+    KubeConfig,
+    ObjectCache,
+    Pod,
+    Resync,
+    by_kind,
+    watch_kind,
+)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "kube"
 LIST = (FIXTURES / "pods-list.json").read_bytes()
@@ -163,3 +173,17 @@ def test_backoff_never_returns_zero() -> None:
             return 0.0
 
     assert Backoff(base=0.2, rng=Zero()).next_delay() > 0
+
+
+async def test_object_cache_follows_resync_and_changes() -> None:
+    script = Script(ok(LIST), ok(WATCH))
+    cache: ObjectCache[Pod] = ObjectCache()
+    async with client_for(script) as client:
+        for event in await _take(client, 4):
+            cache.apply(event)
+    assert sorted(p.name for p in cache.values()) == ["coredns-7db6d8ff4d-4lq9s",
+                                                      "web-v2-5c9d8f6b7-q2m8r"]
+    running = cache.get("web-v2-5c9d8f6b7-q2m8r", "demo")
+    assert running is not None and running.status.pod_ip == "10.244.2.9"
+    cache.apply(Resync([], "1"))
+    assert len(cache) == 0

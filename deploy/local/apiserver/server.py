@@ -45,11 +45,8 @@ MAX_BODY = 3 * 1024 * 1024
 MAX_HEADERS = 64 * 1024
 REQUEST_TIMEOUT = 30.0  # from the first byte of a request to its last
 IDLE_TIMEOUT = 120.0  # keep-alive: close a connection idle this long between requests
+SEND_TIMEOUT = 30.0  # a client that does not read its response in this time is dropped
 DEFAULT_BOOKMARK_INTERVAL = 10.0
-
-
-class _ClientGone(Exception):
-    """The client closed or broke the connection; nothing more can be sent."""
 
 
 class ApiServer:
@@ -69,22 +66,27 @@ class ApiServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
         try:
             while True:
+                request: Request | None = None
                 with trio.move_on_after(IDLE_TIMEOUT):
                     request = await self._read_request(conn, stream)
-                    if request is None:
-                        return
-                    before = self.store.resource_version
-                    result = self._dispatch(request)
-                    if self.store.resource_version != before:
-                        self._notify()
-                    if isinstance(result, WatchPlan):
-                        await self._stream_watch(conn, stream, result)
-                        return
+                if request is None:
+                    return
+                before = self.store.resource_version
+                result = self._dispatch(request)
+                if self.store.resource_version != before:
+                    self._notify()
+                if isinstance(result, WatchPlan):
+                    # Bounded by the watch's own timeout, not by the idle timeout.
+                    await self._stream_watch(conn, stream, result)
+                    return
+                with trio.move_on_after(SEND_TIMEOUT) as scope:
                     await self._send(conn, stream, result)
+                if scope.cancelled_caught:
+                    return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
-        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
