@@ -93,14 +93,13 @@ class _LibSSL:
 
     CPython's ``_ssl`` context object starts (after the object header) with its
     ``SSL_CTX *``, and its socket object with a weak reference then its ``SSL *``;
-    this layout is the same from 3.7 to 3.13, the versions it is used on.  :meth:`load` verifies it
-    before trusting it: the ``SSL_CTX_get_options`` read through the pointer must
-    equal ``SSLContext.options`` (checked for two different values), and the
-    ``SSL *`` of a test socket must point back to that ``SSL_CTX``.
+    that layout holds from 3.7 to 3.13, the only versions this is used on.
+    :meth:`load` verifies it before trusting it: ``SSL_CTX_get_options`` read
+    through the pointer must equal ``SSLContext.options`` (for two different
+    values), and the ``SSL *`` of a probe socket must point back to that ``SSL_CTX``.
     """
 
     _SSL_CTRL_SET_READ_AHEAD: Final = 41
-    _SSL_ERROR_WANT_READ: Final = 2
     _SSL_ERROR_WANT_WRITE: Final = 3
 
     def __init__(self, lib: ctypes.CDLL) -> None:
@@ -372,6 +371,10 @@ class _Guard:
         self._busy = False
         self._what = what
 
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
     @contextmanager
     def hold(self) -> Iterator[None]:
         if self._busy:
@@ -505,6 +508,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         size = DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be at least 1")
+        self._check_open()
         buf = bytearray(size)
         with memoryview(buf) as view:
             n = await self.receive_into(view)
@@ -560,7 +564,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """Send close_notify if we can without waiting, then close; closes even if cancelled."""
         if not self._closed:
             self._closed = True
-            if not self._eof_sent and self._send_broken is None and not self._send_guard_busy():
+            # Not while a send is in progress: it may have half a record out, and a
+            # close_notify after that would be garbage to the peer.
+            if not self._eof_sent and self._send_broken is None and not self._send_guard.busy:
                 # Best effort, without waiting: a failure means the peer is gone already
                 # (or, on the stdlib path, had data in flight), and closing is all that is left.
                 with suppress(TransportError, ssl.SSLError, OSError):
@@ -571,11 +577,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
         await trio.lowlevel.checkpoint()
-
-    def _send_guard_busy(self) -> bool:
-        # A send in progress may have half a record out; a close_notify after it
-        # would be garbage to the peer.
-        return self._send_guard._busy
 
 
 # --------------------------------------------------------------------------------------

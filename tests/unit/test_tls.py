@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import socket
@@ -533,3 +534,34 @@ async def test_tls_stream_passes_trios_half_closeable_stream_checks(pki: Pki) ->
 
     with trio.fail_after(60):
         await trio.testing.check_half_closeable_stream(make, None)
+
+
+@pytest.mark.skipif(tls._libssl is None, reason="needs the libssl helper to request a KeyUpdate")
+async def test_key_update_mid_stream_is_transparent(pair: tuple[TLSStream, TLSStream]) -> None:
+    client, server = pair
+    assert tls._libssl is not None
+    key_update = tls._libssl._lib.SSL_key_update
+    key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    key_update.restype = ctypes.c_int
+    ssl_key_update_requested = 1  # the peer must update its keys too, and say so
+    assert key_update(tls._libssl._ssl_ptr(client.socket), ssl_key_update_requested) == 1
+    payload = os.urandom(2 << 20)
+
+    async def echo() -> None:
+        received = 0
+        while received < len(payload):
+            chunk = await server.receive_some()
+            received += len(chunk)
+            await server.send_all(chunk)
+
+    got = bytearray()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo)
+            nursery.start_soon(client.send_all, payload)
+            while len(got) < len(payload):
+                got += await client.receive_some()
+    assert got == payload
+    pending = tls._libssl._lib.SSL_get_key_update_type
+    pending.argtypes = [ctypes.c_void_p]
+    assert pending(tls._libssl._ssl_ptr(client.socket)) == 0  # the KeyUpdate went out
