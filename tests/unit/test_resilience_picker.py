@@ -192,3 +192,19 @@ def test_locality_weight_scales_with_its_health() -> None:
     picks = Counter(picker.pick(1.0, rng) for _ in range(20_000))
     assert picks[zone_a[0]] == 0
     assert abs(picks[zone_b[0]] / 20_000 - 20 / 76) < 0.02
+
+
+def test_retry_remote_localities_moves_the_retry_to_another_level() -> None:
+    # Istio retryRemoteLocalities (Envoy previous_priorities): the retry leaves the tried level.
+    zone_a = hosts(2, "r1/a")
+    zone_b = [Host(f"10.3.0.{i}:80", locality=Locality("r1", "b")) for i in range(2)]
+    picker = EndpointPicker(zone_a + zone_b, RR, OutlierDetectionSettings(),
+                            client_locality=Locality("r1", "a"))
+    rng = random.Random(4)
+    first = picker.pick(0.0, rng)
+    assert first in zone_a
+    retries = {picker.pick(0.0, rng, exclude=[first], avoid_excluded_levels=True)
+               for _ in range(30)}
+    assert retries <= set(zone_b)
+    # Without the option the retry stays in the preferred level, on the other host.
+    assert {picker.pick(0.0, rng, exclude=[first]) for _ in range(30)} == set(zone_a) - {first}

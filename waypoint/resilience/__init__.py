@@ -26,7 +26,8 @@ How the shell drives them for one request (one cluster's ``CircuitBreaker`` and
     if not breaker.try_request(): answer 503 + OVERFLOW_HEADERS  # flag UO
     try:
         while True:
-            host = picker.pick(now, rng, key, retry.excluded_hosts())
+            host = picker.pick(now, rng, key, retry.excluded_hosts(),
+                               avoid_excluded_levels=retry.avoid_previous_localities)
             if host is None: answer 503 "no healthy upstream"        # flag UH
             n = retry.start_try(host)   # x-envoy-attempt-count: n
             # x-envoy-expected-rq-timeout-ms: limits.expected_timeout_ms(now)

@@ -127,6 +127,7 @@ class EndpointPicker:
         self._client_labels = client_labels or MappingProxyType({})
         self._hosts: list[Host] = []
         self._levels: list[_Level] = []
+        self._level_of: dict[Host, int] = {}
         self._level_cumulative: list[float] = []
         self._built_version = -1
         self._ring_points: dict[tuple[int, Locality | None], int] = {}
@@ -164,6 +165,7 @@ class EndpointPicker:
                                  outlier_detection=self.detector is not None)
         weights = locality_weights(self._hosts, locality_lb, self._client_locality)
         self._levels = []
+        self._level_of = {}
         for rank, level_hosts in enumerate(levels):
             if weights is None:
                 groups = [_Group(level_hosts, 1.0,
@@ -176,6 +178,9 @@ class EndpointPicker:
                 groups = [_Group(hs, weights[loc], self._hash_balancer(hs, (rank, loc)))
                           for loc, hs in by_locality.items()]
             if groups:
+                for group in groups:
+                    for host in group.hosts:
+                        self._level_of[host] = len(self._levels)
                 self._levels.append(_Level(groups))
 
     def _hash_balancer(self, hosts: list[Host], key: tuple[int, Locality | None]
@@ -223,8 +228,14 @@ class EndpointPicker:
         self._dirty = False
 
     def pick(self, now: float, rng: random.Random, hash_key: int | None = None,
-             exclude: Collection[Host] = (), max_attempts: int = 5) -> Host | None:
-        """A host for the next try, or ``None``: answer 503 ``no healthy upstream``."""
+             exclude: Collection[Host] = (), max_attempts: int = 5,
+             avoid_excluded_levels: bool = False) -> Host | None:
+        """A host for the next try, or ``None``: answer 503 ``no healthy upstream``.
+
+        ``avoid_excluded_levels`` (Istio ``retryRemoteLocalities``, Envoy's
+        ``previous_priorities``): draw the level among those no excluded host is
+        in, by their share of the priority load, while any such level has load.
+        """
         detector = self.detector
         if detector is not None:
             detector.expire(now)
@@ -237,6 +248,8 @@ class EndpointPicker:
             return None
         if len(levels) == 1:
             level = levels[0]
+        elif avoid_excluded_levels and exclude:
+            level = self._level_avoiding(exclude, rng)
         else:
             cumulative = self._level_cumulative
             index = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
@@ -271,6 +284,21 @@ class EndpointPicker:
             # so that a retry goes to another host whenever one exists.
             return next((h for h in group.usable if h not in exclude), host)
         return host
+
+    def _level_avoiding(self, exclude: Collection[Host], rng: random.Random) -> _Level:
+        tried = {self._level_of.get(h) for h in exclude}
+        loads = [b - a for a, b in zip([0.0, *self._level_cumulative], self._level_cumulative,
+                                       strict=False)]
+        candidates = [(i, load) for i, load in enumerate(loads) if i not in tried and load > 0]
+        if not candidates:
+            candidates = [(i, load) for i, load in enumerate(loads) if i not in tried]
+        if not candidates:
+            candidates = list(enumerate(loads))
+        cumulative = list(itertools.accumulate(load for _, load in candidates))
+        if cumulative[-1] <= 0:
+            return self._levels[candidates[0][0]]
+        index = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
+        return self._levels[candidates[min(index, len(candidates) - 1)][0]]
 
     def request_started(self, host: Host) -> None:
         """Count an active request on ``host`` (least request reads it)."""

@@ -205,9 +205,19 @@ class RetryState:
             self.tried_hosts.append(host)
         return self.attempts
 
+    @property
+    def avoid_previous_localities(self) -> bool:
+        """For ``EndpointPicker.pick(avoid_excluded_levels=...)``: Istio
+        ``retryRemoteLocalities``, retries prefer priority levels not tried yet."""
+        return self._policy.retry_remote_localities
+
     def excluded_hosts(self) -> list[Host]:
-        """Hosts the next pick should avoid (empty unless the policy avoids previous hosts)."""
-        return self.tried_hosts if self._policy.retry_host_predicate == "previous_hosts" else []
+        """Hosts the next pick should avoid: the tried ones, if the policy avoids previous
+        hosts or previous localities (the picker needs them to know the tried levels)."""
+        policy = self._policy
+        if policy.retry_host_predicate == "previous_hosts" or policy.retry_remote_localities:
+            return self.tried_hosts
+        return []
 
     def is_retriable(self, outcome: TryOutcome) -> bool:
         """Whether the policies match this outcome (ignoring counts and body)."""
