@@ -54,6 +54,7 @@ from common.authz.model import (
     IPNetwork,
     Layer,
     MatchKind,
+    NetworkSet,
     PathTemplate,
     PolicyIssue,
     PortField,
@@ -62,6 +63,7 @@ from common.authz.model import (
     ServiceRef,
     Severity,
     StringMatch,
+    StringSet,
     TextField,
     TextMatcher,
     header_reader,
@@ -220,15 +222,15 @@ def _unauthenticated(_ctx: RequestContext) -> str | None:
 def _text(attribute: str, read: _Reader,
           parse: Callable[[str, str], TextMatcher]) -> _Builder:
     def build(values: list[str], not_values: list[str], where: str, _ns: str) -> FieldMatch:
-        return TextField(attribute, read, tuple(parse(v, where) for v in values),
-                         tuple(parse(v, where) for v in not_values))
+        return TextField(attribute, read, StringSet.of(parse(v, where) for v in values),
+                         StringSet.of(parse(v, where) for v in not_values))
     return build
 
 
 def _ips(attribute: str, read: Callable[[RequestContext], IPAddress | None]) -> _Builder:
     def build(values: list[str], not_values: list[str], where: str, _ns: str) -> FieldMatch:
-        return IpField(attribute, read, tuple(_network(v, where) for v in values),
-                       tuple(_network(v, where) for v in not_values))
+        return IpField(attribute, read, NetworkSet.of(_network(v, where) for v in values),
+                       NetworkSet.of(_network(v, where) for v in not_values))
     return build
 
 

@@ -31,6 +31,22 @@ from common.authz.model import (
 
 _ALLOW_NO_POLICY = Decision(allowed=True, reason=DecisionReason.NO_ALLOW_POLICY)
 
+# Plain decisions (no dry-run, no audit) are immutable and few -- a handful of reasons times
+# the policies that can decide -- so they are built once and shared: building a frozen
+# dataclass costs more than the rest of a typical check.
+_PLAIN: dict[tuple[bool, DecisionReason, str | None], Decision] = {}
+_PLAIN_LIMIT = 65536
+
+
+def _plain(allowed: bool, reason: DecisionReason, policy: str | None) -> Decision:
+    key = (allowed, reason, policy)
+    decision = _PLAIN.get(key)
+    if decision is None:
+        if len(_PLAIN) >= _PLAIN_LIMIT:
+            _PLAIN.clear()
+        decision = _PLAIN[key] = Decision(allowed=allowed, reason=reason, policy=policy)
+    return decision
+
 
 def _first_match(policies: tuple[CompiledPolicy, ...], ctx: RequestContext) -> str | None:
     for policy in policies:
@@ -56,6 +72,8 @@ def decide(policies: PolicySet, ctx: RequestContext) -> Decision:
     if policies.deny_dry_run or policies.allow_dry_run:
         dry_run = _with_dry_run(policies, ctx, allowed, reason, policy)
     audit = _first_match(policies.audit, ctx) if policies.audit else None
+    if dry_run is None and audit is None:
+        return _plain(allowed, reason, policy)
     return Decision(allowed=allowed, reason=reason, policy=policy, dry_run=dry_run,
                     audit_policy=audit)
 

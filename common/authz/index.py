@@ -38,16 +38,23 @@ class PolicySet:
     def of(cls, policies: Iterable[CompiledPolicy]) -> PolicySet:
         """Partition by action and dry-run, each part ordered by ``ns/name``, duplicates dropped."""
         unique = {p.key: p for p in policies}
-        ordered = [unique[k] for k in sorted(unique)]
-        if not ordered:
+        if not unique:
             return EMPTY_POLICY_SET
-
-        def pick(action: Action, dry_run: bool) -> tuple[CompiledPolicy, ...]:
-            return tuple(p for p in ordered if p.action is action and p.dry_run is dry_run)
-
-        return cls(deny=pick(Action.DENY, False), deny_dry_run=pick(Action.DENY, True),
-                   allow=pick(Action.ALLOW, False), allow_dry_run=pick(Action.ALLOW, True),
-                   audit=tuple(p for p in ordered if p.action is Action.AUDIT))
+        deny: list[CompiledPolicy] = []
+        deny_dry_run: list[CompiledPolicy] = []
+        allow: list[CompiledPolicy] = []
+        allow_dry_run: list[CompiledPolicy] = []
+        audit: list[CompiledPolicy] = []
+        for key in sorted(unique):
+            p = unique[key]
+            if p.action is Action.AUDIT:
+                audit.append(p)
+            elif p.action is Action.DENY:
+                (deny_dry_run if p.dry_run else deny).append(p)
+            else:
+                (allow_dry_run if p.dry_run else allow).append(p)
+        return cls(tuple(deny), tuple(deny_dry_run), tuple(allow), tuple(allow_dry_run),
+                   tuple(audit))
 
     def __len__(self) -> int:
         return (len(self.deny) + len(self.deny_dry_run) + len(self.allow)
@@ -55,8 +62,6 @@ class PolicySet:
 
 
 EMPTY_POLICY_SET = PolicySet()
-
-_LabelKey = tuple[str, frozenset[tuple[str, str]]]
 
 
 class ZtunnelPolicies:
@@ -72,7 +77,7 @@ class ZtunnelPolicies:
         #   -> [(all labels the selector needs, policy)]
         self._by_label: dict[tuple[str | None, str, str],
                              list[tuple[tuple[tuple[str, str], ...], CompiledPolicy]]] = {}
-        self._memo: dict[_LabelKey, PolicySet] = {}
+        self._memo: dict[tuple[str, frozenset[tuple[str, str]]], PolicySet] = {}
         self._count = 0
         for policy, match_labels in entries:
             self._add(policy, match_labels)
@@ -96,13 +101,12 @@ class ZtunnelPolicies:
 
     def for_workload(self, workload: WorkloadRef) -> PolicySet:
         """The policies ztunnel enforces for connections to ``workload``."""
-        memo_key = (workload.namespace, frozenset(workload.labels.items()))
-        found = self._memo.get(memo_key)
+        found = self._memo.get(workload.key)
         if found is None:
             found = PolicySet.of(self._select(workload))
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
-            self._memo[memo_key] = found
+            self._memo[workload.key] = found
         return found
 
     def _select(self, workload: WorkloadRef) -> list[CompiledPolicy]:

@@ -14,17 +14,17 @@ Istio's semantics exactly, so each level is one loop:
 * a field matches when its value matches one of ``values`` (if any are given) and
   none of ``not_values``.
 
-Matchers are built with everything precomputed (lower-cased hosts, parsed networks,
-port sets, compiled path templates), so evaluation does no parsing.  The loops are
-written out rather than ``any()``/``all()`` over generators (``noqa: SIM110``): on
-this hot path the generator costs about twice as much.
+Matchers are built with everything precomputed (lower-cased hosts, merged string
+sets, networks as integers, port sets, compiled path templates), so evaluation does no
+parsing.  The loops are written out rather than ``any()``/``all()`` over generators
+(``noqa: SIM110``): on this hot path the generator costs about twice as much.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
@@ -52,11 +52,19 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class WorkloadRef:
-    """The destination workload of a connection: what selects ztunnel-enforced policies."""
+    """The destination workload of a connection: what selects ztunnel-enforced policies.
+
+    Build one per workload when its state changes and reuse it: ``key`` (namespace and
+    label set) is computed once here and is what the per-connection lookups hash.
+    """
 
     namespace: str
     labels: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
+    key: tuple[str, frozenset[tuple[str, str]]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.namespace, frozenset(self.labels.items())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +124,6 @@ class StringMatch:
     kind: MatchKind
     value: str
 
-    def matches(self, actual: str) -> bool:
-        kind = self.kind
-        if kind is MatchKind.EXACT:
-            return actual == self.value
-        if kind is MatchKind.PREFIX:
-            return actual.startswith(self.value)
-        if kind is MatchKind.SUFFIX:
-            return actual.endswith(self.value)
-        return actual != ""
-
 
 @dataclass(frozen=True, slots=True)
 class PathTemplate:
@@ -134,25 +132,92 @@ class PathTemplate:
     template: str
     regex: re.Pattern[str]
 
-    def matches(self, actual: str) -> bool:
-        return self.regex.fullmatch(actual) is not None
-
 
 TextMatcher = StringMatch | PathTemplate
 
 
-def _any_text(matchers: tuple[TextMatcher, ...], actual: str) -> bool:
-    for m in matchers:  # noqa: SIM110
-        if m.matches(actual):
+@dataclass(frozen=True, slots=True)
+class StringSet:
+    """Several string matchers merged, so one check is a set lookup and two C-level calls.
+
+    ``str.startswith``/``endswith`` take a tuple, so any number of prefixes costs one call.
+    """
+
+    exact: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    suffixes: tuple[str, ...] = ()
+    presence: bool = False
+    templates: tuple[re.Pattern[str], ...] = ()
+
+    @classmethod
+    def of(cls, matchers: Iterable[TextMatcher]) -> StringSet | None:
+        """The merged set, or None when there are no matchers (no constraint)."""
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        templates: list[re.Pattern[str]] = []
+        presence = False
+        for m in matchers:
+            if isinstance(m, PathTemplate):
+                templates.append(m.regex)
+            elif m.kind is MatchKind.EXACT:
+                exact.add(m.value)
+            elif m.kind is MatchKind.PREFIX:
+                prefixes.append(m.value)
+            elif m.kind is MatchKind.SUFFIX:
+                suffixes.append(m.value)
+            else:
+                presence = True
+        if not (exact or prefixes or suffixes or presence or templates):
+            return None
+        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), presence,
+                   tuple(templates))
+
+    def matches(self, actual: str) -> bool:
+        if actual in self.exact:
             return True
-    return False
+        if self.prefixes and actual.startswith(self.prefixes):
+            return True
+        if self.suffixes and actual.endswith(self.suffixes):
+            return True
+        if self.presence and actual:
+            return True
+        for template in self.templates:  # noqa: SIM110
+            if template.fullmatch(actual) is not None:
+                return True
+        return False
 
 
-def _any_network(networks: tuple[IPNetwork, ...], ip: IPAddress) -> bool:
-    for net in networks:  # noqa: SIM110
-        if ip in net:
-            return True
-    return False
+@dataclass(frozen=True, slots=True)
+class NetworkSet:
+    """CIDR blocks as (network, mask) integers per IP version: no ipaddress calls per check."""
+
+    v4: tuple[tuple[int, int], ...] = ()
+    v6: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, networks: Iterable[IPNetwork]) -> NetworkSet | None:
+        v4: list[tuple[int, int]] = []
+        v6: list[tuple[int, int]] = []
+        for net in networks:
+            entry = (int(net.network_address), int(net.netmask))
+            (v4 if net.version == 4 else v6).append(entry)
+        return cls(tuple(v4), tuple(v6)) if v4 or v6 else None
+
+    def matches(self, ip: IPAddress) -> bool:
+        if isinstance(ip, IPv4Address):
+            table = self.v4
+        elif ip.ipv4_mapped is not None:
+            # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; policies name them
+            # as IPv4.
+            ip, table = ip.ipv4_mapped, self.v4
+        else:
+            table = self.v6
+        value = int(ip)
+        for network, mask in table:  # noqa: SIM110
+            if value & mask == network:
+                return True
+        return False
 
 
 # --- attribute readers ------------------------------------------------------------------
@@ -212,45 +277,44 @@ def read_remote_ip(ctx: RequestContext) -> IPAddress | None:
 def read_destination_ip(ctx: RequestContext) -> IPAddress | None:
     return ctx.destination_ip
 
-
 # --- fields -----------------------------------------------------------------------------
+#
+# Each field holds ``values`` (None: no constraint) and ``not_values`` (None: none).  A field
+# matches when the attribute matches ``values`` and does not match ``not_values``; an absent
+# attribute (no peer identity, no such header) matches no value, so it fails ``values`` and
+# passes ``not_values`` -- as ztunnel and Envoy's RBAC do.
 
 
 @dataclass(frozen=True, slots=True)
 class TextField:
-    """A string attribute; an absent value matches no ``values`` and no ``not_values``."""
-
     attribute: str
     read: Callable[[RequestContext], str | None]
-    values: tuple[TextMatcher, ...]
-    not_values: tuple[TextMatcher, ...]
+    values: StringSet | None
+    not_values: StringSet | None
 
     def matches(self, ctx: RequestContext) -> bool:
         actual = self.read(ctx)
         if actual is None:
-            return not self.values
-        if self.values and not _any_text(self.values, actual):
+            return self.values is None
+        if self.values is not None and not self.values.matches(actual):
             return False
-        return not _any_text(self.not_values, actual)
+        return self.not_values is None or not self.not_values.matches(actual)
 
 
 @dataclass(frozen=True, slots=True)
 class IpField:
     attribute: str
     read: Callable[[RequestContext], IPAddress | None]
-    values: tuple[IPNetwork, ...]
-    not_values: tuple[IPNetwork, ...]
+    values: NetworkSet | None
+    not_values: NetworkSet | None
 
     def matches(self, ctx: RequestContext) -> bool:
         ip = self.read(ctx)
         if ip is None:
-            return not self.values
-        # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; policies name them as IPv4.
-        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if self.values and not _any_network(self.values, ip):
+            return self.values is None
+        if self.values is not None and not self.values.matches(ip):
             return False
-        return not _any_network(self.not_values, ip)
+        return self.not_values is None or not self.not_values.matches(ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,12 +357,6 @@ class Alternative:
 
     fields: tuple[FieldMatch, ...]
 
-    def matches(self, ctx: RequestContext) -> bool:
-        for f in self.fields:  # noqa: SIM110
-            if not f.matches(ctx):
-                return False
-        return True
-
 
 @dataclass(frozen=True, slots=True)
 class Clause:
@@ -306,24 +364,12 @@ class Clause:
 
     alternatives: tuple[Alternative, ...]
 
-    def matches(self, ctx: RequestContext) -> bool:
-        for alt in self.alternatives:  # noqa: SIM110
-            if alt.matches(ctx):
-                return True
-        return False
-
 
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
     """ALL clauses must match; a rule without clauses matches everything."""
 
     clauses: tuple[Clause, ...]
-
-    def matches(self, ctx: RequestContext) -> bool:
-        for clause in self.clauses:  # noqa: SIM110
-            if not clause.matches(ctx):
-                return False
-        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,11 +393,30 @@ class CompiledPolicy:
         object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
 
     def matches(self, ctx: RequestContext) -> bool:
-        for rule in self.rules:  # noqa: SIM110
-            if rule.matches(ctx):
+        """ANY rule; ALL its clauses; ANY alternative of each; ALL fields of that alternative.
+
+        One function walks all four levels: a method call per level would cost more than
+        the checks themselves.
+        """
+        for rule in self.rules:
+            rule_matches = True
+            for clause in rule.clauses:
+                clause_matches = False
+                for alternative in clause.alternatives:
+                    alternative_matches = True
+                    for f in alternative.fields:
+                        if not f.matches(ctx):
+                            alternative_matches = False
+                            break
+                    if alternative_matches:
+                        clause_matches = True
+                        break
+                if not clause_matches:
+                    rule_matches = False
+                    break
+            if rule_matches:
                 return True
         return False
-
 
 # --- results ----------------------------------------------------------------------------
 

@@ -87,13 +87,12 @@ class PeerAuthenticationConfig:
 
     def mode_for(self, workload: WorkloadRef, port: int) -> MtlsMode:
         """The effective mode for inbound connections to ``workload`` on ``port``."""
-        memo_key = (workload.namespace, frozenset(workload.labels.items()))
-        resolved = self._memo.get(memo_key)
+        resolved = self._memo.get(workload.key)
         if resolved is None:
             resolved = self._resolve(workload)
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
-            self._memo[memo_key] = resolved
+            self._memo[workload.key] = resolved
         return resolved.ports.get(port, resolved.mode)
 
     def _resolve(self, workload: WorkloadRef) -> _Resolved:

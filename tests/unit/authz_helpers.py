@@ -59,6 +59,7 @@ def l7(cfg: AuthorizationConfig, request: RequestContext,
 
 
 def targeting_waypoint(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """``spec`` with ``targetRefs`` to the test waypoint (so it is enforced at L7)."""
-    return {**spec, "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+    """``spec`` with ``targetRefs`` to the test waypoint (enforced at L7), without a selector."""
+    rest = {k: v for k, v in spec.items() if k != "selector"}
+    return {**rest, "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
                                     "name": WAYPOINT.name}]}
