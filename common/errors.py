@@ -16,6 +16,10 @@ that boundary handle only the kinds below::
     │   └── HandshakeError       TLS handshake failed (cert, ALPN, version)
     │       └── PeerIdentityError  the handshake succeeded but the peer is not who we expect
     ├── ProtocolError            the peer violated HTTP/2, HBONE or HTTP/1.1
+    │   └── Http1Error           bad HTTP/1.x from the peer; ``status`` is the answer it earns
+    │       ├── Http1TooLargeError     a line, head or body over its bound (413, 414, 431)
+    │       └── Http1UnsupportedError  a transfer coding or version not implemented (501, 505)
+    ├── LocalProtocolError       this side asked a codec for a message the protocol forbids
     ├── UpstreamError            could not reach the destination
     │   ├── ConnectRefusedError  connection refused / unreachable
     │   ├── ConnectTimeoutError  no answer within the connect timeout
@@ -120,3 +124,34 @@ class ResourceExpiredError(KubeApiError):
 
 class ApiServerUnreachableError(KubeApiError):
     """The API server could not be reached (refused, timed out, reset): retry with backoff."""
+
+
+class Http1Error(ProtocolError):
+    """The peer sent HTTP/1.x the codec refuses (malformed, ambiguous framing, smuggling shapes).
+
+    ``status`` is the response it earns when the peer is a client (400 unless a
+    subclass says otherwise); a codec parsing responses sets 502, the answer a
+    proxy gives its own client when the upstream misbehaves.
+    """
+
+    default_status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = self.default_status if status is None else status
+
+
+class Http1TooLargeError(Http1Error):
+    """A request line (414), header section (431) or body (413) over its configured bound."""
+
+    default_status = 431
+
+
+class Http1UnsupportedError(Http1Error):
+    """A transfer coding (501) or HTTP version (505) this codec does not implement."""
+
+    default_status = 501
+
+
+class LocalProtocolError(MeshError):
+    """This side asked a codec to send something HTTP forbids: a bug here, not the peer's."""

@@ -1,0 +1,182 @@
+"""Micro-benchmark: the waypoint's HTTP/1.1 codec against h11, on the same bytes, one core.
+
+One proxy cycle is what the waypoint does per keep-alive request: parse the
+client's request, serialize it upstream, parse the upstream's response,
+serialize it to the client.  Each library runs that cycle on a wrk-style request
+and an nginx-style response (6 headers, 2-byte body); the phases are timed
+separately, so the figures read as "request heads parsed + serialized per second"
+and "responses parsed + serialized per second".
+
+    .venv/bin/python bench/h1_micro.py [--seconds 2] [--repeat 3]
+
+Runs alternate between the libraries and the best of ``--repeat`` is reported
+(the machine is shared and noisy); throughput is per CPU second of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable
+
+import h11
+
+from waypoint.http import (
+    NEED_DATA,
+    PAUSED,
+    Data,
+    EndOfMessage,
+    RequestHead,
+    RequestParser,
+    RequestWriter,
+    ResponseHead,
+    ResponseParser,
+    ResponseWriter,
+    strip_hop_by_hop,
+)
+
+REQUEST = (b"GET / HTTP/1.1\r\n"
+           b"Host: 127.0.0.1:8080\r\n"
+           b"\r\n")
+RESPONSE = (b"HTTP/1.1 200 OK\r\n"
+            b"Server: nginx/1.22.1\r\n"
+            b"Date: Wed, 25 Nov 2026 18:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\n"
+            b"Content-Length: 2\r\n"
+            b"Connection: keep-alive\r\n"
+            b"X-Backend: v1\r\n"
+            b"\r\n"
+            b"ok")
+
+Phases = list[int]  # ns spent: [request parse+serialize, response parse+serialize]
+
+
+def ours_cycle_factory() -> Callable[[Phases], None]:
+    down_parser = RequestParser()
+    down_writer = ResponseWriter()
+    up_writer = RequestWriter()
+    up_parser = ResponseParser()
+    clock = time.perf_counter_ns
+
+    def cycle(phases: Phases) -> None:
+        t0 = clock()
+        down_parser.feed(REQUEST)
+        req = down_parser.next_event()
+        assert isinstance(req, RequestHead)
+        end = down_parser.next_event()
+        assert isinstance(end, EndOfMessage)
+        up = up_writer.head(req)
+        up_writer.end()
+        up_parser.expect_response(req.method)
+        t1 = clock()
+        up_parser.feed(RESPONSE)
+        resp = up_parser.next_event()
+        assert isinstance(resp, ResponseHead)
+        out = [down_writer.head(ResponseHead(
+            status=resp.status, reason=resp.reason, headers=strip_hop_by_hop(resp.headers)),
+            req.method)]
+        while True:
+            ev = up_parser.next_event()
+            if isinstance(ev, Data):
+                out.extend(down_writer.data(ev.data))
+            elif isinstance(ev, EndOfMessage):
+                out.append(down_writer.end())
+                break
+            else:
+                raise AssertionError(ev)
+        assert up_parser.next_event() is NEED_DATA
+        t2 = clock()
+        phases[0] += t1 - t0
+        phases[1] += t2 - t1
+        assert up and out
+
+    return cycle
+
+
+def h11_cycle_factory() -> Callable[[Phases], None]:
+    server = h11.Connection(h11.SERVER)
+    client = h11.Connection(h11.CLIENT)
+    clock = time.perf_counter_ns
+
+    def cycle(phases: Phases) -> None:
+        t0 = clock()
+        server.receive_data(REQUEST)
+        req = server.next_event()
+        assert isinstance(req, h11.Request)
+        end = server.next_event()
+        assert isinstance(end, h11.EndOfMessage)
+        up = client.send(h11.Request(method=req.method, target=req.target, headers=req.headers))
+        client.send(h11.EndOfMessage())
+        t1 = clock()
+        client.receive_data(RESPONSE)
+        resp = client.next_event()
+        assert isinstance(resp, h11.Response)
+        out = [server.send(h11.Response(status_code=resp.status_code, reason=resp.reason,
+                                        headers=[(n, v) for n, v in resp.headers
+                                                 if n != b"connection"]))]
+        while True:
+            ev = client.next_event()
+            if isinstance(ev, h11.Data):
+                out.append(server.send(ev))
+            elif isinstance(ev, h11.EndOfMessage):
+                out.append(server.send(ev))
+                break
+            else:
+                raise AssertionError(ev)
+        server.start_next_cycle()
+        client.start_next_cycle()
+        t2 = clock()
+        phases[0] += t1 - t0
+        phases[1] += t2 - t1
+        assert up and out
+
+    return cycle
+
+
+def measure(cycle: Callable[[Phases], None], seconds: float) -> tuple[float, float, float]:
+    """Cycles per CPU second, and request / response phases per second."""
+    phases = [0, 0]
+    for _ in range(200):
+        cycle(phases)
+    phases = [0, 0]
+    count = 0
+    gc.collect()
+    # CPU time, not wall time: other processes share the two cores.
+    start = time.process_time()
+    deadline = start + seconds
+    while True:
+        for _ in range(500):
+            cycle(phases)
+        count += 500
+        if time.process_time() >= deadline:
+            break
+    elapsed = time.process_time() - start
+    return count / elapsed, count / (phases[0] / 1e9), count / (phases[1] / 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    # Both must survive a sanity pass on the same bytes before being timed.
+    assert PAUSED is not NEED_DATA
+    cycles = {"h11": h11_cycle_factory(), "pyambient": ours_cycle_factory()}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cycles}
+    # Interleaved, so that both libraries see the same background load.
+    for _ in range(args.repeat):
+        for name, cycle in cycles.items():
+            runs[name].append(measure(cycle, args.seconds))
+    results = {name: tuple(max(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
+    print(f"h11 {h11.__version__}, best of {args.repeat} x {args.seconds:g} s, one core")
+    print(f"{'':12}{'cycles/s':>12}{'request/s':>12}{'response/s':>12}")
+    for name, (total, req, resp) in results.items():
+        print(f"{name:12}{total:12,.0f}{req:12,.0f}{resp:12,.0f}")
+    ours, theirs = results["pyambient"], results["h11"]
+    print(f"{'ratio':12}{ours[0] / theirs[0]:11.1f}x{ours[1] / theirs[1]:11.1f}x"
+          f"{ours[2] / theirs[2]:11.1f}x")
+
+
+if __name__ == "__main__":
+    main()
