@@ -544,7 +544,10 @@ async def test_key_update_mid_stream_is_transparent(pair: tuple[TLSStream, TLSSt
     key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
     key_update.restype = ctypes.c_int
     ssl_key_update_requested = 1  # the peer must update its keys too, and say so
+    pending = tls._libssl._lib.SSL_get_key_update_type
+    pending.argtypes = [ctypes.c_void_p]
     assert key_update(tls._libssl._ssl_ptr(client.socket), ssl_key_update_requested) == 1
+    assert pending(tls._libssl._ssl_ptr(client.socket)) == ssl_key_update_requested
     payload = os.urandom(2 << 20)
 
     async def echo() -> None:
@@ -562,6 +565,4 @@ async def test_key_update_mid_stream_is_transparent(pair: tuple[TLSStream, TLSSt
             while len(got) < len(payload):
                 got += await client.receive_some()
     assert got == payload
-    pending = tls._libssl._lib.SSL_get_key_update_type
-    pending.argtypes = [ctypes.c_void_p]
-    assert pending(tls._libssl._ssl_ptr(client.socket)) == 0  # the KeyUpdate went out
+    assert pending(tls._libssl._ssl_ptr(client.socket)) == -1  # SSL_KEY_UPDATE_NONE: sent
