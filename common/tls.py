@@ -630,9 +630,9 @@ async def _tcp_connect(host: str, port: int, *, so_mark: int | None,
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise ConnectRefusedError(
-                f"TCP connect to {host}:{port} failed: {os.strerror(err)} (is the peer "
-                f"listening? for HBONE, is port 15008 open and not blocked by a "
-                f"NetworkPolicy?)") from OSError(err, os.strerror(err))
+                f"TCP connect to {host}:{port} failed: {os.strerror(err)} (is anything "
+                f"listening there, and is the port reachable from here?)"
+            ) from OSError(err, os.strerror(err))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:
         sock.close()
@@ -671,7 +671,7 @@ async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, *,
         if phase == "tcp":
             raise ConnectTimeoutError(
                 f"no TCP connection to {host}:{port} within {connect_timeout} s (is a firewall "
-                f"or NetworkPolicy dropping port {port}?)")
+                f"or a NetworkPolicy dropping packets to port {port}?)")
         raise HandshakeError(f"no TLS handshake with {host}:{port} within {connect_timeout} s "
                              f"(is it a TLS server?)")
     assert tls is not None
