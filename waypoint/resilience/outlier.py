@@ -52,10 +52,13 @@ _LOCAL_STATUS = {LocalFailure.CONNECT_FAILURE: 503, LocalFailure.RESET: 503,
 class OutlierDetector:
     """Ejection state of one cluster's hosts (the counters live on the hosts)."""
 
-    __slots__ = ("_hosts", "_next_expiry", "ejected_count", "settings", "version")
+    __slots__ = ("_hosts", "_log", "_next_expiry", "ejected_count", "settings", "version")
 
-    def __init__(self, settings: OutlierDetectionSettings, hosts: Iterable[Host] = ()) -> None:
+    def __init__(self, settings: OutlierDetectionSettings, hosts: Iterable[Host] = (),
+                 cluster: str = "") -> None:
+        """``cluster`` names the destination in log lines."""
         self.settings = settings
+        self._log = _log.bind(cluster=cluster)
         self._hosts: list[Host] = []
         self.ejected_count = 0
         self._next_expiry = math.inf
@@ -93,7 +96,7 @@ class OutlierDetector:
         self.ejected_count += 1
         self._next_expiry = min(self._next_expiry, now + self.ejection_duration(host))
         self.version += 1
-        _log.info("host ejected", host=host.address, reason=reason,
+        self._log.info("host ejected", host=host.address, reason=reason,
                   duration_s=self.ejection_duration(host), ejected=self.ejected_count,
                   hosts=len(self._hosts))
         return True
@@ -152,7 +155,7 @@ class OutlierDetector:
                 host.ejected = False
                 self.ejected_count -= 1
                 returned = True
-                _log.info("host returned", host=host.address, ejected=self.ejected_count)
+                self._log.info("host returned", host=host.address, ejected=self.ejected_count)
         self._recompute_expiry()
         if returned:
             self.version += 1

@@ -119,9 +119,12 @@ class EndpointPicker:
     def __init__(self, hosts: Iterable[Host], lb: LoadBalancerSettings,
                  outlier: OutlierDetectionSettings | None = None, *,
                  client_locality: Locality | None = None,
-                 client_labels: Mapping[str, str] | None = None) -> None:
+                 client_labels: Mapping[str, str] | None = None, cluster: str = "") -> None:
+        """``client_locality``/``client_labels``: the waypoint's own (for locality
+        preference); ``cluster`` names the destination in log lines."""
         self.lb = lb
-        self.detector = OutlierDetector(outlier, ()) if outlier is not None else None
+        self.detector = (OutlierDetector(outlier, (), cluster) if outlier is not None
+                         else None)
         self._min_health = outlier.min_health_percent if outlier is not None else 0.0
         self._client_locality = client_locality or Locality()
         self._client_labels = client_labels or MappingProxyType({})
