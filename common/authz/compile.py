@@ -6,7 +6,8 @@ is enforced by ztunnel at L4, for the workloads of its namespace (all namespaces
 when it is in the root namespace), narrowed by ``selector``.
 
 ztunnel sees connections, not requests, so HTTP attributes (hosts, methods, paths,
-remoteIpBlocks, header and SNI conditions) cannot be evaluated there.  They fail safe
+remoteIpBlocks, header and SNI conditions; see :mod:`common.authz.attributes`) cannot
+be evaluated there.  They fail safe
 and produce a warning on the object:
 
 * in an ALLOW (or AUDIT) policy, a rule that uses one never matches, so it can never
@@ -14,9 +15,9 @@ and produce a warning on the object:
 * in a DENY policy, the rule is enforced without those attributes ("missing
   attributes are treated as matches", Istio's documented semantics), so it denies
   more, never less.  A ``source``/``operation``/condition made only of such
-  attributes then matches everything.  (ztunnel itself drops such a rule silently
-  and denies nothing -- istio/istio#61126; we follow the documented, fail-safe
-  behaviour.)
+  attributes then matches everything.  (Istio's ztunnel instead gets an empty match
+  there, which never matches, so such a DENY rule denies nothing -- istio/istio#61126;
+  we follow the documented, fail-safe behaviour.)
 
 Request authentication (JWT: ``requestPrincipals``, ``request.auth.*``) is not
 supported at either layer and is handled the same way.
@@ -29,17 +30,22 @@ cannot build).  The caller may prefer the object's previous good version.
 
 from __future__ import annotations
 
-import enum
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import ip_network
 from typing import Any
 
 from pydantic import ValidationError
 
 from common.api.base import field_errors
-from common.api.istio_security import AuthorizationPolicySpec, Condition, Rule
+from common.api.istio_security import AuthorizationPolicySpec, Rule
+from common.authz.attributes import (
+    OPERATION_FIELDS,
+    SOURCE_FIELDS,
+    FieldSpec,
+    Support,
+    condition,
+    evaluable,
+)
 from common.authz.index import WaypointPolicies, ZtunnelPolicies
 from common.authz.model import (
     Action,
@@ -49,33 +55,10 @@ from common.authz.model import (
     CompiledRule,
     FieldMatch,
     GatewayRef,
-    IPAddress,
-    IpField,
-    IPNetwork,
     Layer,
-    MatchKind,
-    NetworkSet,
-    PathTemplate,
     PolicyIssue,
-    PortField,
-    RequestContext,
-    ServiceAccountField,
     ServiceRef,
     Severity,
-    StringMatch,
-    StringSet,
-    TextField,
-    TextMatcher,
-    header_reader,
-    read_destination_ip,
-    read_host,
-    read_method,
-    read_namespace,
-    read_path,
-    read_principal,
-    read_remote_ip,
-    read_sni,
-    read_source_ip,
 )
 from common.errors import InvalidObjectError
 
@@ -111,205 +94,6 @@ class AuthorizationConfig:
     issues: tuple[PolicyIssue, ...]
 
 
-class _Support(enum.Enum):
-    """Where an attribute can be evaluated."""
-
-    ANY = "any"          # connection facts: both layers
-    HTTP = "http"        # needs the request: waypoint only
-    NONE = "none"        # needs request authentication (JWT), which is not supported
-
-
-# --- value parsers (each raises InvalidObjectError naming the field) ---------------------
-
-
-def _string_match(value: str, where: str, *, lower: bool = False) -> StringMatch:
-    if not value:
-        raise InvalidObjectError(f"{where}: empty value")
-    if lower:
-        value = value.lower()
-    if value == "*":
-        return StringMatch(MatchKind.PRESENCE, "")
-    if "*" in value[1:-1] or (value.startswith("*") and value.endswith("*")):
-        raise InvalidObjectError(
-            f"{where}: {value!r} has '*' in the middle or at both ends; a value may be exact "
-            f"('abc'), a prefix ('abc*'), a suffix ('*abc') or '*' alone")
-    if value.startswith("*"):
-        return StringMatch(MatchKind.SUFFIX, value[1:])
-    if value.endswith("*"):
-        return StringMatch(MatchKind.PREFIX, value[:-1])
-    return StringMatch(MatchKind.EXACT, value)
-
-
-def _principal_match(value: str, where: str) -> StringMatch:
-    if value.startswith("spiffe://"):
-        raise InvalidObjectError(
-            f"{where}: {value!r}: write principals without 'spiffe://', e.g. "
-            f"'cluster.local/ns/default/sa/sleep'")
-    return _string_match(value, where)
-
-
-_TEMPLATE_OPERATOR = re.compile(r"\{\*\*\}|\{\*\}")
-
-
-def _path_match(value: str, where: str) -> TextMatcher:
-    if "{*}" not in value and "{**}" not in value:
-        return _string_match(value, where)
-    if not value.startswith("/"):
-        raise InvalidObjectError(f"{where}: path template {value!r} must start with '/'")
-    pattern = ""
-    last = 0
-    seen_any_rest = False
-    for op in _TEMPLATE_OPERATOR.finditer(value):
-        literal = value[last:op.start()]
-        if seen_any_rest:
-            raise InvalidObjectError(
-                f"{where}: in {value!r}, '{{**}}' must be the last operator")
-        pattern += _template_literal(literal, value, where)
-        if op.group() == "{**}":
-            seen_any_rest = True
-            pattern += ".*"
-        else:
-            pattern += "[^/]+"
-        last = op.end()
-    pattern += _template_literal(value[last:], value, where)
-    return PathTemplate(value, re.compile(pattern))
-
-
-def _template_literal(literal: str, template: str, where: str) -> str:
-    if any(c in literal for c in "*{}"):
-        raise InvalidObjectError(
-            f"{where}: path template {template!r} may use only the operators '{{*}}' and "
-            f"'{{**}}' (no other '*', '{{' or '}}')")
-    return re.escape(literal)
-
-
-def _port(value: str, where: str) -> int:
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
-        raise InvalidObjectError(f"{where}: {value!r} is not a port number (1-65535)")
-    return int(value)
-
-
-def _network(value: str, where: str) -> IPNetwork:
-    try:
-        return ip_network(value, strict=False)
-    except ValueError:
-        raise InvalidObjectError(
-            f"{where}: {value!r} is not an IP address or CIDR block") from None
-
-
-def _service_account(value: str, where: str, policy_ns: str) -> tuple[str, str]:
-    ns, slash, sa = value.rpartition("/")
-    if not slash:
-        ns = policy_ns
-    if not sa or not ns or "/" in ns or "*" in value:
-        raise InvalidObjectError(
-            f"{where}: {value!r} is not a service account ('name' in the policy's namespace, "
-            f"or 'namespace/name'; no wildcards)")
-    return ns, sa
-
-
-# --- field builders ----------------------------------------------------------------------
-
-_Builder = Callable[[list[str], list[str], str, str], FieldMatch]
-_Reader = Callable[[RequestContext], str | None]
-
-
-def _unauthenticated(_ctx: RequestContext) -> str | None:
-    """Request-authentication attributes: no request carries a validated JWT here."""
-    return None
-
-
-def _text(attribute: str, read: _Reader,
-          parse: Callable[[str, str], TextMatcher]) -> _Builder:
-    def build(values: list[str], not_values: list[str], where: str, _ns: str) -> FieldMatch:
-        return TextField(attribute, read, StringSet.of(parse(v, where) for v in values),
-                         StringSet.of(parse(v, where) for v in not_values))
-    return build
-
-
-def _ips(attribute: str, read: Callable[[RequestContext], IPAddress | None]) -> _Builder:
-    def build(values: list[str], not_values: list[str], where: str, _ns: str) -> FieldMatch:
-        return IpField(attribute, read, NetworkSet.of(_network(v, where) for v in values),
-                       NetworkSet.of(_network(v, where) for v in not_values))
-    return build
-
-
-def _ports(attribute: str) -> _Builder:
-    def build(values: list[str], not_values: list[str], where: str, _ns: str) -> FieldMatch:
-        return PortField(attribute, frozenset(_port(v, where) for v in values),
-                         frozenset(_port(v, where) for v in not_values))
-    return build
-
-
-def _accounts(values: list[str], not_values: list[str], where: str, ns: str) -> FieldMatch:
-    return ServiceAccountField("source.serviceAccount",
-                               frozenset(_service_account(v, where, ns) for v in values),
-                               frozenset(_service_account(v, where, ns) for v in not_values))
-
-
-def _lower_match(value: str, where: str) -> TextMatcher:
-    return _string_match(value, where, lower=True)
-
-
-@dataclass(frozen=True, slots=True)
-class _FieldSpec:
-    attr: str          # attribute of the pydantic model
-    wire: str          # spelling in YAML, for messages
-    support: _Support
-    build: _Builder
-
-
-_SOURCE_FIELDS = (
-    _FieldSpec("principals", "principals", _Support.ANY,
-          _text("source.principal", read_principal, _principal_match)),
-    _FieldSpec("request_principals", "requestPrincipals", _Support.NONE,
-               _text("request.auth.principal", _unauthenticated, _string_match)),
-    _FieldSpec("namespaces", "namespaces", _Support.ANY,
-          _text("source.namespace", read_namespace, _string_match)),
-    _FieldSpec("service_accounts", "serviceAccounts", _Support.ANY, _accounts),
-    _FieldSpec("ip_blocks", "ipBlocks", _Support.ANY, _ips("source.ip", read_source_ip)),
-    _FieldSpec("remote_ip_blocks", "remoteIpBlocks", _Support.HTTP,
-               _ips("remote.ip", read_remote_ip)),
-)
-
-_OPERATION_FIELDS = (
-    _FieldSpec("hosts", "hosts", _Support.HTTP, _text("request.host", read_host, _lower_match)),
-    _FieldSpec("ports", "ports", _Support.ANY, _ports("destination.port")),
-    _FieldSpec("methods", "methods", _Support.HTTP,
-               _text("request.method", read_method, _string_match)),
-    _FieldSpec("paths", "paths", _Support.HTTP, _text("request.path", read_path, _path_match)),
-)
-
-_CONDITIONS: dict[str, tuple[_Support, _Builder]] = {
-    "source.ip": (_Support.ANY, _ips("source.ip", read_source_ip)),
-    "source.namespace": (_Support.ANY, _text("source.namespace", read_namespace, _string_match)),
-    "source.principal": (_Support.ANY,
-                         _text("source.principal", read_principal, _principal_match)),
-    "destination.ip": (_Support.ANY, _ips("destination.ip", read_destination_ip)),
-    "destination.port": (_Support.ANY, _ports("destination.port")),
-    "remote.ip": (_Support.HTTP, _ips("remote.ip", read_remote_ip)),
-    "connection.sni": (_Support.HTTP, _text("connection.sni", read_sni, _string_match)),
-}
-
-_HEADER_KEY = re.compile(r"request\.headers\[([^\]]+)\]")
-
-
-def _condition(cond: Condition, where: str) -> tuple[_Support, _Builder]:
-    known = _CONDITIONS.get(cond.key)
-    if known is not None:
-        return known
-    header = _HEADER_KEY.fullmatch(cond.key)
-    if header is not None:
-        name = header.group(1)
-        return _Support.HTTP, _text(cond.key, header_reader(name), _string_match)
-    if cond.key.startswith(("request.auth.", "experimental.envoy.filters.")):
-        return _Support.NONE, _text(cond.key, _unauthenticated, _string_match)
-    raise InvalidObjectError(
-        f"{where}: unknown condition key {cond.key!r} (see Istio's authorization conditions: "
-        f"source.ip, source.namespace, source.principal, destination.ip, destination.port, "
-        f"remote.ip, connection.sni, request.headers[<name>], request.auth.*)")
-
-
 # --- rules -------------------------------------------------------------------------------
 
 
@@ -321,15 +105,13 @@ class _Unsupported:
     jwt: set[str] = field(default_factory=set)
     unconditional_rules: list[int] = field(default_factory=list)
 
-    def note(self, support: _Support, wire: str) -> None:
-        (self.jwt if support is _Support.NONE else self.http).add(wire)
+    def note(self, support: Support, wire: str) -> None:
+        (self.jwt if support is Support.NONE else self.http).add(wire)
 
 
-def _evaluable(support: _Support, layer: Layer) -> bool:
-    return support is _Support.ANY or (support is _Support.HTTP and layer is Layer.L7)
 
 
-def _fields(model: Any, specs: tuple[_FieldSpec, ...], where: str, ns: str, layer: Layer,
+def _fields(model: Any, specs: tuple[FieldSpec, ...], where: str, ns: str, layer: Layer,
             dropped: _Unsupported) -> tuple[Alternative, bool]:
     """One source/operation; the flag says whether any field was dropped at this layer."""
     kept: list[FieldMatch] = []
@@ -340,7 +122,7 @@ def _fields(model: Any, specs: tuple[_FieldSpec, ...], where: str, ns: str, laye
         if not values and not not_values:
             continue
         built = spec.build(values, not_values, where, ns)  # validates even what is dropped
-        if _evaluable(spec.support, layer):
+        if evaluable(spec.support, layer):
             kept.append(built)
             continue
         lost = True
@@ -359,7 +141,7 @@ def _compile_rule(rule: Rule, where: str, ns: str, layer: Layer,
     if rule.from_:
         alts = []
         for i, entry in enumerate(rule.from_):
-            alt, lost_here = _fields(entry.source, _SOURCE_FIELDS, f"{where}.from[{i}].source",
+            alt, lost_here = _fields(entry.source, SOURCE_FIELDS, f"{where}.from[{i}].source",
                                      ns, layer, dropped)
             alts.append(alt)
             lost = lost or lost_here
@@ -367,16 +149,16 @@ def _compile_rule(rule: Rule, where: str, ns: str, layer: Layer,
     if rule.to:
         alts = []
         for i, op in enumerate(rule.to):
-            alt, lost_here = _fields(op.operation, _OPERATION_FIELDS,
+            alt, lost_here = _fields(op.operation, OPERATION_FIELDS,
                                      f"{where}.to[{i}].operation", ns, layer, dropped)
             alts.append(alt)
             lost = lost or lost_here
         clauses.append(Clause(tuple(alts)))
     for i, cond in enumerate(rule.when):
         cwhere = f"{where}.when[{i}]"
-        support, build = _condition(cond, cwhere)
+        support, build = condition(cond, cwhere)
         built = build(cond.values, cond.not_values, cwhere, ns)
-        if _evaluable(support, layer):
+        if evaluable(support, layer):
             clauses.append(Clause((Alternative((built,)),)))
         else:
             lost = True
