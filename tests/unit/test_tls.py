@@ -20,6 +20,7 @@ from common import tls
 from common.ca import CertificateAuthority, WorkloadCertificate
 from common.errors import (
     ConnectRefusedError,
+    ConnectTimeoutError,
     HandshakeError,
     PeerIdentityError,
     StreamBrokenError,
@@ -566,3 +567,64 @@ async def test_key_update_mid_stream_is_transparent(pair: tuple[TLSStream, TLSSt
                 got += await client.receive_some()
     assert got == payload
     assert pending(tls._libssl._ssl_ptr(client.socket)) == -1  # SSL_KEY_UPDATE_NONE: sent
+
+
+async def test_server_that_never_speaks_tls_times_out_the_client(
+        pki: Pki, listener: socket.socket, autojump_clock: trio.testing.MockClock) -> None:
+    # The kernel completes the TCP handshake from the backlog; nobody ever answers TLS.
+    with pytest.raises(HandshakeError, match=r"no TLS handshake .* within 3"):
+        await connect_tls("127.0.0.1", listener.getsockname()[1], client_context(pki.client),
+                          expected={SERVER}, connect_timeout=3)
+
+
+async def test_source_address_is_bound(pki: Pki, listener: socket.socket) -> None:
+    peers: list[tuple[str, int]] = []
+
+    async def serve() -> None:
+        conn = await _accept(listener)
+        peers.append(conn.getpeername())
+        stream = await accept_tls(conn, server_context(pki.server), trust_domain=TD)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        stream = await connect_tls("127.0.0.1", listener.getsockname()[1],
+                                   client_context(pki.client), expected={SERVER},
+                                   source=("127.0.0.2", 0))
+        assert stream.socket.getsockname()[0] == "127.0.0.2"
+        await stream.aclose()
+    assert peers[0][0] == "127.0.0.2"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK needs CAP_NET_ADMIN")
+async def test_so_mark_is_set_on_the_outbound_socket(pki: Pki, listener: socket.socket) -> None:
+    client, server = await _pair_with_mark(listener, pki, tls.ZTUNNEL_MARK)
+    async with client, server:
+        assert client.socket.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
+
+
+async def _pair_with_mark(listener: socket.socket, pki: Pki,
+                          mark: int) -> tuple[TLSStream, TLSStream]:
+    server: list[TLSStream] = []
+
+    async def serve() -> None:
+        server.append(await accept_tls(await _accept(listener), server_context(pki.server),
+                                       trust_domain=TD))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        client = await connect_tls("127.0.0.1", listener.getsockname()[1],
+                                   client_context(pki.client), expected={SERVER}, so_mark=mark)
+    return client, server[0]
+
+
+async def test_unanswered_tcp_connect_times_out(
+        pki: Pki, autojump_clock: trio.testing.MockClock) -> None:
+    # A listener whose accept queue is full: Linux drops further SYNs, so connect hangs.
+    with socket.socket() as full, socket.socket() as queued:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued.connect(full.getsockname())
+        with pytest.raises(ConnectTimeoutError, match=r"no TCP connection .* within 3"):
+            await connect_tls("127.0.0.1", full.getsockname()[1], client_context(pki.client),
+                              expected={SERVER}, connect_timeout=3)
