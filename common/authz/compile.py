@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.api.base import field_errors
-from common.api.istio_security import AuthorizationPolicySpec, Rule
+from common.api.istio_security import AuthorizationPolicySpec, Operation, Rule, Source
 from common.authz.attributes import (
     OPERATION_FIELDS,
     SOURCE_FIELDS,
@@ -109,10 +109,8 @@ class _Unsupported:
         (self.jwt if support is Support.NONE else self.http).add(wire)
 
 
-
-
-def _fields(model: Any, specs: tuple[FieldSpec, ...], where: str, ns: str, layer: Layer,
-            dropped: _Unsupported) -> tuple[Alternative, bool]:
+def _fields(model: Source | Operation, specs: tuple[FieldSpec, ...], where: str, ns: str,
+            layer: Layer, dropped: _Unsupported) -> tuple[Alternative, bool]:
     """One source/operation; the flag says whether any field was dropped at this layer."""
     kept: list[FieldMatch] = []
     lost = False
