@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from common.authz.index import EMPTY_POLICY_SET, PolicySet
-from common.authz.model import GatewayRef, ServiceRef, WorkloadRef
+from common.authz.model import (
+    CompiledPolicy,
+    GatewayRef,
+    RequestContext,
+    ServiceRef,
+    WorkloadRef,
+)
 from tests.unit.authz_helpers import compile_all, ctx, l4, policy
 
 GATEWAY_REF = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}
@@ -79,3 +87,24 @@ def test_ipv6_blocks() -> None:
     assert not l4(cfg, ctx(src="fd00::bad", dst="fd00::2")).allowed
     assert not l4(cfg, ctx(src="fd01::1", dst="fd00::2")).allowed
     assert not l4(cfg, ctx(src="10.0.0.1")).allowed
+
+
+def test_check_evaluates_only_the_destinations_policies(monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = [policy(f"p{i}", {"action": "DENY", "rules": [{}]}, f"ns{i}")
+                 for i in range(2000)]
+    elsewhere += [policy(f"s{i}", {"action": "DENY", "selector": {"matchLabels": {
+        "app": "httpbin"}}, "rules": [{}]}, f"ns{i}") for i in range(2000)]
+    own = [policy("deny-dev", {"action": "DENY", "rules": [{"from": [{"source": {
+        "namespaces": ["dev"]}}]}]}), policy("allow-all", {"rules": [{}]})]
+    cfg = compile_all(*elsewhere, *own)
+    evaluated: list[str] = []
+    original = CompiledPolicy.matches
+
+    def counting(self: CompiledPolicy, request: RequestContext) -> bool:
+        evaluated.append(self.key)
+        return original(self, request)
+
+    monkeypatch.setattr(CompiledPolicy, "matches", counting)
+    decision = l4(cfg, ctx(), WorkloadRef("foo", {"app": "httpbin"}))
+    assert decision.allowed and decision.policy == "foo/allow-all"
+    assert evaluated == ["foo/deny-dev", "foo/allow-all"]
