@@ -38,6 +38,8 @@ Issuer = Callable[[SpiffeId], Awaitable[WorkloadCertificate]]
 # renewal waiting long once the CA is back: 1 s doubling to 1 min.
 RETRY_INITIAL = timedelta(seconds=1)
 RETRY_MAX = timedelta(minutes=1)
+# One hung CA request must not hold up the other identities' renewals for long.
+RENEW_TIMEOUT = 30.0
 
 _log = get_logger("certs")
 
@@ -191,8 +193,11 @@ class CertificateStore:
         if old is None:
             return
         try:
-            cert = await self._issue(identity)
-        except MeshError as exc:
+            with trio.fail_after(RENEW_TIMEOUT):
+                cert = await self._issue(identity)
+        except (MeshError, trio.TooSlowError) as exc:
+            if isinstance(exc, trio.TooSlowError):
+                exc = CertificateError(f"the issuer did not answer within {RENEW_TIMEOUT} s")
             now = self._clock()
             retry_in = old.backoff
             old.next_attempt = now + retry_in

@@ -47,10 +47,13 @@ class CountingIssuer:
         self.ca, self.now, self.lifetime = ca, now, lifetime
         self.calls: list[SpiffeId] = []
         self.failures = 0
+        self.hang = False
 
     async def __call__(self, identity: SpiffeId) -> WorkloadCertificate:
         self.calls.append(identity)
         await trio.sleep(0.001)
+        if self.hang:
+            await trio.sleep_forever()
         if self.failures:
             self.failures -= 1
             raise OSError("CA unreachable")
@@ -233,3 +236,20 @@ def _serial(stream: TLSStream) -> int:
 
 def _serial_of(cert: WorkloadCertificate) -> int:
     return x509.load_pem_x509_certificates(cert.cert_pem)[0].serial_number
+
+
+async def test_a_hung_issuer_times_out_and_is_retried(
+        ca: CertificateAuthority, clock: trio.testing.MockClock) -> None:
+    now = _virtual_wall_clock()
+    issuer = CountingIssuer(ca, now)
+    store = CertificateStore(issuer, clock=now)
+    first = await store.get(CLIENT)
+    issuer.hang = True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run_renewals)
+        await trio.sleep((first.renew_at() - now()).total_seconds() + 31)
+        assert store.cached(CLIENT) is first  # timed out after 30 s, retry due in 1 s
+        issuer.hang = False
+        await trio.sleep(2)
+        assert store.cached(CLIENT) is not first
+        nursery.cancel_scope.cancel()
