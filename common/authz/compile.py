@@ -61,6 +61,7 @@ from common.authz.model import (
     Severity,
 )
 from common.errors import InvalidObjectError
+from common.kube.objects import KubeObject
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
@@ -81,6 +82,13 @@ class PolicyObject:
     spec: Mapping[str, Any]
     annotations: Mapping[str, str] = field(default_factory=dict)
     creation_timestamp: str = ""
+
+    @classmethod
+    def from_kube(cls, obj: KubeObject) -> PolicyObject:
+        """From an AuthorizationPolicy or PeerAuthentication read by the watch client."""
+        meta = obj.metadata
+        return cls(meta.namespace or "", meta.name, obj.spec, dict(meta.annotations),
+                   meta.creation_timestamp or "")
 
 
 @dataclass(frozen=True, slots=True)

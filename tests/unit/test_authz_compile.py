@@ -8,6 +8,7 @@ import pytest
 
 from common.authz.compile import PolicyObject, compile_authorization_policies
 from common.authz.model import Action, Layer, Severity, WorkloadRef
+from common.kube.objects import KubeObject
 from tests.unit.authz_helpers import compile_all, ctx, l4, l7, policy, targeting_waypoint
 
 GATEWAY_REF = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}
@@ -190,3 +191,18 @@ def test_root_namespace_is_configurable() -> None:
     assert not l4(cfg, ctx()).allowed
     default_root = compile_all(policy("allow-nothing", {}, "mesh-root"))
     assert l4(default_root, ctx()).allowed
+
+
+def test_policy_object_from_a_kube_object() -> None:
+    obj = KubeObject.model_validate({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-all", "namespace": "foo",
+                     "annotations": {"istio.io/dry-run": "true"},
+                     "creationTimestamp": "2026-11-25T18:00:00Z"},
+        "spec": {"action": "DENY", "rules": [{}]}})
+    source = PolicyObject.from_kube(obj)
+    assert (source.namespace, source.name, source.creation_timestamp) == (
+        "foo", "deny-all", "2026-11-25T18:00:00Z")
+    cfg = compile_authorization_policies([source])
+    decision = l4(cfg, ctx())
+    assert decision.allowed and decision.would_have_denied
