@@ -20,7 +20,7 @@ from common.api.base import ApiModel, IstioDuration
 def _one_of(model: ApiModel, names: tuple[str, ...], what: str, required: bool = True) -> None:
     count = sum(getattr(model, n) is not None for n in names)
     if count > 1 or (required and count == 0):
-        wire = ", ".join(model.model_fields[n].alias or n for n in names)
+        wire = ", ".join(type(model).model_fields[n].alias or n for n in names)
         raise ValueError(f"{what} needs exactly one of {wire}")
 
 

@@ -162,7 +162,7 @@ def select(routes: ServiceRoutes, request: Request, path: str, query: str,
                 if _conditions(cand.match, request, params, port):
                     return cand
         if routes.prefix:
-            for key in _prefix_keys(path):
+            for key in _prefix_keys(path, routes.max_prefix_segments):
                 bucket = routes.prefix.get(key)
                 if bucket:
                     for cand in bucket:
@@ -189,10 +189,19 @@ class _QueryParams:
         return self._params.get(name)
 
 
-def _prefix_keys(path: str) -> list[str]:
-    """Normalised prefixes that can match ``path`` on segment boundaries, longest first."""
-    keys = []
+def _prefix_keys(path: str, max_segments: int) -> list[str]:
+    """Normalised prefixes that can match ``path`` on segment boundaries, longest first.
+
+    Segments deeper than the table's longest prefix cannot match, so the walk
+    starts there: a path of a hundred segments costs as much as a short one.
+    """
     s = path
+    if s.count("/") > max_segments:
+        cut = -1
+        for _ in range(max_segments + 1):
+            cut = s.find("/", cut + 1)
+        s = s[:cut]
+    keys = []
     while True:
         if len(s) > 1 and not s.endswith("/"):
             keys.append(s)

@@ -88,8 +88,8 @@ def _check(sub: Any, pattern: str) -> None:
             if low > MAX_REPEAT_COUNT or (bounded and high > MAX_REPEAT_COUNT):
                 raise _refuse(pattern, f"repeat counts above {MAX_REPEAT_COUNT} are not RE2 syntax")
             if not bounded or high > 1:
-                _check_no_ambiguous_nesting(body, pattern)
                 _check_branches_disjoint(body, pattern)
+                _check_no_ambiguous_nesting(body, pattern)
             _check(body, pattern)
         elif op is _c.BRANCH:
             for branch in av[1]:
