@@ -92,7 +92,7 @@ def _allowed(specs: list[dict[str, Any]], request: RequestContext, waypoint: boo
     return (l7(cfg, request) if waypoint else l4(cfg, request)).allowed
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(_BASE, _spec("DENY"), _CONTEXTS, st.booleans())
 def test_adding_a_deny_never_turns_a_deny_into_an_allow(
         base: list[dict[str, Any]], deny: dict[str, Any], request: RequestContext,
@@ -101,7 +101,7 @@ def test_adding_a_deny_never_turns_a_deny_into_an_allow(
         assert _allowed(base, request, waypoint)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(_spec("DENY"), max_size=2), _spec("ALLOW"), _CONTEXTS, st.booleans())
 def test_first_allow_policy_can_only_restrict(
         denies: list[dict[str, Any]], allow: dict[str, Any], request: RequestContext,
@@ -110,7 +110,7 @@ def test_first_allow_policy_can_only_restrict(
         assert _allowed(denies, request, waypoint)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.sampled_from(["ALLOW", "DENY"]).flatmap(_spec), _CONTEXTS)
 def test_ztunnel_allows_less_and_denies_more_than_the_waypoint(
         spec: dict[str, Any], request: RequestContext) -> None:
@@ -122,10 +122,21 @@ def test_ztunnel_allows_less_and_denies_more_than_the_waypoint(
         assert at_l4.matches(request)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(_BASE, st.sampled_from(["ALLOW", "DENY"]).flatmap(_spec), _CONTEXTS)
 def test_dry_run_policy_never_changes_the_enforced_decision(
         base: list[dict[str, Any]], extra: dict[str, Any], request: RequestContext) -> None:
     without = compile_all(*_objects(base))
     with_dry = compile_all(*_objects(base), policy("dry", extra, dry_run=True))
     assert l4(with_dry, request).allowed == l4(without, request).allowed
+
+
+@settings(max_examples=50, deadline=None)
+@given(_BASE.flatmap(lambda specs: st.tuples(st.just(specs), st.permutations(range(len(specs))))),
+       _CONTEXTS)
+def test_decision_does_not_depend_on_object_order(
+        base_and_order: tuple[list[dict[str, Any]], list[int]], request: RequestContext) -> None:
+    specs, order = base_and_order
+    objects = _objects(specs)
+    shuffled = [objects[i] for i in order]
+    assert l4(compile_all(*objects), request) == l4(compile_all(*shuffled), request)
