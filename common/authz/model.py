@@ -277,6 +277,7 @@ def read_remote_ip(ctx: RequestContext) -> IPAddress | None:
 def read_destination_ip(ctx: RequestContext) -> IPAddress | None:
     return ctx.destination_ip
 
+
 # --- fields -----------------------------------------------------------------------------
 #
 # Each field holds ``values`` (None: no constraint) and ``not_values`` (None: none).  A field
@@ -417,6 +418,7 @@ class CompiledPolicy:
             if rule_matches:
                 return True
         return False
+
 
 # --- results ----------------------------------------------------------------------------
 
