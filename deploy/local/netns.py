@@ -1,0 +1,160 @@
+"""Network namespaces: create, list, delete, and open sockets inside one.
+
+Namespaces are named files under ``/run/netns`` (``ip netns`` convention), so any tool
+(``ip -n``, ``nsenter``) can find them.  To open a socket inside a namespace without
+moving the whole process, :func:`in_netns` runs a function on a fresh helper thread
+that first calls ``setns(2)``: a socket keeps the namespace it was created in for its
+whole life, so the caller can use it from the trio thread afterwards, while every other
+thread stays in the host namespace.  A new thread per call (never a pooled one) keeps
+the setns from leaking into unrelated work.  ztunnel uses the same helper to open its
+listeners inside pod namespaces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from deploy.local.errors import NetnsError
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def exists(name: str) -> bool:
+    return netns_path(name).exists()
+
+
+def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = True,
+        timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run a host tool (``ip``, ``nft``); failure raises :class:`NetnsError` with its stderr."""
+    try:
+        done = subprocess.run(list(argv), input=input_text, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetnsError(f"cannot run {' '.join(argv)}: {exc}") from exc
+    if check and done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        raise NetnsError(f"{' '.join(argv[:6])} failed ({done.returncode}): {detail}")
+    return done
+
+
+async def arun(argv: Sequence[str], *, input_text: str | None = None,
+               check: bool = True) -> subprocess.CompletedProcess[str]:
+    """:func:`run` without blocking trio (a pooled thread waits for the child)."""
+    return await trio.to_thread.run_sync(
+        lambda: run(argv, input_text=input_text, check=check), abandon_on_cancel=False)
+
+
+def add(name: str) -> None:
+    """Create the named namespace (its loopback is brought up too)."""
+    run(["ip", "netns", "add", name])
+    run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+
+def delete(name: str) -> None:
+    """Delete the named namespace; links inside it go with it. Missing is not an error."""
+    if exists(name):
+        run(["ip", "netns", "delete", name], check=False)
+
+
+def list_names(prefix: str = "") -> list[str]:
+    """Names of the namespaces under /run/netns starting with ``prefix``."""
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def inode(name: str) -> int | None:
+    """The namespace's inode (compare with ``/proc/PID/ns/net``), or None if it is gone."""
+    try:
+        return os.stat(netns_path(name)).st_ino
+    except OSError:
+        return None
+
+
+def pids_in(inodes: set[int]) -> list[int]:
+    """Processes whose network namespace is one of ``inodes``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns" / "net").st_ino in inodes:
+                found.append(int(entry.name))
+        except OSError:
+            continue  # exited meanwhile, or a kernel thread we may not inspect
+    return found
+
+
+def setns_current_thread(name: str) -> None:
+    """Move the calling thread (only) into the namespace ``name``."""
+    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"setns into {name} failed: {os.strerror(err)} (are we root?)")
+    finally:
+        os.close(fd)
+
+
+def in_netns(name: str, func: Callable[[], T]) -> T:
+    """Call ``func`` on a fresh thread inside namespace ``name`` and return its result."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            setns_current_thread(name)
+            result.append(func())
+        except BaseException as exc:  # handed to the caller's thread below
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name=f"netns-{name}", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def socket_in(name: str, family: int = socket.AF_INET,
+              kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A new socket that lives in namespace ``name`` (bind/connect it from any thread)."""
+    return in_netns(name, lambda: socket.socket(family, kind))
+
+
+async def trio_socket_in(name: str, family: int = socket.AF_INET,
+                         kind: int = socket.SOCK_STREAM) -> trio.socket.SocketType:
+    """:func:`socket_in` for trio code (the helper thread runs off the trio thread)."""
+    sock = await trio.to_thread.run_sync(socket_in, name, family, kind)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def listen_in(name: str, host: str, port: int, backlog: int = 1024) -> trio.SocketListener:
+    """A TCP listener bound to ``host:port`` inside namespace ``name``."""
+    sock = await trio_socket_in(name)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        await sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise NetnsError(f"cannot listen on {host}:{port} in netns {name}: {exc}") from exc
+    sock.listen(backlog)
+    return trio.SocketListener(sock)
