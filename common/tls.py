@@ -25,12 +25,13 @@ The rules of a non-blocking SSL socket that the stream follows:
   because OpenSSL returns at most one record (16 KiB) per ``SSL_read`` and large
   reads are what make bulk transfer fast.
 
-OpenSSL knobs the stdlib does not expose (Python < 3.15 has no
+OpenSSL knobs the stdlib does not expose (this Python's ``ssl`` has no
 ``SSLContext.set_ciphersuites``, and ``SSLSocket.unwrap`` cannot half-close; see
 :class:`_LibSSL`) are reached through ``ctypes`` on the very ``libssl`` the ``_ssl``
-module uses, after a self-test.  Where that is unavailable the module still works:
-the cipher-suite policy is then enforced after the handshake instead of during
-it, and half-close falls back to the stdlib's racy shutdown (documented there).
+module uses, after a self-test.  Where that is unavailable (or disabled with
+``PYAMBIENT_TLS_NATIVE=0``) the module still works: the cipher-suite policy is then
+enforced after the handshake instead of during it, reads go without read-ahead,
+and half-close falls back to the stdlib's racy shutdown (documented there).
 
 Errors are translated once, here: handshake failures become :class:`HandshakeError`
 with a message saying what to check, identity mismatches
@@ -229,7 +230,7 @@ def _context(cert: WorkloadCertificate, *, server_side: bool) -> ssl.SSLContext:
     if server_side:
         # No session resumption in the mesh: tickets would only cost a write per handshake.
         ctx.num_tickets = 0
-    set_ciphersuites = getattr(ctx, "set_ciphersuites", None)  # Python >= 3.15
+    set_ciphersuites = getattr(ctx, "set_ciphersuites", None)  # in a future Python
     if set_ciphersuites is not None:
         set_ciphersuites(":".join(CIPHERSUITES))
     if _libssl is not None:
@@ -649,6 +650,10 @@ async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, *,
     The server must negotiate ALPN h2 and, when ``expected`` is given, prove one of
     those identities.  Raises :class:`ConnectRefusedError`/:class:`ConnectTimeoutError`
     for TCP, :class:`HandshakeError`/:class:`PeerIdentityError` for TLS.
+
+    In TLS 1.3 the client finishes its handshake before the server has judged the
+    client certificate, so a server that rejects ours (no certificate, unknown CA,
+    expired) is reported by the first receive on the stream, as :class:`HandshakeError`.
     """
     tls: ssl.SSLSocket | None = None
     phase = "tcp"
