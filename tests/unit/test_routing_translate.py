@@ -266,3 +266,15 @@ def test_istio_direct_response_redirect_and_mirror() -> None:
     assert (moved.status, moved.location) == (301, "http://echo/new")
     forwarded = send(t, "/x")
     assert [m.cluster.service_name for m in forwarded.mirrors] == ["v2"]
+
+
+def test_fields_the_waypoint_does_not_act_on_are_warned_about() -> None:
+    t = table(dr("echo", {"host": "echo", "trafficPolicy": {"connectionPool": {
+        "tcp": {"tcpKeepalive": {"time": "7200s"}}, "http": {"h2UpgradePolicy": "UPGRADE"}}}}),
+        httproute("r", [{"sessionPersistence": {"sessionName": "s"},
+                         "backendRefs": [backend("v1")]}], parent="v1"))
+    warned = sorted((i.ref.name, i.field) for i in t.issues if i.severity == "warning")
+    assert warned == [("echo", "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy"),
+                      ("echo", "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive"),
+                      ("r", "spec.rules[0].sessionPersistence")]
+    assert _errors(t) == []

@@ -87,6 +87,39 @@ _T = TypeVar("_T", bound=BaseModel)
 _log = get_logger("waypoint.routing")
 
 
+#: Fields the models accept (Istio and the Gateway API define them) that the waypoint does not
+#: act on yet, as ``Model.wireName``; setting one gives a warning so nobody believes it works.
+IGNORED_FIELDS = frozenset({
+    "VirtualServiceSpec.tls", "VirtualServiceSpec.tcp", "VirtualServiceSpec.exportTo",
+    "DestinationRuleSpec.exportTo", "TCPSettings.tcpKeepalive",
+    "TCPSettings.maxConnectionDuration", "HTTPSettings.h2UpgradePolicy",
+    "HTTPSettings.useClientProtocol", "LoadBalancerSettings.warmupDurationSecs",
+    "ClientTLSSettings.credentialName", "ClientTLSSettings.clientCertificate",
+    "ClientTLSSettings.privateKey", "ClientTLSSettings.caCertificates", "ClientTLSSettings.sni",
+    "ClientTLSSettings.subjectAltNames", "ClientTLSSettings.insecureSkipVerify",
+    "ClientTLSSettings.caCrl", "HTTPMatchRequest.statPrefix", "HTTPRouteRule.sessionPersistence",
+})
+
+
+def ignored_fields(model: BaseModel, path: str = "spec") -> list[str]:
+    """Paths of the :data:`IGNORED_FIELDS` set in ``model`` (recursively)."""
+    found = []
+    cls = type(model)
+    for name in model.model_fields_set:
+        wire = cls.model_fields[name].alias or name
+        value = getattr(model, name)
+        here = f"{path}.{wire}"
+        if f"{cls.__name__}.{wire}" in IGNORED_FIELDS and value not in (None, (), {}):
+            found.append(here)
+        elif isinstance(value, BaseModel):
+            found.extend(ignored_fields(value, here))
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    found.extend(ignored_fields(item, f"{here}[{i}]"))
+    return found
+
+
 class _Invalid(ConfigError):
     """An object that cannot be translated; ``field`` says where."""
 
@@ -146,11 +179,14 @@ class _Translator:
 
     def parse(self, obj: ApiObject, model: type[_T]) -> _T | None:
         try:
-            return model.model_validate(dict(obj.spec))
+            spec = model.model_validate(dict(obj.spec))
         except ValidationError as exc:
             for field, message in field_errors(exc):
                 self.issue(obj.ref, field, message)
             return None
+        for field in ignored_fields(spec):
+            self.issue(obj.ref, field, "not supported by the waypoint yet; ignored", "warning")
+        return spec
 
     # --- orchestration ------------------------------------------------------------------------
 
