@@ -20,7 +20,7 @@ last stream finished.  Every stream still open then fails with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,11 +278,18 @@ class HboneConnection:
     # -- reader ---------------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        receive = self.transport.receive_some
         protocol = self.protocol
+        receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
+            self.transport, "receive_into", None)
+        # With receive_into (our TLSStream) one buffer serves every read: no 256 KiB
+        # allocation and zero-fill per read, and only the bytes read are copied out.
+        buffer = memoryview(bytearray(READ_SIZE))
         try:
             while not self._stopping:
-                data = await receive(READ_SIZE)
+                if receive_into is not None:
+                    data: bytes | bytearray | memoryview = buffer[:await receive_into(buffer)]
+                else:
+                    data = await self.transport.receive_some(READ_SIZE)
                 if not data:
                     if not (self.draining or self.goaway_received) or self.streams:
                         self.log.debug("hbone peer closed the connection")

@@ -82,7 +82,7 @@ class DataChunk:
     """Payload bytes received on ``stream_id`` (a piece of one DATA frame, padding removed)."""
 
     stream_id: int
-    data: bytes | bytearray
+    data: bytes
 
 
 Event = DataChunk | h2.events.Event
@@ -288,8 +288,13 @@ class H2Protocol:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray) -> list[Event]:
-        """Feed bytes read from the peer; return what happened, in order."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes read from the peer; return what happened, in order.
+
+        ``data`` may be a view of a buffer the caller reuses: payload handed out in
+        :class:`DataChunk` is copied, except when ``data`` is immutable ``bytes`` made
+        entirely of payload, which is handed on as is.
+        """
         events: list[Event] = []
         view = memoryview(data)
         pos = 0
@@ -383,12 +388,14 @@ class H2Protocol:
             self._finish_data(events)
         return pos
 
-    def _continue_data(self, data: bytes | bytearray, view: memoryview, pos: int, end: int,
+    def _continue_data(self, data: bytes | bytearray | memoryview, view: memoryview, pos: int,
+                       end: int,
                        events: list[Event]) -> int:
         if self._data_left:
             take = min(self._data_left, end - pos)
             if self._data_deliver:
-                chunk = data if take == end else view[pos:pos + take].tobytes()
+                chunk = (data if take == end and isinstance(data, bytes)
+                         else view[pos:pos + take].tobytes())
                 events.append(DataChunk(stream_id=self._data_stream, data=chunk))
             pos += take
             self._data_left -= take
