@@ -91,11 +91,12 @@ def process(argv: list[str], log: Path, ready: str | None = None) -> Iterator[in
 def our_pair(certs: Path, backend: int, logs: Path) -> Iterator[tuple[int, list[int]]]:
     hbone, inbound = free_port(), free_port()
     base = [PYTHON, "-m", "common.hbone"]
-    with process(base + ["server", "--listen", f"127.0.0.1:{hbone}", "--cert-dir", str(certs)],
-                 logs / "ours-server.log") as server, \
-         process(base + ["client", "--listen", f"127.0.0.1:{inbound}", "--hbone",
-                         f"127.0.0.1:{hbone}", "--authority", f"127.0.0.1:{backend}",
-                         "--cert-dir", str(certs)], logs / "ours-client.log") as client:
+    server_argv = [*base, "server", "--listen", f"127.0.0.1:{hbone}", "--cert-dir", str(certs)]
+    client_argv = [*base, "client", "--listen", f"127.0.0.1:{inbound}", "--hbone",
+                   f"127.0.0.1:{hbone}", "--authority", f"127.0.0.1:{backend}",
+                   "--cert-dir", str(certs)]
+    with process(server_argv, logs / "ours-server.log") as server, \
+         process(client_argv, logs / "ours-client.log") as client:
         yield inbound, [client, server]
 
 
