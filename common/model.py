@@ -122,8 +122,8 @@ class Workload:
     netns: str | None
     ready: bool
     gateway: WaypointRef | None
-    named_ports: Mapping[str, int]
-    authz_ref: WorkloadRef
+    named_ports: Mapping[str, int] = field(repr=False)
+    authz_ref: WorkloadRef = field(repr=False)
 
     @property
     def is_waypoint(self) -> bool:
@@ -183,10 +183,10 @@ class Service:
     labels: Mapping[str, str]
     waypoint_of: WaypointRef | None
     ref: ServiceRef
-    ports_by_number: Mapping[int, ServicePort]
-    ready_endpoints: tuple[Endpoint, ...]
-    ready_by_zone: Mapping[tuple[str, str], tuple[Endpoint, ...]]
-    ready_by_region: Mapping[str, tuple[Endpoint, ...]]
+    ports_by_number: Mapping[int, ServicePort] = field(repr=False)
+    ready_endpoints: tuple[Endpoint, ...] = field(repr=False)
+    ready_by_zone: Mapping[tuple[str, str], tuple[Endpoint, ...]] = field(repr=False)
+    ready_by_region: Mapping[str, tuple[Endpoint, ...]] = field(repr=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -218,8 +218,8 @@ class Waypoint:
     identity: SpiffeId
     endpoints: tuple[WaypointEndpoint, ...]
     vips: tuple[str, ...]
-    ready_by_zone: Mapping[tuple[str, str], tuple[WaypointEndpoint, ...]]
-    ready_by_region: Mapping[str, tuple[WaypointEndpoint, ...]]
+    ready_by_zone: Mapping[tuple[str, str], tuple[WaypointEndpoint, ...]] = field(repr=False)
+    ready_by_region: Mapping[str, tuple[WaypointEndpoint, ...]] = field(repr=False)
 
     @property
     def ref(self) -> WaypointRef:
