@@ -1,10 +1,11 @@
 """The mesh certificate authority and the workload certificates it issues.
 
-One ECDSA P-256 root per trust domain signs short-lived leaf certificates
-(X.509-SVIDs).  A leaf carries exactly one name, the URI SAN with the workload's
-SPIFFE ID, whatever the certificate signing request asked for: the CA decides the
-identity (the caller proved it some other way, e.g. the node-authorization rule),
-the CSR only proves possession of the key.  Private keys are generated where they
+One ECDSA P-256 root per trust domain (directly, or through intermediates such
+as Istio's plug-in CA files) signs short-lived leaf certificates (X.509-SVIDs).
+A leaf carries exactly one name, the URI SAN with the workload's SPIFFE ID,
+whatever the certificate signing request asked for: the CA decides the identity
+(the caller proved it some other way, e.g. the node-authorization rule), the CSR
+only proves possession of the key.  Private keys are generated where they
 are used (:func:`make_csr`) and never cross a process boundary.
 
 Leaf profile (SPIFFE X.509-SVID, as Istio issues them): empty subject, so the SAN
@@ -20,12 +21,14 @@ the new root verify during the overlap.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -41,6 +44,11 @@ DEFAULT_BACKDATE = timedelta(minutes=5)
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 EXTRA_ROOTS_FILE = "extra-roots.pem"
+# Istio's plug-in CA layout (the `cacerts` secret), so operators can bring their own.
+ISTIO_CA_CERT_FILE = "ca-cert.pem"
+ISTIO_CA_KEY_FILE = "ca-key.pem"
+ISTIO_ROOT_CERT_FILE = "root-cert.pem"
+ISTIO_CERT_CHAIN_FILE = "cert-chain.pem"
 
 
 def _utcnow() -> datetime:
@@ -120,93 +128,150 @@ def make_csr(identity: SpiffeId) -> tuple[bytes, bytes]:
 
 
 class CertificateAuthority:
-    """A root CA for one trust domain: signs workload CSRs, owns the trust bundle."""
+    """Signs workload CSRs for one trust domain and owns the trust bundle.
+
+    The signing certificate is either the self-signed root (:meth:`generate`, files
+    ``ca.pem``/``ca.key``) or an intermediate under it (:meth:`intermediate`, or
+    Istio's plug-in CA files ``ca-cert.pem``, ``ca-key.pem``, ``root-cert.pem``,
+    ``cert-chain.pem``); leaves signed by an intermediate carry the intermediates
+    after them, and peers trust only the root.
+    """
 
     def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, *,
+                 root_pem: bytes | None = None, chain_pem: bytes = b"",
+                 trust_domain: str | None = None,
                  backdate: timedelta = DEFAULT_BACKDATE) -> None:
-        uris = spiffe_uris(cert)
-        if len(uris) != 1 or not uris[0].startswith("spiffe://") or "/" in uris[0][9:]:
-            raise CertificateError(
-                "root certificate must carry exactly one URI SAN spiffe://<trust-domain>; "
-                "was it made by CertificateAuthority.generate?")
+        """``cert`` signs; ``chain_pem`` holds the intermediates above it, below ``root_pem``.
+
+        Without ``root_pem``, ``cert`` is the (self-signed) root.  The trust domain is
+        ``trust_domain`` or else the ``spiffe://<td>`` URI SAN of ``cert``.
+        """
         bc = _basic_constraints(cert)
         if bc is None or not bc.ca:
             raise CertificateError(
-                "root certificate is not a CA (basicConstraints CA:true missing)")
-        pub = key.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-        if pub != cert.public_key().public_bytes(serialization.Encoding.DER,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo):
-            raise CertificateError("CA key does not match the CA certificate: check ca.key/ca.pem")
-        self.trust_domain = uris[0][len("spiffe://"):]
+                "the CA certificate is not a CA (basicConstraints CA:true missing)")
+        if _public_der(key.public_key()) != _public_der(cert.public_key()):
+            raise CertificateError("the CA key does not match the CA certificate: check that "
+                                   "the key and certificate files belong together")
+        root = cert if root_pem is None else _pem_certs(root_pem, "root certificate")[0]
+        intermediates = _pem_certs(chain_pem, "CA chain") if chain_pem else []
+        path = [cert, *intermediates, root]
+        for child, parent in itertools.pairwise(path):
+            try:
+                child.verify_directly_issued_by(parent)
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                raise CertificateError(
+                    f"the CA certificate {child.subject.rfc4514_string()!r} is not signed by "
+                    f"{parent.subject.rfc4514_string()!r}: check the chain and root files"
+                ) from exc
+        self.trust_domain = trust_domain or _trust_domain_of(cert)
+        SpiffeId(self.trust_domain, "default", "default")  # validates it
         self._key = key
         self._cert = cert
+        self._root = root
         self._backdate = backdate
-        self.root_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self.root_pem = root.public_bytes(serialization.Encoding.PEM)
+        # What a leaf carries after itself: nothing under a root, else the intermediates.
+        self._leaf_chain_pem = b"" if cert is root else b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in [cert, *intermediates])
         self._extra_roots: list[bytes] = []
 
     @classmethod
     def generate(cls, trust_domain: str, *, lifetime: timedelta = DEFAULT_ROOT_LIFETIME,
                  backdate: timedelta = DEFAULT_BACKDATE) -> CertificateAuthority:
         """A fresh self-signed ECDSA P-256 root for ``trust_domain``."""
-        # Validates the trust domain with the identity rules.
-        SpiffeId(trust_domain, "default", "default")
+        SpiffeId(trust_domain, "default", "default")  # validates the trust domain
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-                          x509.NameAttribute(NameOID.COMMON_NAME, "pyambient mesh root CA")])
+        name = _ca_name(trust_domain, "pyambient mesh root CA")
         now = _utcnow()
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (x509.CertificateBuilder()
-                .subject_name(name).issuer_name(name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
+        cert = (_ca_builder(name, name, key.public_key(), trust_domain, path_length=None)
                 .not_valid_before(now - backdate).not_valid_after(now + lifetime)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(ski, critical=False)
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
                 .sign(key, hashes.SHA256()))
-        return cls(key, cert, backdate=backdate)
+        return cls(key, cert, trust_domain=trust_domain, backdate=backdate)
+
+    def intermediate(self, *, lifetime: timedelta = timedelta(days=365)) -> CertificateAuthority:
+        """A new P-256 CA signed by this root (e.g. one per cluster), for the same trust domain."""
+        if not self.is_root:
+            raise CertificateError("intermediates here have path length 0: make further "
+                                   "intermediates from the root")
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _utcnow()
+        cert = (_ca_builder(_ca_name(self.trust_domain, "pyambient mesh intermediate CA"),
+                            self._cert.subject, key.public_key(), self.trust_domain,
+                            path_length=0)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self._key.public_key()), critical=False)
+                .not_valid_before(now - self._backdate)
+                .not_valid_after(min(now + lifetime, self._cert.not_valid_after_utc))
+                .sign(self._key, hashes.SHA256()))
+        ca = CertificateAuthority(key, cert, root_pem=self.root_pem,
+                                  trust_domain=self.trust_domain, backdate=self._backdate)
+        for extra in self._extra_roots:
+            ca.add_trusted_root(extra)
+        return ca
+
+    @property
+    def is_root(self) -> bool:
+        return self._cert is self._root
 
     @classmethod
-    def load(cls, directory: Path) -> CertificateAuthority:
-        """Load ``ca.pem``, ``ca.key`` and, if present, ``extra-roots.pem`` from ``directory``."""
+    def load(cls, directory: Path, *, trust_domain: str | None = None) -> CertificateAuthority:
+        """Load a CA from ``directory``: ``ca.pem`` + ``ca.key`` (a root, as :meth:`save`
+        writes it), or Istio's plug-in CA files ``ca-cert.pem``, ``ca-key.pem``,
+        ``root-cert.pem`` and ``cert-chain.pem``; plus ``extra-roots.pem`` if present.
+
+        ``trust_domain`` is needed only when the CA certificate has no ``spiffe://`` SAN.
+        """
+        istio = (directory / ISTIO_CA_CERT_FILE).exists()
+        cert_file, key_file = ((ISTIO_CA_CERT_FILE, ISTIO_CA_KEY_FILE) if istio
+                               else (CA_CERT_FILE, CA_KEY_FILE))
         try:
-            cert_pem = (directory / CA_CERT_FILE).read_bytes()
-            key_pem = (directory / CA_KEY_FILE).read_bytes()
+            cert_pem = (directory / cert_file).read_bytes()
+            key_pem = (directory / key_file).read_bytes()
+            root_pem = (directory / ISTIO_ROOT_CERT_FILE).read_bytes() if istio else None
+            chain_pem = ((directory / ISTIO_CERT_CHAIN_FILE).read_bytes()
+                         if istio and (directory / ISTIO_CERT_CHAIN_FILE).exists() else b"")
         except OSError as exc:
             raise CertificateError(
                 f"cannot read the CA from {directory}: {exc} (expected {CA_CERT_FILE} and "
-                f"{CA_KEY_FILE}; create them with CertificateAuthority.generate(...).save())"
-            ) from exc
+                f"{CA_KEY_FILE}, or Istio's {ISTIO_CA_CERT_FILE}, {ISTIO_CA_KEY_FILE} and "
+                f"{ISTIO_ROOT_CERT_FILE}; create a CA with CertificateAuthority.generate(...)"
+                f".save(directory))") from exc
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as exc:
-            raise CertificateError(f"{directory / CA_KEY_FILE} is not an unencrypted PEM key: {exc}"
+            raise CertificateError(f"{directory / key_file} is not an unencrypted PEM key: {exc}"
                                    ) from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CertificateError(f"{directory / CA_KEY_FILE} is not an ECDSA key")
-        ca = cls(key, _pem_certs(cert_pem, str(directory / CA_CERT_FILE))[0])
+            raise CertificateError(f"{directory / key_file} is not an ECDSA key")
+        cert = _pem_certs(cert_pem, str(directory / cert_file))[0]
+        if root_pem is not None and _pem_certs(root_pem, "root")[0] == cert:
+            root_pem = None  # Istio layout holding a root CA directly
+        # Istio's cert-chain.pem runs from ca-cert.pem up to the root: keep what is between.
+        skip = {cert, *(_pem_certs(root_pem, "root") if root_pem else [])}
+        between = b"".join(c.public_bytes(serialization.Encoding.PEM)
+                           for c in (_pem_certs(chain_pem, "cert-chain.pem") if chain_pem else [])
+                           if c not in skip)
+        ca = cls(key, cert, root_pem=root_pem, chain_pem=between, trust_domain=trust_domain)
         extra = directory / EXTRA_ROOTS_FILE
         if extra.exists():
-            for cert in _pem_certs(extra.read_bytes(), str(extra)):
-                ca.add_trusted_root(cert.public_bytes(serialization.Encoding.PEM))
+            for root in _pem_certs(extra.read_bytes(), str(extra)):
+                ca.add_trusted_root(root.public_bytes(serialization.Encoding.PEM))
         return ca
 
     def save(self, directory: Path) -> None:
-        """Write ``ca.pem`` and ``ca.key`` (mode 0600) and any extra roots into ``directory``."""
+        """Write the CA into ``directory`` (keys mode 0600), in the layout :meth:`load` reads:
+        ``ca.pem``/``ca.key`` for a root, Istio's plug-in files for an intermediate."""
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CA_CERT_FILE).write_bytes(self.root_pem)
-        key_path = directory / CA_KEY_FILE
-        # Create with 0600 from the start: the key is never readable by others, not even briefly.
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(_key_pem(self._key))
+        cert_pem = self._cert.public_bytes(serialization.Encoding.PEM)
+        if self.is_root:
+            (directory / CA_CERT_FILE).write_bytes(cert_pem)
+            _write_private(directory / CA_KEY_FILE, _key_pem(self._key))
+        else:
+            (directory / ISTIO_CA_CERT_FILE).write_bytes(cert_pem)
+            _write_private(directory / ISTIO_CA_KEY_FILE, _key_pem(self._key))
+            (directory / ISTIO_ROOT_CERT_FILE).write_bytes(self.root_pem)
+            (directory / ISTIO_CERT_CHAIN_FILE).write_bytes(self._leaf_chain_pem + self.root_pem)
         extra = directory / EXTRA_ROOTS_FILE
         if self._extra_roots:
             extra.write_bytes(b"".join(self._extra_roots))
@@ -237,7 +302,8 @@ class CertificateAuthority:
                  not_before: datetime | None = None) -> bytes:
         """Sign a leaf for ``identity`` over the CSR's key; the CSR's own names are ignored.
 
-        ``not_before`` defaults to now minus the backdate; the leaf never outlives the root.
+        Returns the leaf PEM, followed by the intermediates when this CA is one.
+        ``not_before`` defaults to now minus the backdate; the leaf never outlives its CA.
         """
         if identity.trust_domain != self.trust_domain:
             raise CertificateError(
@@ -276,7 +342,7 @@ class CertificateAuthority:
                 .add_extension(x509.SubjectAlternativeName(
                     [x509.UniformResourceIdentifier(str(identity))]), critical=True)
                 .sign(self._key, hashes.SHA256()))
-        return cert.public_bytes(serialization.Encoding.PEM)
+        return cert.public_bytes(serialization.Encoding.PEM) + self._leaf_chain_pem
 
     def issue(self, identity: SpiffeId, *, lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
               not_before: datetime | None = None) -> WorkloadCertificate:
@@ -284,6 +350,52 @@ class CertificateAuthority:
         key_pem, csr_pem = make_csr(identity)
         cert_pem = self.sign_csr(csr_pem, identity, lifetime=lifetime, not_before=not_before)
         return WorkloadCertificate.from_pem(key_pem, cert_pem, self.roots_pem)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Created 0600 from the start: the key is never readable by others, not even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)
+
+
+def _public_der(key: object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CertificateError("the mesh CA uses ECDSA keys only")
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _trust_domain_of(cert: x509.Certificate) -> str:
+    uris = spiffe_uris(cert)
+    if len(uris) != 1 or "/" in uris[0][len("spiffe://"):]:
+        raise CertificateError(
+            "the CA certificate has no single URI SAN spiffe://<trust-domain>: pass "
+            "trust_domain= explicitly")
+    return uris[0][len("spiffe://"):]
+
+
+def _ca_name(trust_domain: str, common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _ca_builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
+                trust_domain: str, *, path_length: int | None) -> x509.CertificateBuilder:
+    return (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length),
+                           critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False))
 
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:

@@ -172,3 +172,60 @@ def test_from_pem_rejects_a_leaf_that_is_not_a_workload(ca: CertificateAuthority
     # The root carries only the trust-domain URI spiffe://cluster.local.
     with pytest.raises(CertificateError, match="not a workload identity"):
         WorkloadCertificate.from_pem(b"", ca.root_pem, ca.root_pem)
+
+
+def test_intermediate_ca_leaves_carry_the_chain_and_verify_to_the_root() -> None:
+    root = CertificateAuthority.generate(TD)
+    inter = root.intermediate()
+    assert not inter.is_root and root.is_root
+    wc = inter.issue(ALICE)
+    leaf, intermediate = x509.load_pem_x509_certificates(wc.cert_pem)
+    root_cert = x509.load_pem_x509_certificate(root.root_pem)
+    leaf.verify_directly_issued_by(intermediate)
+    intermediate.verify_directly_issued_by(root_cert)
+    assert intermediate.extensions.get_extension_for_class(
+        x509.BasicConstraints).value.path_length == 0
+    assert wc.roots_pem == root.root_pem == inter.root_pem
+    assert inter.trust_domain == TD
+
+
+def test_istio_plugin_layout_round_trip(tmp_path: Path) -> None:
+    root = CertificateAuthority.generate(TD)
+    inter = root.intermediate()
+    inter.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"}
+    assert stat.S_IMODE((tmp_path / "ca-key.pem").stat().st_mode) == 0o600
+    # Istio's cert-chain.pem: the CA certificate up to and including the root.
+    assert len(x509.load_pem_x509_certificates((tmp_path / "cert-chain.pem").read_bytes())) == 2
+    loaded = CertificateAuthority.load(tmp_path)
+    assert loaded.root_pem == root.root_pem and not loaded.is_root
+    leaf, intermediate = x509.load_pem_x509_certificates(loaded.issue(ALICE).cert_pem)
+    leaf.verify_directly_issued_by(intermediate)
+
+
+def test_intermediates_are_made_by_the_root_only() -> None:
+    with pytest.raises(CertificateError, match="path length 0"):
+        CertificateAuthority.generate(TD).intermediate().intermediate()
+
+
+def test_ca_chain_that_does_not_reach_the_root_is_refused(tmp_path: Path) -> None:
+    inter = CertificateAuthority.generate(TD).intermediate()
+    inter.save(tmp_path)
+    (tmp_path / "root-cert.pem").write_bytes(CertificateAuthority.generate(TD).root_pem)
+    with pytest.raises(CertificateError, match="is not signed by"):
+        CertificateAuthority.load(tmp_path)
+
+
+def test_ca_certificate_without_spiffe_san_needs_the_trust_domain() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "corporate root")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    with pytest.raises(CertificateError, match="pass trust_domain="):
+        CertificateAuthority(key, cert)
+    assert CertificateAuthority(key, cert, trust_domain=TD).issue(ALICE).identity == ALICE

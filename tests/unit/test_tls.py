@@ -628,3 +628,14 @@ async def test_unanswered_tcp_connect_times_out(
         with pytest.raises(ConnectTimeoutError, match=r"no TCP connection .* within 3"):
             await connect_tls("127.0.0.1", full.getsockname()[1], client_context(pki.client),
                               expected={SERVER}, connect_timeout=3)
+
+
+async def test_leaves_of_two_intermediates_under_one_root_trust_each_other(
+        listener: socket.socket) -> None:
+    root = CertificateAuthority.generate(TD)
+    client_cert = root.intermediate().issue(CLIENT)
+    server_cert = root.intermediate().issue(SERVER)
+    client, server = await _pair(listener, client_context(client_cert),
+                                 server_context(server_cert))
+    async with client, server:
+        assert (client.peer_identity, server.peer_identity) == (SERVER, CLIENT)
