@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -87,7 +87,7 @@ class WorkloadCertificate:
     """
 
     identity: SpiffeId
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in a log line
     cert_pem: bytes
     roots_pem: bytes
     not_before: datetime

@@ -229,3 +229,9 @@ def test_ca_certificate_without_spiffe_san_needs_the_trust_domain() -> None:
     with pytest.raises(CertificateError, match="pass trust_domain="):
         CertificateAuthority(key, cert)
     assert CertificateAuthority(key, cert, trust_domain=TD).issue(ALICE).identity == ALICE
+
+
+def test_private_key_stays_out_of_repr(ca: CertificateAuthority) -> None:
+    wc = ca.issue(ALICE)
+    assert b"PRIVATE KEY" in wc.key_pem
+    assert "PRIVATE KEY" not in repr(wc) and "key_pem" not in repr(wc)
