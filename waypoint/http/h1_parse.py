@@ -284,7 +284,9 @@ class _Parser:
         if state in (_BODY_LENGTH, _CHUNK_DATA):
             return self._next_counted_data()
         if state == _END:
-            return self._end_message(_END_OF_MESSAGE)
+            self._state = self._after_end
+            self._blank = 0
+            return _END_OF_MESSAGE
         if state in (_CHUNK_SIZE, _CHUNK_END, _TRAILERS):
             return self._next_chunk_framing()
         if state == _BODY_EOF:
@@ -435,13 +437,27 @@ class _Parser:
                 self._state = _CLOSED
                 return ConnectionClosed()
             return NEED_DATA
-        block = self._find_block(self._limits.max_head_bytes, "header section")
-        if block is None:
+        if self._scan <= pos:
+            # Fast path: a whole CRLF head already buffered (the usual keep-alive read).
+            last = buf.find(b"\r\n\r\n", pos)
+            if last >= 0 and last + 4 - pos <= self._limits.max_head_bytes:
+                block = bytes(buf[pos:last + 2])
+                lines = block.split(b"\r\n")
+                # Deleting CTLs, CRs and LFs must remove exactly the CRLF pairs:
+                # then there is no bad byte, bare CR or bare LF (which could hide
+                # an earlier end of head).
+                if len(block.translate(None, _BAD_AND_LINE_ENDS)) == len(block) - 2 * len(
+                        lines) + 2:
+                    self._pos = last + 4
+                    lines.pop()
+                    return self._on_head(lines)
+        found = self._find_block(self._limits.max_head_bytes, "header section")
+        if found is None:
             if self._eof:
                 raise self._fail(Http1Error(
                     "the peer closed the connection in the middle of a message head"))
             return NEED_DATA
-        return self._on_head(self._split_lines(block))
+        return self._on_head(self._split_lines(found))
 
     def _skip_blank_lines(self, buf: bytes | bytearray, pos: int) -> int:
         while True:
@@ -572,6 +588,8 @@ class _Parser:
                 content_length = int(value)
             elif name == _TRANSFER_ENCODING:
                 codings.extend(value.split(b","))
+            elif value == b"keep-alive":
+                keep_alive_token = True
             else:
                 for token in value.lower().split(b","):
                     token = token.strip(b" \t")
@@ -667,7 +685,10 @@ class RequestParser(_Parser):
         if len(lines) - 1 > limits.max_headers:
             raise self._fail(Http1TooLargeError(f"more than {limits.max_headers} header fields"))
         headers, special = self._fields(lines, 1)
-        content_length, chunked, keep_alive, hosts = self._framing(special, version)
+        if len(special) == 1 and special[0][0] == _HOST:
+            content_length, chunked, keep_alive, hosts = None, False, version == b"1.1", 1
+        else:
+            content_length, chunked, keep_alive, hosts = self._framing(special, version)
         if hosts != 1 and (hosts or version == b"1.1"):
             raise self._fail(Http1Error("an HTTP/1.1 request needs exactly one Host field"))
         if method == b"CONNECT":

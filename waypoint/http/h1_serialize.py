@@ -116,10 +116,9 @@ def _head_bytes(start_line: bytes, headers: Sequence[tuple[bytes, bytes]],
         out = start_line + b"\r\n".join([b": ".join(h) for h in headers]) + b"\r\n\r\n"
     else:
         out = start_line + b"\r\n"
-    # One count per byte kind instead of a scan per value: every CR and LF must
-    # be one of the line ends written above, and NUL is never allowed.
-    expected = len(headers) + 2
-    if out.count(b"\n") != expected or out.count(b"\r") != expected or b"\0" in out:
+    # One pass instead of a scan per value: the only CR, LF (or NUL) bytes
+    # allowed are the line ends written above.
+    if len(out) - len(out.translate(None, b"\r\n\0")) != 2 * len(headers) + 4:
         raise LocalProtocolError(
             "CR, LF or NUL inside a start line or header: refusing to write it (response "
             "splitting); check where the value came from")
@@ -190,8 +189,12 @@ class RequestWriter(_Writer):
 
     __slots__ = ()
 
-    def head(self, event: RequestHead) -> bytes:
-        """Bytes of the request line and headers; framing from the headers."""
+    def head(self, event: RequestHead, headers: Headers | None = None) -> bytes:
+        """Bytes of the request line and headers; framing from the headers.
+
+        ``headers`` replaces ``event.headers`` (a proxy forwards a parsed head
+        with edited headers without building a new event).
+        """
         if self._mode != _DONE or self.must_close:
             self._check_idle()
         method = event.method
@@ -203,11 +206,13 @@ class RequestWriter(_Writer):
                 not target or target.translate(None, _VCHAR)):
             raise LocalProtocolError(
                 f"invalid method {method[:32]!r} or target {target[:64]!r}")
+        if headers is None:
+            headers = event.headers
         out, mode, length, close = _head_bytes(
-            b"%s %s HTTP/%s\r\n" % (method, target, version), event.headers)
+            b"%s %s HTTP/%s\r\n" % (method, target, version), headers)
         self._mode = _NO_BODY if mode == _UNTIL_CLOSE or (mode == _LENGTH and not length) else mode
         self._remaining = length
-        self.must_close = close or (version == b"1.0" and not _says_keep_alive(event.headers))
+        self.must_close = close or (version == b"1.0" and not _says_keep_alive(headers))
         return out
 
 
@@ -216,10 +221,12 @@ class ResponseWriter(_Writer):
 
     __slots__ = ()
 
-    def head(self, event: ResponseHead, request_method: bytes = b"GET") -> bytes:
+    def head(self, event: ResponseHead, request_method: bytes = b"GET",
+             headers: Headers | None = None) -> bytes:
         """Bytes of the status line and headers for the response to ``request_method``.
 
         A 1xx (other than 101) is informational: the final response's head follows.
+        ``headers`` replaces ``event.headers``.
         """
         if self._mode != _DONE or self.must_close:
             self._check_idle()
@@ -227,8 +234,10 @@ class ResponseWriter(_Writer):
         version = event.version
         if not 100 <= status <= 999 or (version != b"1.1" and version != b"1.0"):
             raise LocalProtocolError(f"cannot write status {status} / version {version!r}")
+        if headers is None:
+            headers = event.headers
         out, mode, length, close = _head_bytes(
-            b"HTTP/%s %d %s\r\n" % (version, status, event.reason), event.headers)
+            b"HTTP/%s %d %s\r\n" % (version, status, event.reason), headers)
         if status < 200:
             if status == 101:
                 self.must_close = True
@@ -243,7 +252,7 @@ class ResponseWriter(_Writer):
         self._mode = mode
         self._remaining = length
         self.must_close = (close or mode == _UNTIL_CLOSE
-                           or (version == b"1.0" and not _says_keep_alive(event.headers)))
+                           or (version == b"1.0" and not _says_keep_alive(headers)))
         return out
 
 
@@ -276,10 +285,15 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     kept = [h for h in headers if h[0] not in _HOP_BY_HOP]
     if len(kept) == len(headers):
         return kept
-    drop = hop_by_hop_names(headers)
+    # Usually only "Connection: keep-alive" was dropped: nothing nominated, no TE.
+    listed = [v for n, v in headers if n == b"connection"]
+    nominated = {t for v in listed for t in _tokens(v)} - _HOP_BY_HOP - _NOT_NOMINABLE
+    nominated -= {b"", b"close"}
+    if not nominated and not any(n == b"te" for n, _ in headers):
+        return kept
     out: Headers = []
     for name, value in headers:
-        if name not in drop:
+        if name not in _HOP_BY_HOP and name not in nominated:
             out.append((name, value))
         elif name == b"te" and b"trailers" in _tokens(value):
             out.append((b"te", b"trailers"))
