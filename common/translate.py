@@ -318,6 +318,12 @@ class MeshTranslator:
 
     # -- snapshot -------------------------------------------------------------------------
 
+    @property
+    def pending(self) -> bool:
+        """True when events arrived that the last snapshot does not reflect yet."""
+        return bool(self._dirty_pods or self._dirty_services or self._dirty_waypoints
+                    or self._dirty_nodes or self._dirty_kinds or self._namespace_issues_dirty)
+
     def snapshot(self) -> Snapshot:
         """Translate what changed since the last call and return a new snapshot."""
         for node in self._dirty_nodes:
