@@ -484,6 +484,8 @@ async def test_stdlib_fallback_still_handshakes_and_half_closes(
         assert await server.receive_some() == b""
         await server.send_all(b"y")
         assert await client.receive_some() == b"y"
+        await server.aclose()  # close_notify through the stdlib shutdown
+        assert await client.receive_some() == b""
 
 
 # -- trio's stream conformance suite ------------------------------------------------------
@@ -521,7 +523,13 @@ class _TrioErrors(trio.abc.HalfCloseableStream):
         await self.inner.aclose()
 
 
-async def test_tls_stream_passes_trios_half_closeable_stream_checks(pki: Pki) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["libssl", "stdlib"])
+async def test_tls_stream_passes_trios_half_closeable_stream_checks(
+        pki: Pki, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native:
+        monkeypatch.setattr(tls, "_libssl", None)
+    elif tls._libssl is None:
+        pytest.skip("the libssl helper is not available here")
     cctx, sctx = client_context(pki.client), server_context(pki.server)
 
     async def make() -> tuple[_TrioErrors, _TrioErrors]:
