@@ -108,25 +108,32 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise StreamClosedError("the HBONE stream was closed by this side")
         self._receiving = True
+        waited = False
         try:
             self._credit()
             while not self._queue:
                 if self._error is not None:
                     raise self._error
                 if self._remote_ended:
-                    return b""
+                    break
+                waited = True
                 await self._readers.park()
                 if self._closed:
                     raise StreamClosedError("the HBONE stream was closed while receiving")
-            chunk = self._queue.popleft()
-            if max_bytes is not None and len(chunk) > max_bytes:
-                self._queue.appendleft(chunk[max_bytes:])
-                chunk = chunk[:max_bytes]
-            self._queued -= len(chunk)
-            self._unacked += len(chunk)
+            if self._queue:
+                chunk = self._queue.popleft()
+                if max_bytes is not None and len(chunk) > max_bytes:
+                    self._queue.appendleft(chunk[max_bytes:])
+                    chunk = chunk[:max_bytes]
+                self._queued -= len(chunk)
+                self._unacked += len(chunk)
+            else:
+                chunk = b""
         finally:
             self._receiving = False
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:
+            # Parking was our checkpoint; without it, yield once as every trio call must.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return chunk
 
     def _credit(self) -> None:
