@@ -58,6 +58,9 @@ INVALID = [
     Bad("te-lookalike", post(b"Transfer-Encoding: xchunked"), 400),
     Bad("te-in-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     Bad("te-empty", post(b"Transfer-Encoding: ,"), 400),
+    Bad("te-no-value", post(b"Transfer-Encoding:"), 400),
+    Bad("te-trailing-comma", post(b"Transfer-Encoding: chunked,"), 400),
+    Bad("te-leading-comma", post(b"Transfer-Encoding: , chunked"), 400),
     Bad("connect-with-body", b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\nContent-Length: 2\r\n\r\n",
         400),
     # Field syntax.

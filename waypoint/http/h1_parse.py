@@ -612,8 +612,12 @@ class _Parser:
             raise self._fail(Http1Error(
                 "both Content-Length and Transfer-Encoding: a request smuggling shape"))
         names = [c.strip(b" \t").lower() for c in codings]
-        names = [c for c in names if c]
-        if not names or names[-1] != b"chunked":
+        if b"" in names:
+            # The RFC lets list parsers skip empty elements; Envoy does not (its
+            # value must be exactly "chunked"), and neither do we: less to disagree on.
+            raise self._fail(Http1Error(
+                f"empty element in Transfer-Encoding {b','.join(codings)[:64]!r}"))
+        if names[-1] != b"chunked":
             raise self._fail(Http1Error(
                 f"Transfer-Encoding {b', '.join(names)!r} does not end in chunked: "
                 "the body length cannot be determined"))
