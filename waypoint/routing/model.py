@@ -138,6 +138,13 @@ class RequestMatch:
     source_labels: tuple[tuple[str, str], ...] = ()
     source_namespace: str | None = None
     name: str | None = None
+    #: False when the path is the only condition, so the engine can skip the rest.
+    has_conditions: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "has_conditions", bool(
+            self.method or self.headers or self.without_headers or self.query or self.authority
+            or self.scheme or self.port or self.source_labels or self.source_namespace))
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +200,8 @@ class WeightedBackend:
 
     ``cluster`` None marks a backend that did not resolve: requests drawn to it
     are answered ``invalid_status`` (Gateway API 500; Istio/Envoy 503 "cluster
-    not found").
+    not found").  The header operations are the rule's followed by the
+    backend's own, combined at translation so a request does no merging.
     """
 
     name: str

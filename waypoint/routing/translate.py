@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import gc
 import typing
@@ -449,6 +450,7 @@ class _Translator:
             resilience = gateway_resilience(spec)
         except ConfigError as exc:
             raise _Invalid(where, str(exc)) from exc
+        backends = _after_rule_ops(backends, req_ops, resp_ops)
         rule = RouteRule(source=obj.ref, index=index,
                          route_name=f"{obj.namespace}/{obj.name}/{spec.name or index}",
                          backends=backends, cumulative=_cumulative(backends),
@@ -649,6 +651,7 @@ class _Translator:
             resilience = vs_resilience(spec)
         except ConfigError as exc:
             raise _Invalid(where, str(exc)) from exc
+        backends = _after_rule_ops(backends, req_ops, resp_ops)
         rule = RouteRule(source=obj.ref, index=index,
                          route_name=f"{obj.namespace}/{obj.name}/{spec.name or index}",
                          backends=backends, cumulative=_cumulative(backends),
@@ -788,10 +791,15 @@ def _cumulative(backends: tuple[WeightedBackend, ...]) -> tuple[int, ...]:
 
 
 def _reweight(backend: WeightedBackend, weight: int) -> WeightedBackend:
-    return WeightedBackend(name=backend.name, weight=weight, cluster=backend.cluster,
-                           request_headers=backend.request_headers,
-                           response_headers=backend.response_headers,
-                           invalid_status=backend.invalid_status)
+    return dataclasses.replace(backend, weight=weight)
+
+
+def _after_rule_ops(backends: tuple[WeightedBackend, ...], request: HeaderOps,
+                    response: HeaderOps) -> tuple[WeightedBackend, ...]:
+    """Backends whose header operations are the rule's followed by their own."""
+    return tuple(dataclasses.replace(b, request_headers=request.then(b.request_headers),
+                                     response_headers=response.then(b.response_headers))
+                 for b in backends)
 
 
 _BAD_PATH_PARTS = ("//", "/./", "/../", "%2f", "%2F", "#")
