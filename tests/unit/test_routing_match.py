@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.routing_helpers import backend, backend_of, httproute, send, table
+from tests.unit.routing_helpers import backend, backend_of, httproute, send, svc, table
 from waypoint.routing.match import Outcome, parse_query
 
 SEGMENTS = st.lists(st.sampled_from(["a", "b", "ab", "a.b", ""]), min_size=0, max_size=4)
@@ -138,6 +138,14 @@ def test_every_host_form_and_the_vip_reach_the_service() -> None:
                  "ECHO.default", "echo:80"):
         assert backend_of(send(t, host=host)) == "v1", host
     assert backend_of(send(t, host="whatever", destination="10.0.0.1")) == "v1"
+    assert backend_of(send(t, host="echo.default.svc.cluster.local.")) == "v1"
+
+
+def test_v6_vip_in_the_host_header_reaches_the_service() -> None:
+    services = [svc("echo", vips=("fd00::1",)), svc("v1")]
+    t = table(httproute("r", [{"backendRefs": [backend("v1")]}]), services=services)
+    assert backend_of(send(t, host="[fd00::1]:80")) == "v1"
+    assert backend_of(send(t, host="[fd00::1]")) == "v1"
 
 
 def test_service_without_routes_goes_to_itself() -> None:

@@ -133,6 +133,10 @@ NOT_FOUND = RouteDecision(outcome=Outcome.NOT_FOUND, status=404, response_flag="
 def find_service(table: RouteTable, request: Request) -> tuple[ServiceRoutes | None, int]:
     """The routes for the request's destination service, and the service port used."""
     host, host_port = split_authority(request.authority)
+    if host.startswith("["):
+        host = host[1:-1]  # a v6 literal: VIPs are indexed without brackets
+    elif host.endswith("."):
+        host = host[:-1]  # an absolute FQDN
     port = request.port if request.port is not None else (host_port or 80)
     routes = None
     if request.destination is not None:
