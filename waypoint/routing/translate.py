@@ -189,9 +189,11 @@ class RouteTableStore:
             _log.exception("route translation failed; keeping the previous route table",
                            version=self.current.version)
             return self.current
+        known = set(self.current.issues)
         for issue in table.issues:
-            _log.warning("route config issue", object=str(issue.ref), field=issue.field,
-                         problem=issue.message, severity=issue.severity)
+            if issue not in known:  # each problem is logged once, not on every update
+                _log.warning("route config issue", object=str(issue.ref), field=issue.field,
+                             problem=issue.message, severity=issue.severity)
         self.current = table
         return table
 
