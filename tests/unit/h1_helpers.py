@@ -34,11 +34,19 @@ def run(parser: Parser, chunks: Iterable[bytes], eof: bool = False) -> list[Even
     out: list[Event] = []
     for chunk in chunks:
         parser.feed(chunk)
-        out.extend(parser.events())
+        out.extend(drain(parser))
     if eof:
         parser.feed_eof()
-        out.extend(parser.events())
+        out.extend(drain(parser))
     return normalize(out)
+
+
+def drain(parser: Parser) -> list[Event]:
+    """Every event available, raising an error deferred by ``events()``."""
+    out: list[Event] = []
+    while batch := parser.events():
+        out.extend(batch)
+    return out
 
 
 def new_parser(kind: str, methods: Sequence[bytes] = (), limits: H1Limits | None = None

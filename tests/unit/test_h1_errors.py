@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from common.errors import Http1Error, Http1TooLargeError, Http1UnsupportedError, MeshError
-from tests.unit.h1_helpers import bytewise, new_parser
+from tests.unit.h1_helpers import bytewise, drain, new_parser
 from waypoint.http import NEED_DATA, H1Limits, RequestHead, RequestParser
 
 GET = b"GET / HTTP/1.1\r\nHost: a\r\n"
@@ -165,10 +165,10 @@ def drive(case: Bad, chunks: list[bytes]) -> Http1Error:
     with pytest.raises(Http1Error) as info:
         for chunk in chunks:
             parser.feed(chunk)
-            parser.events()
+            drain(parser)
         if case.eof:
             parser.feed_eof()
-            parser.events()
+            drain(parser)
     # The parser stays dead: same error again, and the connection must close.
     with pytest.raises(Http1Error) as again:
         parser.next_event()

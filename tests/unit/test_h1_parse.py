@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from common.errors import Http1Error
 from tests.unit.h1_helpers import bytewise, new_parser, normalize, run
 from waypoint.http import (
     NEED_DATA,
@@ -239,3 +240,14 @@ def test_events_after_the_closing_message_are_ignored_and_bounded() -> None:
     parser.feed(b"x" * 100_000)
     assert parser.buffered == held
     assert parser.next_event() is PAUSED
+
+
+def test_events_before_an_error_are_delivered_then_the_error() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nGET /bad HTTP/9.9\r\nHost: a\r\n\r\n")
+    good = parser.events()
+    assert [type(ev) for ev in good] == [RequestHead, EndOfMessage]
+    with pytest.raises(Http1Error) as info:
+        parser.events()
+    assert info.value.status == 505
+    assert parser.must_close

@@ -262,10 +262,20 @@ class _Parser:
         return bytes(self._buf[self._pos:]), self._eof
 
     def events(self) -> list[Event]:
-        """Every event available now (stops at NEED_DATA or PAUSED)."""
+        """Every event available now (stops at NEED_DATA or PAUSED).
+
+        When the peer broke the protocol after some good events, those are
+        returned first (a proxy still answers the pipelined requests before the
+        bad one); the error is raised by the next call.
+        """
         out: list[Event] = []
         while True:
-            ev = self.next_event()
+            try:
+                ev = self.next_event()
+            except Http1Error:
+                if out:
+                    return out
+                raise
             if isinstance(ev, Signal):
                 return out
             out.append(ev)
