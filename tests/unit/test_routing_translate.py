@@ -278,3 +278,13 @@ def test_fields_the_waypoint_does_not_act_on_are_warned_about() -> None:
                       ("echo", "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive"),
                       ("r", "spec.rules[0].sessionPersistence")]
     assert _errors(t) == []
+
+
+def test_hostnames_on_a_service_route_are_ignored_with_a_warning() -> None:
+    route = httproute("r", [{"backendRefs": [backend("v1")]}])
+    route = ApiObject(kind=route.kind, namespace=route.namespace, name=route.name,
+                      spec={**route.spec, "hostnames": ["only.example"]})
+    t = table(route)
+    assert backend_of(send(t, host="echo")) == "v1"
+    [issue] = t.issues
+    assert issue.field == "spec.hostnames" and issue.severity == "warning"

@@ -359,6 +359,10 @@ class _Translator:
         targets = self.gateway_parents(obj, spec)
         if not targets:
             return
+        if spec.hostnames:
+            self.issue(obj.ref, "spec.hostnames", "hostnames are ignored for Service parents "
+                       "(GEP-1294); match the Host header with a header match instead",
+                       "warning")
         try:
             rules = [self.gateway_rule(obj, rule, i) for i, rule in enumerate(spec.rules)]
         except _Invalid as exc:
