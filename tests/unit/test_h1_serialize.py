@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 
 from common.errors import LocalProtocolError
+from tests.unit.h1_helpers import run
 from waypoint.http import (
+    Data,
+    EndOfMessage,
     RequestHead,
+    RequestParser,
     RequestWriter,
     ResponseHead,
     ResponseWriter,
+    forward_headers,
     hop_by_hop_names,
     reason_phrase,
     strip_hop_by_hop,
@@ -185,3 +190,22 @@ def test_te_without_trailers_is_dropped_and_clean_headers_pass_through() -> None
 def test_reason_phrases() -> None:
     assert reason_phrase(431) == b"Request Header Fields Too Large"
     assert reason_phrase(299) == b""
+
+
+def test_forwarding_a_chunked_request_keeps_its_framing() -> None:
+    parser = RequestParser()
+    wire = (b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: x-hop\r\nX-Hop: 1\r\nTE: trailers\r\n\r\n"
+            b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\n\r\n")
+    head, data, end = run(parser, [wire])
+    assert isinstance(head, RequestHead) and isinstance(data, Data)
+    assert isinstance(end, EndOfMessage)
+    writer = RequestWriter()
+    out = [writer.head(head, forward_headers(head))]
+    out += [bytes(b) for b in writer.data(data.data)]
+    out.append(writer.end(end.trailers))
+    forwarded = run(RequestParser(), [b"".join(out)])
+    assert forwarded[0] == RequestHead(
+        method=b"POST", target=b"/up", chunked=True,
+        headers=[(b"host", b"a"), (b"te", b"trailers"), (b"transfer-encoding", b"chunked")])
+    assert forwarded[1:] == [Data(b"abc"), EndOfMessage(((b"grpc-status", b"0"),))]

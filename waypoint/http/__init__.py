@@ -6,7 +6,24 @@ The public interface of the HTTP/1.1 codec, re-exported here::
     RequestWriter / ResponseWriter   events in, bytes out (h1_serialize)
     RequestHead, ResponseHead, Data, EndOfMessage, ConnectionClosed, NEED_DATA, PAUSED
     H1Limits                         the bounds (Envoy's defaults)
-    strip_hop_by_hop, hop_by_hop_names, reason_phrase
+    forward_headers, strip_hop_by_hop, hop_by_hop_names, reason_phrase
+
+A proxy's round trip on one keep-alive request::
+
+    down = RequestParser(); up_writer = RequestWriter()
+    up = ResponseParser(); down_writer = ResponseWriter()
+    down.feed(bytes_from_client)
+    req = down.next_event()                           # RequestHead (or NEED_DATA)
+    send_up(up_writer.head(req, forward_headers(req)))
+    ... Data -> send_up(*up_writer.data(ev.data)); EndOfMessage -> send_up(up_writer.end())
+    up.expect_response(req.method); up.feed(bytes_from_server)
+    resp = up.next_event()                            # ResponseHead
+    send_down(down_writer.head(resp, req.method, forward_headers(resp)))
+    ... then close when down.must_close or down_writer.must_close.
+
+Errors from the peer are :class:`common.errors.Http1Error` with ``status`` to
+answer (502 on the upstream side); misuse of a writer is
+:class:`common.errors.LocalProtocolError`.
 """
 
 from waypoint.http.h1_events import (
@@ -27,6 +44,7 @@ from waypoint.http.h1_parse import RequestParser, ResponseParser
 from waypoint.http.h1_serialize import (
     RequestWriter,
     ResponseWriter,
+    forward_headers,
     hop_by_hop_names,
     reason_phrase,
     strip_hop_by_hop,
@@ -49,6 +67,7 @@ __all__ = [
     "ResponseParser",
     "ResponseWriter",
     "Signal",
+    "forward_headers",
     "hop_by_hop_names",
     "reason_phrase",
     "strip_hop_by_hop",

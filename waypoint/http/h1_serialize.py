@@ -298,3 +298,18 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
         elif name == b"te" and b"trailers" in _tokens(value):
             out.append((b"te", b"trailers"))
     return out
+
+
+def forward_headers(head: RequestHead | ResponseHead) -> Headers:
+    """The headers a proxy sends onward for a parsed head, framing kept.
+
+    Hop-by-hop fields are dropped (:func:`strip_hop_by_hop`), which removes
+    ``transfer-encoding``; a chunked message gets ``transfer-encoding: chunked``
+    back so that the next hop reads the same body.  A response whose body ran to
+    the end of the connection has neither: the proxy decides whether to chunk it
+    (keeping its own client connection) or to close after it.
+    """
+    headers = strip_hop_by_hop(head.headers)
+    if head.chunked:
+        headers.append((b"transfer-encoding", b"chunked"))
+    return headers
