@@ -131,8 +131,11 @@ class DeploymentController:
         for tracked in (self.deployments, self.pods, self.nodes, self.namespaces):
             await tracked.synced.wait()
         pods = self.pods.values()
+        namespaces = {n.metadata.name for n in self.namespaces.values()}
         newest = "0"
         for dep in self.deployments.values():
+            if dep.metadata.namespace not in namespaces:
+                continue  # being purged by the namespace controller
             mine = [p for p in pods if p.metadata.namespace == dep.metadata.namespace
                     and owned_by(p, dep.metadata.uid)]
             plan = plan_deployment(dep, mine)
@@ -152,13 +155,12 @@ class DeploymentController:
                 except KubeApiError as exc:
                     if exc.code != 404:
                         raise
-        await self._bind_and_collect(pods)
+        await self._bind_and_collect(pods, namespaces)
         if newest != "0":
             await self.pods.wait_seen(newest)
 
-    async def _bind_and_collect(self, pods: list[Pod]) -> None:
+    async def _bind_and_collect(self, pods: list[Pod], namespaces: set[str]) -> None:
         deployment_uids = {d.metadata.uid for d in self.deployments.values()}
-        namespaces = {n.metadata.name for n in self.namespaces.values()}
         for pod in pods:
             owners = [r for r in pod.metadata.owner_references if r.kind == "Deployment"]
             if pod.metadata.namespace not in namespaces or (

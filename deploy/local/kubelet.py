@@ -35,6 +35,8 @@ from deploy.local.runtime import (
 log = get_logger("local.kubelet")
 
 PROBE_TIMEOUT = 0.5
+# A pod whose sandbox could not be made is retried after this pause, not in a hot loop.
+FAILED_POD_RETRY = 2.0
 
 
 def now() -> str:
@@ -139,7 +141,8 @@ class Kubelet:
                                                  network.pod_gateway(self.index))
                 await self._run_containers(pod, pod_netns, ip, logger)
         except Exception:
-            logger.exception("pod_failed")
+            logger.exception("pod_failed", retry_in=FAILED_POD_RETRY)
+            await trio.sleep(FAILED_POD_RETRY)  # then the finally clause lets reconcile retry
         finally:
             with trio.CancelScope(shield=True):
                 await network.delete_pod_network(pod_netns)

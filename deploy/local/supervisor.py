@@ -7,7 +7,8 @@ exist.  One trio program runs:
 - the API server (:mod:`deploy.local.apiserver`) on 127.0.0.1 of the host and on
   10.240.0.1:6443 inside the fabric namespace, which the ``kubernetes`` Service points at;
 - the informer caches every controller shares (one watch per kind);
-- the Deployment controller and scheduler, the endpoints controller, kube-proxy, the DNS
+- the Deployment controller and scheduler, the endpoints controller, the namespace
+  controller (deleting a Namespace deletes its contents), kube-proxy, the DNS
   server (10.240.0.1:53 in the fabric, behind the ``kube-dns`` VIP 10.96.0.10) and one
   kubelet per node.
 
@@ -51,6 +52,7 @@ from deploy.local.endpoints import MANAGED_BY_LABEL, SERVICE_NAME_LABEL, Endpoin
 from deploy.local.informer import Cache, Signal, reconcile_forever
 from deploy.local.kubelet import Kubelet
 from deploy.local.kubeproxy import KubeProxy
+from deploy.local.namespaces import NamespaceController
 
 log = get_logger("local.supervisor")
 
@@ -198,6 +200,7 @@ class Supervisor:
         controllers: list[tuple[str, Any]] = [
             ("deployments", DeploymentController(client, deployments, pods, nodes, namespaces)),
             ("endpoints", EndpointsController(client, services, pods, slices, nodes)),
+            ("namespaces", NamespaceController(client, namespaces)),
             ("kube-proxy", proxy), ("dns", dns)]
         for i in range(self.nodes):
             kubelet = Kubelet(client=client, names=self.names, index=i, state_dir=self.state_dir,

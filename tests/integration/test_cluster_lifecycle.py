@@ -11,12 +11,21 @@ import uuid
 import pytest
 import trio
 
-from common.kube import Deployment, KubeClient, KubeConfig, Pod
+from common.kube import (
+    Deployment,
+    EndpointSlice,
+    KubeClient,
+    KubeConfig,
+    Namespace,
+    Pod,
+    Service,
+)
 from deploy.local import cluster as local_cluster
 from deploy.local import netns, network
 from tests.integration.conftest import (
     LocalCluster,
     echo_deployment,
+    echo_service,
     is_ready,
     json_of,
     ready_pods,
@@ -120,6 +129,14 @@ async def test_cluster_down_leaves_no_namespace_link_process_or_file(
     pids = set(netns.pids_in(inodes)) | {int(state["pid"])}
     assert len(pids) >= 3
 
+    status = await trio.to_thread.run_sync(
+        lambda: cluster.ambientctl("cluster", "status", "--name", name))
+    assert status.returncode == 0 and "alive" in status.stdout, status.stdout + status.stderr
+    assert "pod default/web-" in status.stdout
+    again = await trio.to_thread.run_sync(
+        lambda: cluster.ambientctl("cluster", "up", "--nodes", "2", "--name", name))
+    assert again.returncode == 0 and "already up" in again.stdout
+
     down = await trio.to_thread.run_sync(
         lambda: cluster.ambientctl("cluster", "down", "--name", name, timeout=60))
     assert down.returncode == 0, down.stderr
@@ -141,3 +158,20 @@ async def test_cluster_down_leaves_no_namespace_link_process_or_file(
     assert not local_cluster.state_dir(name).exists()
     # The shared cluster was not touched.
     assert local_cluster.supervisor_alive(cluster.name)
+
+
+async def test_deleting_a_namespace_removes_its_pods_and_objects(
+        cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
+    await kube.create(echo_deployment("doomed", namespace, replicas=2))
+    await kube.create(echo_service("doomed", namespace, {"app": "doomed"}))
+    pods = await ready_pods(kube, namespace, 2)
+    await kube.delete(Namespace, namespace)
+    names = network.Names(cluster.name)
+
+    async def emptied() -> bool:
+        left = [*(await kube.list(Pod, namespace)).items,
+                *(await kube.list(Deployment, namespace)).items,
+                *(await kube.list(Service, namespace)).items,
+                *(await kube.list(EndpointSlice, namespace)).items]
+        return not left and not any(netns.exists(names.pod(p.metadata.uid or "")) for p in pods)
+    await wait_for(emptied, what=f"namespace {namespace} emptied")
