@@ -47,7 +47,8 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import Collection, Iterator
+import threading
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from typing import Final
 
@@ -362,6 +363,19 @@ def _stream_error(exc: BaseException) -> TransportError:
 # --------------------------------------------------------------------------------------
 # The stream
 
+_WANT_READ: Final = -1
+_WANT_WRITE: Final = -2
+_scratch_local = threading.local()
+
+
+def _scratch(size: int) -> memoryview:
+    """A reusable receive buffer of ``size`` bytes for this thread (trio runs one loop per
+    thread, and the buffer is only used between two awaits)."""
+    buf: bytearray | None = getattr(_scratch_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _scratch_local.buf = bytearray(max(size, DEFAULT_RECEIVE_SIZE))
+    return memoryview(buf)[:size]
+
 
 class _Guard:
     """Raises ``trio.BusyResourceError`` when two tasks use one direction at once."""
@@ -509,55 +523,77 @@ class TLSStream(trio.abc.HalfCloseableStream):
         size = DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be at least 1")
-        self._check_open()
-        buf = bytearray(size)
-        with memoryview(buf) as view:
-            n = await self.receive_into(view)
-        del buf[n:]
-        return buf
+        data = b""
+
+        def into_scratch() -> int:
+            # Read into the thread's scratch buffer and copy out only what arrived, all
+            # before the next await; a fresh 256 KiB buffer per call would cost an
+            # mmap, page faults and zeroing each time, whatever the size of the data.
+            nonlocal data
+            scratch = _scratch(size)
+            n = self._read_ready(scratch)
+            if n > 0:
+                data = bytes(scratch[:n])
+            return n
+
+        await self._receive(into_scratch)
+        return data
 
     async def receive_into(self, buf: memoryview) -> int:
         """Fill ``buf`` with what is ready (at least one byte); 0 once the peer sent EOF."""
+        if len(buf) == 0:
+            self._check_open()
+            await trio.lowlevel.checkpoint()
+            return 0
+        return await self._receive(lambda: self._read_ready(buf))
+
+    async def _receive(self, read: Callable[[], int]) -> int:
+        """Run ``read`` until it gets data or EOF, waiting on the fd as OpenSSL asks."""
         with self._receive_guard.hold():
             self._check_open()
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._receive_error is not None:
                 raise self._receive_error
-            if self._eof_received or len(buf) == 0:
+            if self._eof_received:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return 0
-            total, waited = 0, False
-            while total < len(buf):
-                try:
-                    n = self.socket.recv_into(buf[total:])
-                except ssl.SSLZeroReturnError:
-                    # The peer's close_notify.  The ssl module returns 0 for it only while
-                    # we have not sent ours; after our send_eof it raises this instead.
-                    n = 0
-                except ssl.SSLWantReadError:
-                    if total:
-                        break
-                    waited = True
-                    await _wait(self.socket, readable=True)
-                    continue
-                except ssl.SSLWantWriteError:
-                    if total:
-                        break
-                    waited = True
-                    await _wait(self.socket, readable=False)
-                    continue
-                except (ssl.SSLError, OSError) as exc:
-                    self._receive_error = _stream_error(exc)
-                    if total:  # hand over what arrived; the error comes next call
-                        break
-                    raise self._receive_error from exc
-                if n == 0:
-                    self._eof_received = True
-                    break
-                total += n
+            waited = False
+            while (n := read()) < 0:
+                waited = True
+                await _wait(self.socket, readable=n == _WANT_READ)
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return total
+            return n
+
+    def _read_ready(self, buf: memoryview) -> int:
+        """Read the records that are ready into ``buf``, without waiting.
+
+        Returns the byte count (0 at EOF), or ``_WANT_READ``/``_WANT_WRITE`` when nothing
+        was ready.  An error after some data keeps the data for now and is raised by
+        the next call.
+        """
+        total = 0
+        while total < len(buf):
+            try:
+                n = self.socket.recv_into(buf[total:])
+            except ssl.SSLZeroReturnError:
+                # The peer's close_notify.  The ssl module returns 0 for it only while
+                # we have not sent ours; after our send_eof it raises this instead.
+                n = 0
+            except ssl.SSLWantReadError:
+                return total or _WANT_READ
+            except ssl.SSLWantWriteError:
+                return total or _WANT_WRITE
+            except (ssl.SSLError, OSError) as exc:
+                self._receive_error = _stream_error(exc)
+                if total:
+                    return total
+                raise self._receive_error from exc
+            if n == 0:
+                self._eof_received = True
+                return total
+            total += n
+        return total
 
     # -- closing ----------------------------------------------------------------------
 
@@ -608,13 +644,19 @@ def _check_session(sock: ssl.SSLSocket) -> str:
 
 
 async def _tcp_connect(host: str, port: int, *, so_mark: int | None,
-                       source: tuple[str, int] | None) -> socket.socket:
+                       source: tuple[str, int] | None,
+                       sock: socket.socket | None = None) -> socket.socket:
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await trio.socket.getaddrinfo(
+            host, port, family=sock.family if sock is not None else 0,
+            type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
+        if sock is not None:
+            sock.close()
         raise ConnectRefusedError(f"cannot resolve {host!r}: {exc}") from exc
     family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    if sock is None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if so_mark is not None:
@@ -644,8 +686,13 @@ async def _tcp_connect(host: str, port: int, *, so_mark: int | None,
 async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, *,
                       expected: Collection[SpiffeId] | None,
                       connect_timeout: float = 10.0, so_mark: int | None = None,
-                      source: tuple[str, int] | None = None) -> TLSStream:
+                      source: tuple[str, int] | None = None,
+                      sock: socket.socket | None = None) -> TLSStream:
     """TCP connect and TLS handshake to ``host:port`` within ``connect_timeout``.
+
+    ``sock``, when given, is a fresh unconnected TCP socket to connect from instead of
+    a new one: ztunnel creates it inside a pod's network namespace so the connection
+    leaves with the pod's address.  It is consumed (closed on any failure).
 
     The server must negotiate ALPN h2 and, when ``expected`` is given, prove one of
     those identities.  Raises :class:`ConnectRefusedError`/:class:`ConnectTimeoutError`
@@ -658,7 +705,7 @@ async def connect_tls(host: str, port: int, ctx: ssl.SSLContext, *,
     tls: ssl.SSLSocket | None = None
     phase = "tcp"
     with trio.move_on_after(connect_timeout) as scope:
-        sock = await _tcp_connect(host, port, so_mark=so_mark, source=source)
+        sock = await _tcp_connect(host, port, so_mark=so_mark, source=source, sock=sock)
         phase = "tls"
         try:
             tls = ctx.wrap_socket(sock, server_side=False, do_handshake_on_connect=False,

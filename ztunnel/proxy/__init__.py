@@ -1,0 +1,1 @@
+"""ztunnel's data path: per-pod listeners (outbound, inbound HBONE, inbound plaintext)."""
