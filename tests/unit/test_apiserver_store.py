@@ -182,3 +182,13 @@ def test_watch_plan_and_selector_transitions(store: Store) -> None:
     seen = [(t, o["metadata"]["name"]) for t, o in watch_events(result,
                                                                store.events_since(PODS, "demo", 1))]
     assert seen == [("ADDED", "a"), ("DELETED", "a")]
+
+
+def test_table_watch_renders_one_row_tables(store: Store) -> None:
+    accept = {"accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}
+    plan = ApiHandler(store).handle(Request("GET", "/api/v1/pods?watch=true", accept))
+    assert isinstance(plan, WatchPlan) and plan.table_include_object == "Metadata"
+    created = store.create(PODS, pod("a"))
+    rendered = plan.render("ADDED", created, store.resource_version)
+    assert rendered["kind"] == "Table" and rendered["rows"][0]["cells"][0] == "a"
+    assert plan.render("BOOKMARK", {"kind": "Pod"}, 1) == {"kind": "Pod"}

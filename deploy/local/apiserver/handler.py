@@ -68,6 +68,14 @@ class WatchPlan:
     resource_version: int | None  # None: start with the current state as ADDED events
     bookmarks: bool
     timeout: float
+    # kubectl get -w asks for Tables: each event's object is then a one-row Table.
+    table_include_object: str | None = None
+
+    def render(self, kind: str, obj: dict[str, Any], resource_version: int) -> dict[str, Any]:
+        """The object as this watch sends it (a one-row Table when one was asked for)."""
+        if self.table_include_object is None or kind in ("BOOKMARK", "ERROR"):
+            return obj
+        return tables.table(self.rt, [obj], resource_version, self.table_include_object)
 
 
 @dataclass(frozen=True)
@@ -158,7 +166,7 @@ class ApiHandler:
         method = request.method
         if target.name is None:
             if method == "GET" and query.get("watch") in ("1", "true"):
-                return self._watch_plan(target, query)
+                return self._watch_plan(target, query, request.headers)
             if method == "GET":
                 return self._list(target, query, request.headers)
             if method == "POST":
@@ -248,7 +256,8 @@ class ApiHandler:
             "apiVersion": target.rt.api_version_for(target.version),
             "metadata": {"resourceVersion": str(rv)}, "items": items})
 
-    def _watch_plan(self, target: _Target, query: dict[str, str]) -> WatchPlan:
+    def _watch_plan(self, target: _Target, query: dict[str, str],
+                    headers: dict[str, str]) -> WatchPlan:
         labels, fields = _selectors(query)
         raw_rv = query.get("resourceVersion", "")
         if raw_rv in ("", "0"):
@@ -264,7 +273,9 @@ class ApiHandler:
             except ValueError as exc:
                 raise status.bad_request("timeoutSeconds must be a number") from exc
         return WatchPlan(target.rt, target.version, target.namespace, labels, fields, rv,
-                         query.get("allowWatchBookmarks") in ("1", "true"), timeout)
+                         query.get("allowWatchBookmarks") in ("1", "true"), timeout,
+                         query.get("includeObject", "Metadata") if _wants_table(headers)
+                         else None)
 
     def _get(self, target: _Target, query: dict[str, str], headers: dict[str, str]) -> Response:
         assert target.name is not None

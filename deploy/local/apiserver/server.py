@@ -173,7 +173,8 @@ class ApiServer:
     async def _watch_loop(self, conn: h11.Connection, stream: trio.SocketStream,
                           plan: WatchPlan) -> None:
         async def emit(kind: str, obj: dict[str, Any]) -> None:
-            line = json.dumps({"type": kind, "object": obj}, separators=(",", ":")) + "\n"
+            event = {"type": kind, "object": plan.render(kind, obj, self.store.resource_version)}
+            line = json.dumps(event, separators=(",", ":")) + "\n"
             await self._write(stream, conn.send(h11.Data(data=line.encode())))
 
         if plan.resource_version is None:
