@@ -37,6 +37,7 @@ from common.identity import SpiffeId
 from common.logging import get_logger
 
 READ_SIZE = 256 * 1024
+_FIRST_READ_SIZE = 16 * 1024
 # Payload taken from one stream per writer round: large enough to amortize the round,
 # small enough that one bulk stream cannot starve the others.
 _SEND_BATCH = 1024 * 1024
@@ -284,11 +285,16 @@ class HboneConnection:
             self.transport, "receive_into", None)
         # With receive_into (our TLSStream) one buffer serves every read: no 256 KiB
         # allocation and zero-fill per read, and only the bytes read are copied out.
-        buffer = memoryview(bytearray(READ_SIZE))
+        # It starts small and grows once a read fills it, so that thousands of idle
+        # pooled connections do not each pin 256 KiB (ztunnel's buffers do the same).
+        buffer = memoryview(bytearray(_FIRST_READ_SIZE))
         try:
             while not self._stopping:
                 if receive_into is not None:
-                    data: bytes | bytearray | memoryview = buffer[:await receive_into(buffer)]
+                    count = await receive_into(buffer)
+                    data: bytes | bytearray | memoryview = buffer[:count]
+                    if count == len(buffer) < READ_SIZE:
+                        buffer = memoryview(bytearray(READ_SIZE))
                 else:
                     data = await self.transport.receive_some(READ_SIZE)
                 if not data:
