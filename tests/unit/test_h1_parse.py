@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -251,3 +252,15 @@ def test_events_before_an_error_are_delivered_then_the_error() -> None:
         parser.events()
     assert info.value.status == 505
     assert parser.must_close
+
+
+def test_parsed_events_are_frozen_dataclasses() -> None:
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+    head, data, end = parser.events()
+    for event, name in ((head, "headers"), (data, "data"), (end, "trailers")):
+        assert dataclasses.is_dataclass(event) and not hasattr(event, "__dict__")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(event, name, None)
+    assert head == req(b"POST", b"/", [*HOST, (b"content-length", b"1")], content_length=1)
+    assert data == Data(b"x")
