@@ -1,9 +1,7 @@
 """``ambientctl apply|delete|get|label``: kubectl's object commands, against any API server.
 
-The server is ``--server URL``, else ``$AMBIENT_SERVER``, else the local cluster's API
-server found under its state directory (``$AMBIENT_STATE_DIR``, ``/var/run/pyambient`` or
-``~/.pyambient``, one sub-directory per cluster, holding ``apiserver.port`` or a
-``state.json`` with ``"server"``).
+The server is ``--server URL``, else ``$AMBIENT_SERVER``, else the API server of the local
+cluster (``--cluster``, ``$AMBIENT_CLUSTER`` or ``ambient``) from its ``state.json``.
 
 ``apply`` reads every document first and checks all of them (known kind, matching
 apiVersion, valid name, namespace present on the server or created by an earlier
@@ -26,14 +24,14 @@ from typing import Any, TypeVar
 import trio
 import yaml
 
-from common.errors import ApiServerUnreachableError, ConfigError, KubeApiError
+from common.errors import ApiServerUnreachableError, ConfigError, KubeApiError, MeshError
 from common.kube.client import KubeClient, fill_type
 from common.kube.config import KubeConfig
 from common.kube.resources import ResourceType, lookup
+from deploy.local import cluster
 from deploy.local.apiserver.validation import name_problem
 
 T = TypeVar("T")
-STATE_DIRS = (Path("/var/run/pyambient"), Path.home() / ".pyambient")
 _TABLE_ACCEPT = ("application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
 _CONFLICT_RETRIES = 3
 
@@ -41,38 +39,20 @@ _CONFLICT_RETRIES = 3
 # -- server address -----------------------------------------------------------------------------
 
 
-def _state_dirs() -> list[Path]:
-    explicit = os.environ.get("AMBIENT_STATE_DIR")
-    return [Path(explicit)] if explicit else list(STATE_DIRS)
-
-
-def _server_from_state(cluster: str | None) -> str | None:
-    for base in _state_dirs():
-        candidates = [base / cluster] if cluster else sorted(
-            p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []
-        for directory in candidates:
-            state = directory / "state.json"
-            if state.is_file():
-                try:
-                    server = json.loads(state.read_text()).get("server")
-                except (OSError, ValueError, AttributeError):
-                    server = None
-                if isinstance(server, str) and server:
-                    return server
-            port = directory / "apiserver.port"
-            if port.is_file() and port.read_text().strip().isdigit():
-                return f"http://127.0.0.1:{port.read_text().strip()}"
-    return None
-
-
 def resolve_server(args: argparse.Namespace) -> str:
     """The API server URL for this invocation (see the module docstring for the order)."""
-    server = args.server or os.environ.get("AMBIENT_SERVER") or _server_from_state(
-        getattr(args, "cluster", None) or os.environ.get("AMBIENT_CLUSTER"))
-    if not server:
-        raise ConfigError("no API server: pass --server URL, set AMBIENT_SERVER, or start a "
-                          "local cluster with `ambientctl cluster up`")
-    return server
+    server = args.server or os.environ.get("AMBIENT_SERVER")
+    if server:
+        return str(server)
+    name = getattr(args, "cluster", None) or cluster.default_name()
+    try:
+        state = cluster.read_state(name)
+    except MeshError as exc:
+        raise ConfigError(f"{exc}; or pass --server URL / set AMBIENT_SERVER") from exc
+    if not state.get("server"):
+        raise ConfigError(f"local cluster {name!r} is still starting (no API server address "
+                          "yet): wait for `ambientctl cluster up` to finish")
+    return str(state["server"])
 
 
 def _run(args: argparse.Namespace, work: Callable[[KubeClient], Awaitable[T]]) -> T:

@@ -190,3 +190,17 @@ def test_unknown_kind_and_unreachable_server_are_one_line_errors(
     code, _, err = run(capsys, "get", "pods")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "cannot reach the API server at http://127.0.0.1:1" in err
+
+
+def test_server_comes_from_the_local_cluster_state(server: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("AMBIENT_SERVER")
+    monkeypatch.delenv("AMBIENT_CLUSTER", raising=False)
+    monkeypatch.setenv("AMBIENT_STATE_DIR", str(tmp_path / "state"))
+    code, _, err = run(capsys, "get", "ns")
+    assert code == 1 and "no local cluster named 'ambient' is up" in err and "--server" in err
+    (tmp_path / "state" / "dev").mkdir(parents=True)
+    (tmp_path / "state" / "dev" / "state.json").write_text(f'{{"server": "{server}"}}')
+    code, _, err = run(capsys, "get", "ns", "--cluster", "dev")
+    assert code == 0 and "No resources found" in err
