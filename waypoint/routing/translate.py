@@ -34,7 +34,7 @@ import functools
 import gc
 import typing
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -151,12 +151,17 @@ class _Invalid(ConfigError):
 
 
 def translate(services: Iterable[ServiceInfo], objects: Iterable[ApiObject], *,
+              served: Collection[tuple[str, str]] | None = None,
               home_namespace: str | None = None, domain: str = DEFAULT_DOMAIN,
               version: int = 0) -> RouteTable:
-    """Build the route table of a waypoint serving ``services`` from ``objects``.
+    """Build the route table of a waypoint from ``objects``.
 
-    ``home_namespace`` is the waypoint's namespace: bare service names (``Host: echo``)
-    resolve there first.  Problems are in ``RouteTable.issues``.
+    ``services`` is every service a route may name as a backend; ``served`` the
+    (namespace, name) keys of those the waypoint routes for (None: all of them).
+    Routes only get entries for served services, so the table's size follows the
+    waypoint's share of the mesh.  ``home_namespace`` is the waypoint's namespace:
+    bare service names (``Host: echo``) resolve there first.  Problems are in
+    ``RouteTable.issues``.
     """
     # Translation allocates tens of thousands of long-lived objects; every cyclic-GC pass
     # during it walks the growing heap and frees nothing, which measured 2-3x the run time
@@ -164,7 +169,9 @@ def translate(services: Iterable[ServiceInfo], objects: Iterable[ApiObject], *,
     paused = gc.isenabled()
     gc.disable()
     try:
-        return _Translator(Catalog(services, domain), home_namespace).run(objects, version)
+        catalog = Catalog(services, domain)
+        keys = set(catalog.by_key) if served is None else set(served)
+        return _Translator(catalog, keys, home_namespace).run(objects, version)
     finally:
         if paused:
             gc.enable()
@@ -177,12 +184,13 @@ class RouteTableStore:
         self.current: RouteTable = EMPTY_TABLE
 
     def update(self, services: Iterable[ServiceInfo], objects: Iterable[ApiObject], *,
+               served: Collection[tuple[str, str]] | None = None,
                home_namespace: str | None = None, domain: str = DEFAULT_DOMAIN) -> RouteTable:
         """Translate and swap in; on an unexpected failure keep the previous table."""
         version = self.current.version + 1
         try:
-            table = translate(services, objects, home_namespace=home_namespace, domain=domain,
-                              version=version)
+            table = translate(services, objects, served=served, home_namespace=home_namespace,
+                              domain=domain, version=version)
         except Exception:
             # Bad input is reported per object and never raises; reaching here is a bug,
             # and serving the last good routes beats serving none.
@@ -199,8 +207,10 @@ class RouteTableStore:
 
 
 class _Translator:
-    def __init__(self, catalog: Catalog, home_namespace: str | None) -> None:
+    def __init__(self, catalog: Catalog, served: set[tuple[str, str]],
+                 home_namespace: str | None) -> None:
         self.catalog = catalog
+        self.served = served
         self.home = home_namespace
         self.issues: list[ConfigIssue] = []
         self.issue_set: set[ConfigIssue] = set()
@@ -247,7 +257,9 @@ class _Translator:
         istio = self.virtual_services(by_kind[VIRTUAL_SERVICE], claimed)
 
         routes: dict[tuple[str, str, int], ServiceRoutes] = {}
-        for svc in self.catalog.by_key.values():
+        for served_key, svc in self.catalog.by_key.items():
+            if served_key not in self.served:
+                continue
             for sp in svc.ports:
                 key = (svc.namespace, svc.name, sp.port)
                 if (svc.namespace, svc.name) in claimed:
@@ -392,9 +404,11 @@ class _Translator:
                 continue
             svc = self.catalog.get(ns, parent.name)
             if svc is None:
-                self.issue(obj.ref, where, f"parent Service {ns}/{parent.name} is not served "
-                           "by this waypoint or does not exist", "warning")
+                self.issue(obj.ref, where, f"parent Service {ns}/{parent.name} not found",
+                           "warning")
                 continue
+            if (ns, parent.name) not in self.served:
+                continue  # another waypoint's service
             if parent.port is not None:
                 if svc.port_by_number(parent.port) is None:
                     self.issue(obj.ref, f"{where}.port",
@@ -566,6 +580,8 @@ class _Translator:
                         continue
                     for svc in self.catalog.services_for_host(fqdn):
                         key = (svc.namespace, svc.name)
+                        if key not in self.served:
+                            continue
                         if key in claimed_by_routes:
                             self.issue(obj.ref, f"spec.hosts[{i}]", f"{svc.hostname} also has an "
                                        "HTTPRoute; the HTTPRoute wins and this VirtualService is "
