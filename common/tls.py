@@ -48,8 +48,8 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Collection
+from contextlib import suppress
 from typing import Final
 
 import trio
@@ -378,27 +378,22 @@ def _scratch(size: int) -> memoryview:
 
 
 class _Guard:
-    """Raises ``trio.BusyResourceError`` when two tasks use one direction at once."""
+    """``with guard:`` raises ``trio.BusyResourceError`` when two tasks use one direction
+    at once.  A plain class rather than a generator: it is entered on every call."""
 
-    __slots__ = ("_busy", "_what")
+    __slots__ = ("_what", "busy")
 
     def __init__(self, what: str) -> None:
-        self._busy = False
+        self.busy = False
         self._what = what
 
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        if self._busy:
+    def __enter__(self) -> None:
+        if self.busy:
             raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
+        self.busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.busy = False
 
 
 async def _wait(sock: socket.socket, *, readable: bool) -> None:
@@ -454,7 +449,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``; a cancelled call breaks the send side (see class doc)."""
-        with self._send_guard.hold():
+        with self._send_guard:
             self._check_can_send()
             await trio.lowlevel.checkpoint_if_cancelled()
             view = memoryview(data)
@@ -482,13 +477,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
-        with self._send_guard.hold():
+        with self._send_guard:
             self._check_can_send()
             await _wait(self.socket, readable=False)
 
     async def send_eof(self) -> None:
         """Send TLS close_notify; receiving continues until the peer's own EOF."""
-        with self._send_guard.hold():
+        with self._send_guard:
             self._check_open()
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._eof_sent:
@@ -549,7 +544,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def _receive(self, read: Callable[[], int]) -> int:
         """Run ``read`` until it gets data or EOF, waiting on the fd as OpenSSL asks."""
-        with self._receive_guard.hold():
+        with self._receive_guard:
             self._check_open()
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._receive_error is not None:
