@@ -9,6 +9,7 @@ from tests.unit.h1_helpers import run
 from waypoint.http import (
     Data,
     EndOfMessage,
+    H1Limits,
     RequestHead,
     RequestParser,
     RequestWriter,
@@ -209,3 +210,22 @@ def test_forwarding_a_chunked_request_keeps_its_framing() -> None:
         method=b"POST", target=b"/up", chunked=True,
         headers=[(b"host", b"a"), (b"te", b"trailers"), (b"transfer-encoding", b"chunked")])
     assert forwarded[1:] == [Data(b"abc"), EndOfMessage(((b"grpc-status", b"0"),))]
+
+
+def test_chunked_is_refused_for_http10() -> None:
+    with pytest.raises(LocalProtocolError, match=r"HTTP/1\.0"):
+        ResponseWriter().head(response(200, (b"transfer-encoding", b"chunked"), version=b"1.0"))
+    with pytest.raises(LocalProtocolError, match=r"HTTP/1\.0"):
+        RequestWriter().head(request((b"transfer-encoding", b"chunked"), version=b"1.0"))
+    writer = ResponseWriter()
+    writer.head(response(200, version=b"1.0"))
+    assert writer.must_close and writer.data(b"body") == [b"body"]
+
+
+@pytest.mark.parametrize("field", ["max_line", "max_head_bytes", "max_headers",
+                                   "max_chunk_line", "max_trailer_bytes"])
+def test_limits_must_be_positive(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        H1Limits(**{field: 0})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_body"):
+        H1Limits(max_body=-1)

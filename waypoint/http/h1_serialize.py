@@ -210,6 +210,8 @@ class RequestWriter(_Writer):
             headers = event.headers
         out, mode, length, close = _head_bytes(
             b"%s %s HTTP/%s\r\n" % (method, target, version), headers)
+        if mode == _CHUNKED and version == b"1.0":
+            raise LocalProtocolError("chunked framing does not exist in HTTP/1.0")
         self._mode = _NO_BODY if mode == _UNTIL_CLOSE or (mode == _LENGTH and not length) else mode
         self._remaining = length
         self.must_close = close or (version == b"1.0" and not _says_keep_alive(headers))
@@ -249,6 +251,10 @@ class ResponseWriter(_Writer):
             mode = _UNTIL_CLOSE
         elif mode == _LENGTH and not length:
             mode = _NO_BODY
+        elif mode == _CHUNKED and version == b"1.0":
+            raise LocalProtocolError(
+                "chunked framing does not exist in HTTP/1.0: drop transfer-encoding and let "
+                "the close end the body")
         self._mode = mode
         self._remaining = length
         self.must_close = (close or mode == _UNTIL_CLOSE
