@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/tls_pair.py [--mib 1024] [--processes 1|2]
                                        [--impl native|trio-ssl] [--stdlib]
+    .venv/bin/python bench/tls_pair.py --pingpong 20000   # 100-byte round trips, one process
 
 ``--impl native`` is common.tls.TLSStream; ``trio-ssl`` is trio.SSLStream (MemoryBIO)
 with the same contexts, for comparison in the same run.  ``--processes 2`` runs the
@@ -91,6 +92,43 @@ async def _send(port: int, mib: int, ca_dir: str, impl: str) -> float:
     return cpu
 
 
+async def _pingpong(count: int) -> None:
+    from common.identity import SpiffeId
+    from common.tls import accept_tls, connect_tls
+
+    with tempfile.TemporaryDirectory() as ca_dir:
+        from common.ca import CertificateAuthority
+
+        CertificateAuthority.generate(TD).save(Path(ca_dir))
+        cctx, sctx = _ctx(False, ca_dir), _ctx(True, ca_dir)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.setblocking(False)
+
+    async def echo() -> None:
+        await trio.lowlevel.wait_readable(lsock)
+        stream = await accept_tls(lsock.accept()[0], sctx, trust_domain=TD)
+        while data := await stream.receive_some():
+            await stream.send_all(data)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(echo)
+        client = await connect_tls("127.0.0.1", lsock.getsockname()[1], cctx,
+                                   expected={SpiffeId(TD, "bench", "server")})
+        message = b"x" * 100
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(count):
+            await client.send_all(message)
+            await client.receive_some()
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        await client.aclose()
+    lsock.close()
+    print(f"pingpong {count / elapsed:.0f} round trips/s, {elapsed / count * 1e6:.0f} us each, "
+          f"{cpu / count * 1e6:.0f} us CPU each (both ends, one process)")
+
+
 def _child(lsock: socket.socket, ca_dir: str, impl: str,
            queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     queue.put(trio.run(_receive, lsock, ca_dir, impl))
@@ -102,10 +140,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, choices=(1, 2), default=1)
     parser.add_argument("--impl", choices=("native", "trio-ssl"), default="native")
     parser.add_argument("--stdlib", action="store_true")
+    parser.add_argument("--pingpong", type=int, metavar="N", default=0)
     args = parser.parse_args()
     if args.stdlib:
         os.environ["PYAMBIENT_TLS_NATIVE"] = "0"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if args.pingpong:
+        trio.run(_pingpong, args.pingpong)
+        return
     from common import tls
     from common.ca import CertificateAuthority
 
