@@ -288,3 +288,17 @@ def test_hostnames_on_a_service_route_are_ignored_with_a_warning() -> None:
     assert backend_of(send(t, host="echo")) == "v1"
     [issue] = t.issues
     assert issue.field == "spec.hostnames" and issue.severity == "warning"
+
+
+def test_routes_of_services_the_waypoint_does_not_serve_are_skipped_quietly() -> None:
+    from waypoint.routing.translate import translate
+    theirs = httproute("theirs", [{"bogus": 1}], parent="v1")
+    theirs_vs = vs("theirs-vs", [{"route": [{"destination": {"host": "v3"}}]}], hosts=["v2"])
+    broken = obj("HTTPRoute", "broken", {"parentRefs": "nonsense"})
+    ours = httproute("ours", [{"backendRefs": [backend("v1")]}])
+    from tests.unit.routing_helpers import SERVICES
+    t = translate(SERVICES, [theirs, theirs_vs, broken, ours], served={(NS, "echo")},
+                  home_namespace=NS)
+    assert backend_of(send(t)) == "v1"
+    assert send(t, host="v2").status == 404  # not served: no entry at all
+    assert [i.ref.name for i in t.issues] == ["broken"]

@@ -252,7 +252,8 @@ class _Translator:
         gateway: dict[tuple[str, str, int], list[tuple[tuple[Any, ...], Candidate]]] = (
             defaultdict(list))
         for obj in by_kind[HTTP_ROUTE]:
-            self.http_route(obj, gateway)
+            if self.may_concern_us(obj):
+                self.http_route(obj, gateway)
         claimed = {(ns, name) for ns, name, _port in gateway}
         istio = self.virtual_services(by_kind[VIRTUAL_SERVICE], claimed)
 
@@ -292,6 +293,35 @@ class _Translator:
             elif len(owners) == 1:
                 by_dest[key] = owners[0][1]
         return by_dest
+
+    def may_concern_us(self, obj: ApiObject) -> bool:
+        """A cheap look at the raw spec: can this route name a service we serve?
+
+        Keeps translation proportional to the waypoint's share of the mesh: routes of
+        other waypoints' services are neither parsed nor reported here.  Anything
+        malformed counts as concerning us, so that its errors get reported; so do
+        routes for a missing Service in the waypoint's namespace.
+        """
+        try:
+            if obj.kind == HTTP_ROUTE:
+                for ref in obj.spec.get("parentRefs", ()):
+                    if ref.get("kind") != "Service":
+                        continue
+                    key = (ref.get("namespace") or obj.namespace, ref["name"])
+                    # A missing parent in our namespace is ours to report.
+                    if key in self.served or (key[0] == self.home
+                                              and key not in self.catalog.by_key):
+                        return True
+                return False
+            hosts = obj.spec.get("hosts", ())
+            for host in hosts:
+                fqdn = self.catalog.resolve_host(host, obj.namespace)
+                if any((s.namespace, s.name) in self.served
+                       for s in self.catalog.services_for_host(fqdn)):
+                    return True
+            return False
+        except (AttributeError, KeyError, TypeError):
+            return True
 
     # --- clusters and DestinationRules ------------------------------------------------------
 
@@ -563,6 +593,8 @@ class _Translator:
         """Which VirtualService serves which service: exact hosts before wildcards, oldest first."""
         parsed: list[tuple[ApiObject, nw.VirtualServiceSpec]] = []
         for obj in objects:
+            if not self.may_concern_us(obj):
+                continue
             spec = self.parse(obj, nw.VirtualServiceSpec)
             if spec is None:
                 continue
