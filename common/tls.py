@@ -76,6 +76,9 @@ ALPN_H2: Final = "h2"
 CIPHERSUITES: Final = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384")
 # Large reads are what make bulk transfer fast (ANCHORS.md): one receive drains many records.
 DEFAULT_RECEIVE_SIZE: Final = 256 * 1024
+# receive_some returns "up to max_bytes"; beyond this a read is not faster, only a
+# bigger per-thread buffer.
+_MAX_RECEIVE_SIZE: Final = 1024 * 1024
 # OpenSSL's read buffer with read-ahead on: several 16 KiB records per recv() syscall.
 _READ_BUFFER_LEN: Final = 128 * 1024
 # ztunnel marks its own sockets so the in-pod nftables rules let them through (DESIGN.md 7).
@@ -369,8 +372,9 @@ _scratch_local = threading.local()
 
 
 def _scratch(size: int) -> memoryview:
-    """A reusable receive buffer of ``size`` bytes for this thread (trio runs one loop per
-    thread, and the buffer is only used between two awaits)."""
+    """A reusable receive buffer of ``size`` bytes (at most ``_MAX_RECEIVE_SIZE``) for this
+    thread: trio runs one loop per thread, and the buffer is used only between two awaits."""
+    size = min(size, _MAX_RECEIVE_SIZE)
     buf: bytearray | None = getattr(_scratch_local, "buf", None)
     if buf is None or len(buf) < size:
         buf = _scratch_local.buf = bytearray(max(size, DEFAULT_RECEIVE_SIZE))

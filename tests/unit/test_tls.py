@@ -647,3 +647,13 @@ async def test_leaves_of_two_intermediates_under_one_root_trust_each_other(
                                  server_context(server_cert))
     async with client, server:
         assert (client.peer_identity, server.peer_identity) == (SERVER, CLIENT)
+
+
+async def test_receive_some_respects_max_bytes(pair: tuple[TLSStream, TLSStream]) -> None:
+    client, server = pair
+    await client.send_all(b"abc")
+    with trio.fail_after(5):
+        assert await server.receive_some(1) == b"a"
+        assert await server.receive_some(1 << 26) == b"bc"  # a huge limit is fine too
+    with pytest.raises(ValueError, match="at least 1"):
+        await server.receive_some(0)
