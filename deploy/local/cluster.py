@@ -8,6 +8,19 @@ the supervisor process (PID in ``state.json``) with the pod processes it started
 process still living in one of the cluster's namespaces, the namespaces (every veth,
 route and nftables table is inside them), and the state directory.  Nothing in the
 host namespace is created besides the API server's 127.0.0.1 listener.
+
+Without root, run the cluster inside a user namespace that also owns a network and a
+mount namespace, with a private ``/run`` (``ip netns`` keeps its files there)::
+
+    unshare --user --map-root-user --net --mount sh -c \
+        'mount -t tmpfs tmpfs /run && ip link set lo up && ambientctl cluster up && ...'
+
+Inside it, "root" may create namespaces, veths, bridges and nftables tables, all owned
+by the user namespace; the API server's 127.0.0.1 is then the new namespace's loopback,
+so every command that talks to the cluster runs in that shell (or joins it with
+``nsenter --target <supervisor pid> --user --net --mount``).  The kernel must allow
+unprivileged user namespaces (``/proc/sys/user/max_user_namespaces`` > 0), and the
+Python interpreter must be readable by that user.
 """
 
 from __future__ import annotations

@@ -74,6 +74,8 @@ def new_pod(dep: Deployment, node: str) -> Pod:
     labels = {**template.metadata.labels, TEMPLATE_HASH_LABEL: template_hash(dep)}
     spec = PodSpec.model_validate(template.spec.model_dump(by_alias=True, exclude_none=True))
     spec.node_name = node
+    # The API server's admission would fill this in; pod identity (SPIFFE) depends on it.
+    spec.service_account_name = spec.service_account_name or "default"
     return Pod(
         metadata=ObjectMeta(
             generate_name=f"{dep.metadata.name}-{template_hash(dep)}-",

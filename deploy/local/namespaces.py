@@ -3,13 +3,14 @@
 The local API server deletes a Namespace at once and leaves its contents in place (it
 has no finalizers); this controller notices a namespace that disappeared and deletes the
 namespaced objects of every kind the API serves in it, so pods stop, Services lose
-their VIP rules and nothing is left for a later namespace of the same name.
+their VIP rules and nothing is left for a later namespace of the same name.  It also
+gives every new namespace its ``default`` ServiceAccount.
 """
 
 from __future__ import annotations
 
 from common.errors import KubeApiError
-from common.kube import KubeClient, Namespace
+from common.kube import KubeClient, Namespace, ServiceAccount
 from common.kube.resources import RESOURCES
 from common.logging import get_logger
 from deploy.local.informer import Cache
@@ -29,7 +30,18 @@ class NamespaceController:
         for ns in sorted(self.known - current):
             await self.purge(ns)
             self.known.discard(ns)  # only once purged: a failure is retried
-        self.known |= current
+        for ns in sorted(current - self.known):
+            await self.default_service_account(ns)
+            self.known.add(ns)
+
+    async def default_service_account(self, namespace: str) -> None:
+        """Every namespace has a ``default`` ServiceAccount, as in Kubernetes."""
+        try:
+            await self.client.create(ServiceAccount.model_validate(
+                {"metadata": {"name": "default", "namespace": namespace}}))
+        except KubeApiError as exc:
+            if exc.code not in (404, 409):  # namespace just deleted, or it exists
+                raise
 
     async def purge(self, namespace: str) -> None:
         deleted = 0

@@ -11,6 +11,7 @@ import uuid
 import pytest
 import trio
 
+from common.errors import KubeApiError
 from common.kube import (
     Deployment,
     EndpointSlice,
@@ -19,6 +20,7 @@ from common.kube import (
     Namespace,
     Pod,
     Service,
+    ServiceAccount,
 )
 from deploy.local import cluster as local_cluster
 from deploy.local import netns, network
@@ -175,3 +177,14 @@ async def test_deleting_a_namespace_removes_its_pods_and_objects(
                 *(await kube.list(EndpointSlice, namespace)).items]
         return not left and not any(netns.exists(names.pod(p.metadata.uid or "")) for p in pods)
     await wait_for(emptied, what=f"namespace {namespace} emptied")
+
+
+async def test_new_namespaces_get_a_default_service_account(
+        kube: KubeClient, namespace: str) -> None:
+    async def found() -> ServiceAccount | None:
+        try:
+            return await kube.get(ServiceAccount, "default", namespace)
+        except KubeApiError:
+            return None
+    sa = await wait_for(found, within=10, what="default ServiceAccount")
+    assert sa.metadata.namespace == namespace
