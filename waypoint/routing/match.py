@@ -88,7 +88,13 @@ class Outcome(Enum):
 
 @dataclass(frozen=True, slots=True)
 class MirrorTarget:
-    """A copy of the request to send (fire and forget) to ``cluster`` with Host ``authority``."""
+    """A copy of the request to send, fire and forget, to ``cluster``.
+
+    The copy is the request as forwarded (header mutations and rewrites applied, as
+    Envoy mirrors after the route's request transforms) with Host ``authority``
+    (``-shadow`` appended).  Its response is dropped and its failures never reach
+    the client.
+    """
 
     cluster: Cluster
     authority: str
