@@ -6,9 +6,11 @@ cluster (``--cluster``, ``$AMBIENT_CLUSTER`` or ``ambient``) from its ``state.js
 ``apply`` reads every document first and checks all of them (known kind, matching
 apiVersion, valid name, namespace present on the server or created by an earlier
 document) before it writes any, so a bad file applies nothing.  Then each document is
-created, or merged into the stored object: top-level fields other than ``metadata`` and
-``status`` are replaced by the document's, labels are replaced, annotations merged, the
-stored status kept; an object that would not change is reported ``unchanged``.
+created, or merged into the stored object the way ``kubectl apply`` does (and compatibly
+with it, through the same ``last-applied-configuration`` annotation): maps merge, lists and
+values from the document win, a field the previous apply set and this document omits is
+removed, fields other writers set (a Service's ``clusterIP``, labels added by a controller)
+stay, and the stored status is kept.  An object that would not change is ``unchanged``.
 """
 
 from __future__ import annotations
@@ -173,19 +175,46 @@ def check_document(doc: Document, default_namespace: str) -> tuple[ResourceType,
 # -- apply ----------------------------------------------------------------------------------------
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _three_way(stored: Any, last: Any, wanted: Any) -> Any:
+    """Maps merge key by key; a key the previous apply set and this one omits is removed;
+    anything else (lists, scalars) is taken from ``wanted``."""
+    if not isinstance(wanted, dict) or not isinstance(stored, dict):
+        return wanted
+    last = last if isinstance(last, dict) else {}
+    result = {k: v for k, v in stored.items() if not (k in last and k not in wanted)}
+    for key, value in wanted.items():
+        result[key] = _three_way(stored.get(key), last.get(key), value)
+    return result
+
+
+def with_last_applied(wanted: dict[str, Any]) -> dict[str, Any]:
+    """``wanted`` carrying itself in the last-applied annotation, byte for byte as kubectl
+    writes it (sorted compact JSON, ``annotations`` present even when empty), so that
+    ``ambientctl apply`` and ``kubectl apply`` agree on what is unchanged."""
+    meta = dict(wanted.get("metadata", {}))
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != LAST_APPLIED}
+    record = {k: v for k, v in wanted.items() if k != "status"}
+    record["metadata"] = {**meta, "annotations": annotations}
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    meta["annotations"] = {**annotations, LAST_APPLIED: text + "\n"}
+    return {**wanted, "metadata": meta}
+
+
 def merged(stored: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-    """``wanted`` merged into ``stored`` as ``apply`` does (see the module docstring)."""
-    result: dict[str, Any] = {k: v for k, v in stored.items() if k in ("metadata", "status")}
-    result.update({k: v for k, v in wanted.items() if k not in ("metadata", "status")})
-    meta = dict(stored.get("metadata", {}))
-    wanted_meta = wanted.get("metadata", {})
-    meta["labels"] = dict(wanted_meta.get("labels") or {})
-    annotations = {**(meta.get("annotations") or {}), **(wanted_meta.get("annotations") or {})}
-    meta["annotations"] = annotations
-    for key in ("labels", "annotations"):
-        if not meta[key]:
-            del meta[key]
-    result["metadata"] = meta
+    """``wanted`` applied to ``stored`` (see the module docstring); status is never touched."""
+    try:
+        last = json.loads(stored.get("metadata", {}).get("annotations", {}).get(LAST_APPLIED, ""))
+    except ValueError:
+        last = {}
+    wanted = {k: v for k, v in with_last_applied(wanted).items() if k != "status"}
+    last = {k: v for k, v in last.items() if k != "status"} if isinstance(last, dict) else {}
+    stored_rest = {k: v for k, v in stored.items() if k != "status"}
+    result: dict[str, Any] = _three_way(stored_rest, last, wanted)
+    if "status" in stored:
+        result["status"] = stored["status"]
     return result
 
 
@@ -204,7 +233,7 @@ async def _apply_one(client: KubeClient, rt: ResourceType, body: dict[str, Any])
         except KubeApiError as exc:
             if exc.code != 404:
                 raise
-            await client.request("POST", rt.collection_path(ns), body=body)
+            await client.request("POST", rt.collection_path(ns), body=with_last_applied(body))
             return "created"
         fill_type(stored, rt)
         new = merged(stored, body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -79,20 +80,26 @@ def test_malformed_yaml_is_one_line_with_position() -> None:
         load_documents(["-"], stdin="a: 1\n  b: 2\n")
 
 
-def test_merge_replaces_spec_and_labels_and_keeps_status() -> None:
-    stored = {"apiVersion": "v1", "kind": "Pod",
-              "metadata": {"name": "a", "resourceVersion": "7", "labels": {"old": "1"},
-                           "annotations": {"keep": "me"}},
-              "spec": {"nodeName": "n1", "containers": []}, "status": {"phase": "Running"}}
-    wanted = {"apiVersion": "v1", "kind": "Pod",
-              "metadata": {"name": "a", "labels": {"new": "2"}, "annotations": {"add": "x"}},
-              "spec": {"containers": [{"name": "c"}]}}
-    result = merged(stored, wanted)
-    assert result["spec"] == {"containers": [{"name": "c"}]}
-    assert result["status"] == {"phase": "Running"}
-    assert result["metadata"]["labels"] == {"new": "2"}
-    assert result["metadata"]["annotations"] == {"keep": "me", "add": "x"}
+def test_apply_merge_is_three_way_and_keeps_other_writers_fields() -> None:
+    first = {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "web", "labels": {"app": "web", "tier": "front"}},
+             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    # What the server holds after the first apply and a controller's writes.
+    stored = merged({}, first)
+    stored["metadata"].update(resourceVersion="7", uid="u1")
+    stored["metadata"]["labels"]["controller"] = "added"
+    stored["spec"]["clusterIP"] = "10.96.0.20"
+    stored["status"] = {"loadBalancer": {}}
+    second = {"apiVersion": "v1", "kind": "Service",
+              "metadata": {"name": "web", "labels": {"app": "web"}},
+              "spec": {"selector": {"app": "web"}, "ports": [{"port": 81}]}}
+    result = merged(stored, second)
+    assert result["spec"] == {"selector": {"app": "web"}, "ports": [{"port": 81}],
+                              "clusterIP": "10.96.0.20"}
+    assert result["metadata"]["labels"] == {"app": "web", "controller": "added"}
     assert result["metadata"]["resourceVersion"] == "7"
+    assert result["status"] == {"loadBalancer": {}}
+    assert merged(result, second) == result  # applying the same document again: unchanged
 
 
 def test_label_changes_and_table_layout() -> None:
@@ -204,3 +211,18 @@ def test_server_comes_from_the_local_cluster_state(server: str, tmp_path: Path,
     (tmp_path / "state" / "dev" / "state.json").write_text(f'{{"server": "{server}"}}')
     code, _, err = run(capsys, "get", "ns", "--cluster", "dev")
     assert code == 0 and "No resources found" in err
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_apply_agrees_with_kubectl_apply(server: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    app = tmp_path / "app.yaml"
+    app.write_text(APP)
+    assert run(capsys, "apply", "-f", str(app))[0] == 0
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "KUBECONFIG": str(tmp_path / "none")}
+    result = subprocess.run(["kubectl", "--server", server, "apply", "-f", str(app)],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert all(line.endswith(" unchanged") for line in result.stdout.splitlines())
+    code, out, _ = run(capsys, "apply", "-f", str(app))
+    assert code == 0 and all(line.endswith(" unchanged") for line in out.splitlines())
