@@ -84,10 +84,11 @@ class CertificateStore:
     # -- access -----------------------------------------------------------------------
 
     async def get(self, identity: SpiffeId) -> WorkloadCertificate:
-        """The identity's certificate; fetched on first use (concurrent callers share one fetch)."""
+        """The identity's certificate, fetched on first use or once expired (renewal failed
+        for too long); concurrent callers share one fetch."""
         while True:
             held = self._held.get(identity)
-            if held is not None:
+            if held is not None and self._clock() < held.cert.not_after:
                 await trio.lowlevel.checkpoint()
                 return held.cert
             fetch = self._fetching.get(identity)

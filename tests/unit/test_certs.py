@@ -253,3 +253,15 @@ async def test_a_hung_issuer_times_out_and_is_retried(
         await trio.sleep(2)
         assert store.cached(CLIENT) is not first
         nursery.cancel_scope.cancel()
+
+
+async def test_get_fetches_anew_once_the_held_certificate_expired(
+        ca: CertificateAuthority, clock: trio.testing.MockClock) -> None:
+    now = _virtual_wall_clock()
+    issuer = CountingIssuer(ca, now)
+    store = CertificateStore(issuer, clock=now)
+    first = await store.get(CLIENT)  # no renewal loop running: it will expire
+    await trio.sleep(25 * 3600)
+    assert store.cached(CLIENT) is first
+    second = await store.get(CLIENT)
+    assert second is not first and second.not_after > now()
