@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,6 +42,7 @@ MAX_DELAY = 300.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NO_BODY_STATUS = frozenset({204, 304})
+_REASONS = {int(s): s.phrase.encode() for s in HTTPStatus}
 
 
 def parse_duration(text: str) -> float:
@@ -236,7 +238,8 @@ class Server:
             if resp.delay:
                 await trio.sleep(resp.delay)
             out = [(n.encode(), v.encode("latin-1")) for n, v in resp.headers]
-            data = conn.send(h11.Response(status_code=resp.status, headers=out))
+            data = conn.send(h11.Response(status_code=resp.status, headers=out,
+                                          reason=_REASONS.get(resp.status, b"")))
             if resp.body:
                 data = (data or b"") + (conn.send(h11.Data(data=resp.body)) or b"")
             data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
