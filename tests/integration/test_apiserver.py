@@ -402,3 +402,25 @@ async def test_kubectl_apply_creates_then_configures(client: KubeClient, server:
                        ["namespace/demo unchanged", "service/web configured"]]
     svc = await client.get(Service, "web", "demo")
     assert [p.port for p in svc.spec.ports] == [81]
+
+
+async def test_informer_resyncs_when_the_store_is_replaced(nursery: trio.Nursery,
+                                                           server: Server,
+                                                           tmp_path: Path) -> None:
+    async with KubeClient(KubeConfig.for_server(server.url)) as client:
+        await make_namespace(client)
+        for i in range(3):
+            await client.create(pod(f"old{i}"))
+        collector = Collector(client)
+        nursery.start_soon(collector.run)
+        await collector.until(lambda e: len(e) == 1)
+        await server.stop()
+        server.db = tmp_path / "fresh.sqlite"  # a new cluster behind the same address
+        await server.start()
+        await make_namespace(client)
+        await client.create(pod("new"))
+        await collector.until(lambda evs: any(
+            isinstance(e, Resync) and [p.name for p in e.objects] == ["new"] for e in evs)
+            or any(isinstance(e, Change) and e.object.name == "new" for e in evs))
+        resyncs = [e for e in collector.events if isinstance(e, Resync)]
+        assert len(resyncs) == 2, "the informer must drop the old cluster's objects"

@@ -192,3 +192,9 @@ def test_table_watch_renders_one_row_tables(store: Store) -> None:
     rendered = plan.render("ADDED", created, store.resource_version)
     assert rendered["kind"] == "Table" and rendered["rows"][0]["cells"][0] == "a"
     assert plan.render("BOOKMARK", {"kind": "Pod"}, 1) == {"kind": "Pod"}
+
+
+def test_watch_from_a_version_the_store_never_reached_is_expired(store: Store) -> None:
+    with pytest.raises(ResourceExpiredError, match="store was reset"):
+        store.events_since(PODS, "demo", store.resource_version + 5)
+    assert store.events_since(PODS, "demo", store.resource_version) == []

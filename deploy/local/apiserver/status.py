@@ -97,3 +97,15 @@ def expired(requested: int, oldest: int) -> ResourceExpiredError:
     """410 Expired, worded as kube-apiserver's watch cache words it."""
     message = f"too old resource version: {requested} ({oldest})"
     return ResourceExpiredError(410, "Expired", message, status_body(410, "Expired", message))
+
+
+def from_the_future(requested: int, newest: int) -> ResourceExpiredError:
+    """410 for a version newer than the store: it was reset, so the client must list again.
+
+    kube-apiserver answers 504 "Too large resource version" here because its cache may
+    just be behind; a single SQLite store is never behind, so the version can only come
+    from an earlier database.
+    """
+    message = (f"resource version {requested} is newer than this server's newest ({newest}): "
+               "the store was reset; list again")
+    return ResourceExpiredError(410, "Expired", message, status_body(410, "Expired", message))

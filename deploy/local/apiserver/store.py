@@ -6,7 +6,9 @@ state in ``objects`` and appends one row to ``events`` with the object before an
 after.  A watch from version R replays ``events`` with rv > R; because the history
 lives in the same database as the objects and is written in the same transaction,
 a restarted server resumes watches exactly.  History is bounded: only the newest
-``retain_events`` rows are kept; a watch older than the oldest kept row gets 410.
+``retain_events`` rows are kept; a watch older than the oldest kept row gets 410.  So
+does a watch from a version this store never reached: the database was replaced under a
+client that outlived it, and only a fresh list gives that client the truth.
 
 The store is synchronous and does no network I/O: the HTTP layer calls it from the
 trio thread (a write is one short transaction) and wakes watchers after each write.
@@ -149,6 +151,8 @@ class Store:
         """Writes to ``rt`` after ``rv``, oldest first; 410 when that history is gone."""
         if rv < self._compacted:
             raise status.expired(rv, self._compacted)
+        if rv > self._rv:
+            raise status.from_the_future(rv, self._rv)
         query = ("SELECT rv, type, body, prev FROM events WHERE grp=? AND plural=? AND rv>?")
         args: tuple[Any, ...] = (rt.group, rt.plural, rv)
         if rt.namespaced and namespace is not None:
