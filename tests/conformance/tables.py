@@ -15,6 +15,7 @@ shape of the Gateway API conformance suite's ``ExpectedResponse``::
       response_headers / absent_response_headers
       redirect: {scheme, host, port, path, query}   # parts of Location; unset = request's
       body                                   # direct responses
+      route_name                             # rule identity (metrics, access log)
       mirrored_to: [{backend, subset, host, percent}]
       distribution: {backend or backend/subset or status: share}, requests, tolerance
 
@@ -86,6 +87,7 @@ class Observation:
     location: str | None = None
     body: bytes = b""
     mirrors: list[tuple[str, str | None, str]] = field(default_factory=list)
+    route_name: str | None = None
 
 
 def load_tables(directory: Path = CASES_DIR) -> list[Table]:
@@ -141,6 +143,8 @@ def _check_one(case: Case, obs: Observation) -> list[str]:
                                exp.get("absent_response_headers", ()))
     if "redirect" in exp:
         problems += _check_redirect(case, obs)
+    if "route_name" in exp and obs.route_name != exp["route_name"]:
+        problems.append(f"route {obs.route_name!r}, expected {exp['route_name']!r}")
     if "body" in exp and obs.body != str(exp["body"]).encode():
         problems.append(f"body {obs.body!r}, expected {exp['body']!r}")
     if "mirrored_to" in exp and not any("percent" in m for m in exp["mirrored_to"]):

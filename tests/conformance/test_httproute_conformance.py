@@ -59,7 +59,8 @@ def observe(table: RouteTable, case: Case, rng: random.Random) -> Observation:
         assert decision.status is not None
         apply_header_ops(response, decision.response_headers)
         return Observation(status=decision.status, location=decision.location,
-                           body=decision.body, response_headers=response)
+                           body=decision.body, response_headers=response,
+                           route_name=decision.route_name)
     assert decision.cluster is not None
     apply_header_ops(headers, decision.request_headers)
     apply_header_ops(response, decision.response_headers)
@@ -68,7 +69,7 @@ def observe(table: RouteTable, case: Case, rng: random.Random) -> Observation:
         path=decision.path or request.path, host=decision.authority or host,
         request_headers=headers, response_headers=response,
         mirrors=[(m.cluster.service_name, m.cluster.subset, m.authority)
-                 for m in decision.mirrors])
+                 for m in decision.mirrors], route_name=decision.route_name)
 
 
 @pytest.mark.parametrize("table", TABLES, ids=lambda t: t.name)
