@@ -1,15 +1,61 @@
-"""`ztunnel` command line entry point (stub until its issue lands)."""
+"""``python -m ztunnel --node NAME --server URL --ca-dir DIR [--node-netns PATH]``."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+
+import trio
+
+from common.admin import LogLevel
+from common.errors import MeshError
+from common.logging import configure
+from ztunnel.app import Options, main_async
+
+
+def parse(argv: list[str]) -> tuple[Options, str, bool]:
+    p = argparse.ArgumentParser(prog="ztunnel", description=(
+        "Per-node L4 proxy of the pyambient mesh: captures enrolled pods' traffic in their "
+        "network namespaces and carries it over HBONE (mTLS) between nodes."))
+    p.add_argument("--node", required=True, help="this node's name (spec.nodeName of its pods)")
+    p.add_argument("--server", help="API server URL (default: in-cluster, then kubeconfig)")
+    p.add_argument("--ca-dir", required=True, type=Path,
+                   help="directory with the mesh CA (ca.pem + ca.key, or Istio's plug-in files)")
+    p.add_argument("--node-netns", help="open the admin/metrics/readiness ports inside this "
+                   "network namespace (local cluster: several ztunnels on one host)")
+    p.add_argument("--trust-domain", help="only needed when the CA has no spiffe:// SAN")
+    p.add_argument("--drain-seconds", type=float, default=5.0,
+                   help="on SIGTERM, how long live connections may finish (default 5)")
+    p.add_argument("--admin-port", type=int, default=15000)
+    p.add_argument("--metrics-port", type=int, default=15020)
+    p.add_argument("--readiness-port", type=int, default=15021)
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    p.add_argument("--log-json", action="store_true", help="JSON log lines")
+    a = p.parse_args(argv)
+    options = Options(node=a.node, server=a.server, ca_dir=a.ca_dir, node_netns=a.node_netns,
+                      trust_domain=a.trust_domain, drain_seconds=a.drain_seconds,
+                      admin_port=a.admin_port, metrics_port=a.metrics_port,
+                      readiness_port=a.readiness_port)
+    return options, a.log_level, a.log_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print usage; not implemented yet."""
-    args = sys.argv[1:] if argv is None else argv
-    print("usage: ztunnel [--help]\n\nnot implemented yet", file=sys.stderr)
-    return 0 if args in ([], ["--help"], ["-h"]) else 2
+    try:
+        options, level, json_logs = parse(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already explained
+        return exc.code if isinstance(exc.code, int) else 2
+    configure("debug", json=json_logs)
+    log_level = LogLevel(level)
+    log_level.install()
+    try:
+        trio.run(main_async, options, log_level)
+    except MeshError as exc:
+        print(f"ztunnel: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from common.authz.compile import PolicyObject, compile_authorization_policies
 from common.authz.model import WorkloadRef
 from common.authz.peer import compile_peer_authentications
 from common.ca import CertificateAuthority
+from common.discovery import SnapshotHolder
 from common.identity import SpiffeId
 from common.model import EMPTY_LOCALITY, Snapshot, Workload
 from common.netns import call_in_netns
 from ztunnel.certs import NodeIssuer
 from ztunnel.inpod.agent import InpodAgent
-from ztunnel.proxy.state import ProxyConfig, ProxyState, StaticSnapshots
+from ztunnel.proxy.state import ProxyConfig, ProxyState
 
 SUBNET = "10.215.{}.0/24"
 
@@ -120,7 +121,7 @@ class Mesh:
     """Ztunnels for some nodes over one published snapshot."""
 
     ca: CertificateAuthority
-    snapshots: StaticSnapshots = field(default_factory=StaticSnapshots)
+    snapshots: SnapshotHolder = field(default_factory=SnapshotHolder)
     nodes: dict[str, Node] = field(default_factory=dict)
 
     async def start(self, nursery: trio.Nursery, *node_names: str) -> None:

@@ -9,47 +9,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import trio
 
 from common.certs import CertificateStore
+from common.discovery import SnapshotHolder
 from common.metrics import Metrics
-from common.model import Snapshot, empty_snapshot
+from common.model import Snapshot
 from ztunnel.proxy.live import LiveConnections
-
-
-class SnapshotSource(Protocol):
-    """Where ztunnel reads the mesh from (discovery on a cluster; a hand-built one in tests)."""
-
-    @property
-    def current(self) -> Snapshot: ...
-
-    async def wait_newer(self, version: int) -> Snapshot:
-        """Return the first snapshot whose version is greater than ``version``."""
-        ...
-
-
-class StaticSnapshots:
-    """A :class:`SnapshotSource` fed by :meth:`publish` (tests, a fixed mesh)."""
-
-    def __init__(self, snapshot: Snapshot | None = None) -> None:
-        self._current = snapshot if snapshot is not None else empty_snapshot()
-        self._changed = trio.Event()
-
-    @property
-    def current(self) -> Snapshot:
-        return self._current
-
-    def publish(self, snapshot: Snapshot) -> None:
-        self._current = snapshot
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_newer(self, version: int) -> Snapshot:
-        while self._current.version <= version:
-            await self._changed.wait()
-        return self._current
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +34,7 @@ class ProxyState:
     """Shared by every pod's listeners in one ztunnel."""
 
     node: str
-    snapshots: SnapshotSource
+    snapshots: SnapshotHolder
     certs: CertificateStore
     metrics: Metrics = field(default_factory=Metrics)
     config: ProxyConfig = field(default_factory=ProxyConfig)
