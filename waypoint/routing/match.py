@@ -133,7 +133,9 @@ class RouteDecision:
         return self.rule.route_name if self.rule is not None else ""
 
 
-NOT_FOUND = RouteDecision(outcome=Outcome.NOT_FOUND, status=404, response_flag="NR")
+def not_found() -> RouteDecision:
+    """404 with Envoy's ``NR`` flag: no service or no rule for the request (a fresh value)."""
+    return RouteDecision(outcome=Outcome.NOT_FOUND, status=404, response_flag="NR")
 
 
 def find_service(table: RouteTable, request: Request) -> tuple[ServiceRoutes | None, int]:
@@ -156,11 +158,11 @@ def route(table: RouteTable, request: Request, rng: random.Random) -> RouteDecis
     """Route one request: the decision the HTTP shell executes."""
     routes, port = find_service(table, request)
     if routes is None:
-        return NOT_FOUND
+        return not_found()
     path, query = split_target(request.path)
     hit = select(routes, request, path, query, port)
     if hit is None:
-        return NOT_FOUND
+        return not_found()
     return decide(hit, request, path, query, port, rng)
 
 
