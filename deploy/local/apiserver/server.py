@@ -62,7 +62,8 @@ class ApiServer:
         self.changed.set()
         self.changed = trio.Event()
 
-    async def handle_connection(self, stream: trio.SocketStream) -> None:
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one client connection (plain TCP, or TLS when given a trio.SSLStream)."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
         try:
             while True:
@@ -104,7 +105,7 @@ class ApiServer:
         return result
 
     async def _read_request(self, conn: h11.Connection,
-                            stream: trio.SocketStream) -> Request | None:
+                            stream: trio.abc.Stream) -> Request | None:
         """The next request, or None when the client closed or broke the framing."""
         head: h11.Request | None = None
         body = bytearray()
@@ -123,7 +124,7 @@ class ApiServer:
                     return None
                 if deadline == math.inf:
                     deadline = trio.current_time() + REQUEST_TIMEOUT
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Request):
                 head = event
@@ -139,13 +140,13 @@ class ApiServer:
             else:  # ConnectionClosed, or a PAUSED state after a finished cycle
                 return None
 
-    async def _reject(self, conn: h11.Connection, stream: trio.SocketStream, code: int,
+    async def _reject(self, conn: h11.Connection, stream: trio.abc.Stream, code: int,
                       message: str) -> None:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await self._send(conn, stream, error_response(KubeApiError(
                 code, "BadRequest", message, status.status_body(code, "BadRequest", message))))
 
-    async def _send(self, conn: h11.Connection, stream: trio.SocketStream,
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream,
                     response: Response) -> None:
         headers = [("content-type", response.content_type),
                    ("content-length", str(len(response.body)))]
@@ -155,11 +156,11 @@ class ApiServer:
         await self._write(stream, conn.send(h11.EndOfMessage()))
 
     @staticmethod
-    async def _write(stream: trio.SocketStream, data: bytes | None) -> None:
+    async def _write(stream: trio.abc.Stream, data: bytes | None) -> None:
         if data:
             await stream.send_all(data)
 
-    async def _stream_watch(self, conn: h11.Connection, stream: trio.SocketStream,
+    async def _stream_watch(self, conn: h11.Connection, stream: trio.abc.Stream,
                             plan: WatchPlan) -> None:
         headers = [("content-type", "application/json"), ("transfer-encoding", "chunked")]
         await self._write(stream, conn.send(h11.Response(status_code=200, headers=headers)))
@@ -170,7 +171,7 @@ class ApiServer:
             nursery.cancel_scope.cancel()
         await self._write(stream, conn.send(h11.EndOfMessage()))
 
-    async def _watch_loop(self, conn: h11.Connection, stream: trio.SocketStream,
+    async def _watch_loop(self, conn: h11.Connection, stream: trio.abc.Stream,
                           plan: WatchPlan) -> None:
         async def emit(kind: str, obj: dict[str, Any]) -> None:
             event = {"type": kind, "object": plan.render(kind, obj, self.store.resource_version)}
@@ -206,7 +207,7 @@ class ApiServer:
                 await changed.wait()
 
 
-async def _cancel_on_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+async def _cancel_on_hangup(stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
     """Cancel ``scope`` once the client closes its side (watch clients send nothing more)."""
     try:
         while await stream.receive_some(4096):
