@@ -7,7 +7,8 @@ people on one machine do not meet; set ``AMBIENT_TEST_CLUSTER=NAME`` to reuse a 
 that is already up (it is then left running).
 
 ``namespace`` (function scope) gives each test its own Kubernetes namespace and deletes
-what the test created in it afterwards.  Helpers: :meth:`LocalCluster.exec` runs a
+what the test created in it afterwards (by deleting the namespace).  Clusters left by
+earlier runs whose pytest process died are removed first.  Helpers: :meth:`LocalCluster.exec` runs a
 command in a pod through ``ambientctl exec``; :func:`wait_for` polls the API with a
 deadline; :func:`echo_deployment` and :func:`echo_service` build the usual objects.
 """
@@ -15,6 +16,7 @@ deadline; :func:`echo_deployment` and :func:`echo_service` build the usual objec
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,7 @@ import trio
 
 from common.kube import Deployment, KubeClient, KubeConfig, Pod, Service
 from deploy.local import cluster as local_cluster
+from deploy.local import netns
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +78,15 @@ class LocalCluster:
                                     "--", *cmd, timeout=within))
 
 
+def _remove_abandoned_test_clusters() -> None:
+    """Clusters of earlier test runs whose pytest process died (killed, timed out)."""
+    pids = {int(m.group(1)) for n in netns.list_names("pa-it")
+            if (m := re.match(r"^pa-it(\d+)-", n))}
+    for pid in pids:
+        if not Path(f"/proc/{pid}").exists():
+            local_cluster.down(f"it{pid}")
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
     reason = _unavailable()
@@ -85,6 +97,7 @@ def cluster() -> Iterator[LocalCluster]:
         state = local_cluster.read_state(reuse)
         yield LocalCluster(reuse, str(state["server"]), 0.0)
         return
+    _remove_abandoned_test_clusters()
     name = f"it{os.getpid()}"
     result = local_cluster.up(name, 2)
     try:
@@ -104,11 +117,7 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
         try:
             yield name
         finally:
-            for path in (f"/apis/apps/v1/namespaces/{name}/deployments",
-                         f"/api/v1/namespaces/{name}/services",
-                         f"/api/v1/namespaces/{name}/pods"):
-                for item in http.get(path).json().get("items") or []:
-                    http.delete(f"{path}/{item['metadata']['name']}")
+            # The cluster's namespace controller deletes everything that was in it.
             http.delete(f"/api/v1/namespaces/{name}")
 
 
