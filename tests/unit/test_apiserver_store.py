@@ -198,3 +198,9 @@ def test_watch_from_a_version_the_store_never_reached_is_expired(store: Store) -
     with pytest.raises(ResourceExpiredError, match="store was reset"):
         store.events_since(PODS, "demo", store.resource_version + 5)
     assert store.events_since(PODS, "demo", store.resource_version) == []
+
+
+def test_server_side_dry_run_is_refused_not_performed(store: Store) -> None:
+    code, status = handle(store, "POST", "/api/v1/namespaces/demo/pods?dryRun=All", pod("a"))
+    assert code == 400 and "dryRun" in status["message"]
+    assert store.get(PODS, "demo", "a") is None

@@ -164,6 +164,10 @@ class ApiHandler:
         if target is None:
             raise status.unknown_path(path)
         method = request.method
+        if query.get("dryRun") and method != "GET":
+            # Better refused than silently performed: a dry run must never write.
+            raise status.bad_request("dryRun is not supported by this API server; "
+                                     "use client-side dry run (kubectl --dry-run=client)")
         if target.name is None:
             if method == "GET" and query.get("watch") in ("1", "true"):
                 return self._watch_plan(target, query, request.headers)
