@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from common.errors import KubeApiError
 from common.kube import Deployment, KubeClient, KubeConfig, Node, Pod
 from deploy.local import cluster, network
 from deploy.local.errors import PodNotFoundError
@@ -113,7 +114,7 @@ async def find_pod(server: str, namespace: str, target: str) -> Pod:
         if not name:
             try:
                 return await client.get(Pod, kind, namespace)
-            except Exception as exc:
+            except KubeApiError as exc:
                 raise PodNotFoundError(f"no pod {kind!r} in namespace {namespace!r}: {exc}") \
                     from exc
         if kind not in ("deploy", "deployment", "deployments"):

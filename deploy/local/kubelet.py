@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from structlog.typing import FilteringBoundLogger
 
 from common.errors import KubeApiError
 from common.kube import KubeClient, Pod
@@ -27,6 +28,7 @@ from deploy.local.informer import Cache
 from deploy.local.runtime import (
     ContainerRunner,
     ContainerState,
+    Probe,
     container_argv,
     container_env,
     in_pod_argv,
@@ -152,7 +154,8 @@ class Kubelet:
                 # The pod may have been re-created meanwhile under a new uid: look again.
                 self.pods.signal.notify()
 
-    async def _run_containers(self, pod: Pod, pod_netns: str, ip: str, logger: Any) -> None:
+    async def _run_containers(self, pod: Pod, pod_netns: str, ip: str,
+                              logger: FilteringBoundLogger) -> None:
         ns = pod.metadata.namespace or "default"
         resolv = self.state_dir / "resolv" / f"{ns}.conf"
         resolv.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,7 @@ class Kubelet:
             await report(ContainerState())
             logger.info("pod_started", ip=ip)
 
-    def _prober(self, ip: str, ports: list[int]) -> Any:
+    def _prober(self, ip: str, ports: list[int]) -> Probe:
         async def probe() -> bool:
             for port in ports:
                 sock = await netns.trio_socket_in(self.node_netns)
