@@ -226,21 +226,8 @@ class HbonePool:
         assert connection is not None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._close_when_idle, connection)
+                nursery.start_soon(connection.close_when_idle, self.idle_timeout)
                 await connection.run()
                 nursery.cancel_scope.cancel()
         finally:
             self._remove(entry)
-
-    async def _close_when_idle(self, connection: HboneConnection) -> None:
-        while not connection.closed and not connection.draining:
-            await connection.wait_idle()
-            if connection.closed:
-                return
-            with trio.move_on_after(self.idle_timeout):
-                await connection.wait_busy()
-                continue
-            if not connection.streams:
-                connection.log.debug("hbone idle connection closed")
-                connection.close()
-                return

@@ -157,6 +157,20 @@ class HboneConnection:
         while not self.streams and not self.closed:
             await self._idle_lot.park()
 
+    async def close_when_idle(self, idle_seconds: float) -> None:
+        """GOAWAY and close once the connection had no stream for ``idle_seconds``."""
+        while not self.closed and not self.draining:
+            await self.wait_idle()
+            if self.closed:
+                return
+            with trio.move_on_after(idle_seconds):
+                await self.wait_busy()
+                continue
+            if not self.streams:
+                self.log.debug("hbone idle connection closed", idle_seconds=idle_seconds)
+                self.close()
+                return
+
     async def wait_closed(self) -> None:
         while not self.closed:
             await self._idle_lot.park()
@@ -202,9 +216,12 @@ class HboneConnection:
         self._wake_writer()
 
     def _acknowledge(self, stream_id: int, size: int) -> None:
+        # Most credits are batched inside the protocol: wake the writer only when a
+        # WINDOW_UPDATE is actually due (a wake-up per chunk costs a task step).
         if not self.closed:
             self.protocol.acknowledge(stream_id, size)
-            self._wake_writer()
+            if self.protocol.has_output():
+                self._wake_writer()
 
     def _end_stream(self, stream: HboneStream) -> None:
         if self.closed:
@@ -303,7 +320,8 @@ class HboneConnection:
                     return
                 for event in protocol.receive_data(data):
                     self._dispatch(event)
-                self._wake_writer()
+                if protocol.has_output():
+                    self._wake_writer()
         except ProtocolError as exc:
             self.error = exc
             self.log.warning("hbone protocol error, connection closed", reason=str(exc))

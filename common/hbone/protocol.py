@@ -159,6 +159,11 @@ class H2Protocol:
         out, self._out = self._out, []
         return out
 
+    def has_output(self) -> bool:
+        """True when :meth:`data_to_send` would return something."""
+        self._flush_h2()
+        return bool(self._out)
+
     def _flush_h2(self) -> None:
         pending = self._h2.data_to_send()
         if pending:

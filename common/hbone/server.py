@@ -94,10 +94,13 @@ class HboneServer:
     """Serves HBONE on listening sockets until drained or cancelled."""
 
     def __init__(self, handler: Handler, handshake: Handshake, *,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, idle_timeout: float = 600.0) -> None:
         self._handler = handler
         self._handshake = handshake
         self._handshake_timeout = handshake_timeout
+        # Clients close their own idle connections sooner (pool idle timeout); this
+        # reclaims connections from clients that vanished without a FIN.
+        self._idle_timeout = idle_timeout
         self.connections: set[HboneConnection] = set()
         self._accept_scopes: list[trio.CancelScope] = []
         self._nurseries: list[trio.Nursery] = []
@@ -159,7 +162,10 @@ class HboneServer:
             log=_log.bind(peer=str(peer) if peer else None, peer_addr=peer_address))
         self.connections.add(connection)
         try:
-            await connection.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connection.close_when_idle, self._idle_timeout)
+                await connection.run()
+                nursery.cancel_scope.cancel()
         finally:
             self.connections.discard(connection)
             self._all_closed.unpark_all()

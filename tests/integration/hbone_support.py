@@ -57,10 +57,11 @@ Handler = Callable[[ConnectRequest, Responder], Awaitable[None]]
 
 
 async def start_server(nursery: trio.Nursery, mesh: Mesh, handler: Handler = forward_tcp, *,
-                       port: int = 0) -> tuple[HboneServer, tuple[str, int]]:
+                       port: int = 0, idle_timeout: float = 600.0,
+                       ) -> tuple[HboneServer, tuple[str, int]]:
     sock = listen(port)
     server = HboneServer(handler, tls_handshake(lambda: mesh.server_context, TRUST_DOMAIN),
-                         handshake_timeout=5.0)
+                         handshake_timeout=5.0, idle_timeout=idle_timeout)
     await nursery.start(server.serve, sock)
     address = sock.getsockname()
     return server, (address[0], address[1])

@@ -64,6 +64,26 @@ async def test_idle_connection_is_released_after_the_timeout() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_server_closes_connections_idle_past_its_timeout() -> None:
+    mesh = make_mesh()
+    async with trio.open_nursery() as nursery:
+        echo = await start_echo(nursery)
+        server, address = await start_server(nursery, mesh, idle_timeout=0.3)
+        async with pool_for(mesh, idle_timeout=60) as pool:
+            stream = await pool.connect(CLIENT_ID, address, expected={SERVER_ID},
+                                        authority=f"127.0.0.1:{echo}")
+            async with stream:
+                assert await round_trip(stream, b"x") == b"x"
+            # The server's GOAWAY retires the client's connection long before its own
+            # 60 s idle timeout; the next stream simply gets a new connection.
+            await wait_until(lambda: not pool.connections() and not server.connections)
+            stream = await pool.connect(CLIENT_ID, address, expected={SERVER_ID},
+                                        authority=f"127.0.0.1:{echo}")
+            async with stream:
+                assert await round_trip(stream, b"y") == b"y"
+        nursery.cancel_scope.cancel()
+
+
 async def test_busy_connection_is_not_released() -> None:
     mesh = make_mesh()
     async with trio.open_nursery() as nursery:
