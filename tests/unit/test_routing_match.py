@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.routing_helpers import backend, backend_of, httproute, send, svc, table
-from waypoint.routing.match import Outcome, parse_query
+from waypoint.routing.match import Outcome, header_map, parse_query
 
 SEGMENTS = st.lists(st.sampled_from(["a", "b", "ab", "a.b", ""]), min_size=0, max_size=4)
 
@@ -233,3 +233,9 @@ def test_mirror_share_and_shadow_host() -> None:
     assert all(backend_of(d) == "v1" for d in decisions)
     assert mirrored[0].mirrors[0].authority == "echo-shadow:80"
     assert mirrored[0].mirrors[0].cluster.service_name == "v2"
+
+
+def test_header_lines_become_the_match_map() -> None:
+    pairs = [(b"x-a", b"1"), (b"cookie", b"a=1"), (b"x-a", b"2"), (b"cookie", b"b=2"),
+             (b"x-b", b"\xe9")]
+    assert header_map(pairs) == {"x-a": "1,2", "cookie": "a=1; b=2", "x-b": "\u00e9"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -76,6 +76,24 @@ class Request:
     scheme: str = "http"
     source_labels: Mapping[str, str] = field(default_factory=lambda: _NO_LABELS)
     source_namespace: str | None = None
+
+
+def header_map(pairs: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header lines (lower-case names, as the HTTP codecs give them) -> :attr:`Request.headers`.
+
+    Repeated fields are joined with ``,`` (RFC 9110 5.3), ``cookie`` with ``; `` (RFC 9113
+    8.2.3), so a match sees what Envoy's header matcher sees.
+    """
+    out: dict[str, str] = {}
+    for raw_name, raw_value in pairs:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("latin-1")
+        old = out.get(name)
+        if old is None:
+            out[name] = value
+        else:
+            out[name] = f"{old}; {value}" if name == "cookie" else f"{old},{value}"
+    return out
 
 
 class Outcome(Enum):
