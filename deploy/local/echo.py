@@ -10,7 +10,8 @@ same on both protocols and is unit-tested without sockets.  ``--tcp`` (or
 
 Identity fields come from the environment the kubelet sets: ``POD_NAME``,
 ``POD_NAMESPACE``, ``SERVICE_ACCOUNT``, ``NODE_NAME`` (and ``VERSION`` when present).
-HTTP/1.1 ``Upgrade: h2c`` is not supported: clients use prior knowledge.
+h2c works with prior knowledge and with the HTTP/1.1 ``Upgrade: h2c`` dance (the
+upgrading request becomes stream 1).
 """
 
 from __future__ import annotations
@@ -234,6 +235,13 @@ class Server:
                 host=next((v for n, v in headers if n == "host"), ""),
                 proto="HTTP/" + head.http_version.decode(), headers=headers, source=source,
                 body_bytes=body_bytes)
+            settings = _h2c_upgrade(headers)
+            if settings is not None:  # h11 saw the Upgrade header: a 101 is allowed
+                await stream.send_all(conn.send(h11.InformationalResponse(
+                    status_code=101, headers=[(b"connection", b"Upgrade"),
+                                              (b"upgrade", b"h2c")])) or b"")
+                await _H2Session(stream, self.ident).run(conn.trailing_data[0], (settings, req))
+                return
             resp = respond(req, self.ident)
             if resp.delay:
                 await trio.sleep(resp.delay)
@@ -268,6 +276,14 @@ class Server:
         await session.run(first)
 
 
+def _h2c_upgrade(headers: list[tuple[str, str]]) -> str | None:
+    """The HTTP2-Settings value of a request that asks to upgrade to h2c, else None."""
+    fields = {n.lower(): v for n, v in headers}
+    if "h2c" not in fields.get("upgrade", "").lower().replace(" ", "").split(","):
+        return None
+    return fields.get("http2-settings")
+
+
 class _H2Session:
     """One h2c connection: events in, one task per request stream."""
 
@@ -291,16 +307,27 @@ class _H2Session:
             async with self.send_lock:
                 await self.stream.send_all(data)
 
-    async def run(self, first: bytes) -> None:
+    async def run(self, first: bytes, upgrade: tuple[str, EchoRequest] | None = None) -> None:
+        """Serve the connection; ``upgrade`` is (HTTP2-Settings, request) after a 101."""
         import h2.events
         import h2.exceptions
 
-        self.conn.initiate_connection()
         async with trio.open_nursery() as nursery:
+            if upgrade is None:
+                self.conn.initiate_connection()
+            else:
+                # The HTTP/1.1 request that asked for the upgrade is stream 1 (RFC 7540 3.2).
+                settings, req = upgrade
+                self.conn.initiate_upgrade_connection(settings.encode())
+                self.body_bytes[1] = req.body_bytes
+                self.heads[1] = ([(":method", req.method), (":path", req.target),
+                                  (":authority", req.host), *req.headers], time.monotonic())
+                nursery.start_soon(self.answer, 1)
+            await self.flush()
             data = first
-            while data:
+            while True:
                 try:
-                    events = self.conn.receive_data(data)
+                    events = self.conn.receive_data(data) if data else []
                 except h2.exceptions.ProtocolError:
                     await self.flush()
                     break
@@ -322,11 +349,11 @@ class _H2Session:
                     elif isinstance(event, h2.events.StreamReset):
                         self.heads.pop(event.stream_id, None)
                     elif isinstance(event, h2.events.ConnectionTerminated):
-                        data = b""
+                        nursery.cancel_scope.cancel()
                 await self.flush()
+                data = await self.stream.receive_some(READ_SIZE)
                 if not data:
                     break
-                data = await self.stream.receive_some(READ_SIZE)
             nursery.cancel_scope.cancel()
 
     async def answer(self, sid: int) -> None:

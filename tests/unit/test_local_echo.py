@@ -104,3 +104,45 @@ async def test_tcp_mode_echoes_and_half_closes() -> None:
         assert got == b"ping"
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_http1_upgrade_to_h2c_answers_the_upgrading_request_on_stream_1() -> None:
+    import h2.connection
+    import h2.events
+
+    async with trio.open_nursery() as nursery:
+        port = await _start(nursery)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        client = h2.connection.H2Connection()
+        settings = client.initiate_upgrade_connection()
+        await stream.send_all(
+            b"GET /up HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n")
+        buf = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in buf:
+                buf += await stream.receive_some(4096)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        await stream.send_all(client.data_to_send())
+        body, status = b"", None
+        with trio.fail_after(5):
+            events = client.receive_data(rest) if rest else []
+            while True:
+                for event in events:
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = dict(event.headers)[b":status"]
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                    elif isinstance(event, h2.events.StreamEnded):
+                        break
+                else:
+                    await stream.send_all(client.data_to_send())
+                    events = client.receive_data(await stream.receive_some(65536))
+                    continue
+                break
+        assert status == b"200"
+        doc = json.loads(body)
+        assert doc["proto"] == "HTTP/2" and doc["path"] == "/up"
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
