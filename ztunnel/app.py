@@ -186,8 +186,19 @@ async def run_until_signal(ztunnel: Ztunnel, client: KubeClient | None) -> None:
         nursery.cancel_scope.cancel()
 
 
+def pod_hooks() -> list[PodHook]:
+    """The per-pod services started beside the proxy listeners of every enrolled pod.
+
+    This is where the DNS proxy (15053, udp and tcp) and the SOCKS5 listener
+    (127.0.0.1:15080) plug in: each is a :data:`~ztunnel.proxy.pod.PodHook`.  Until the
+    DNS proxy is here, a captured pod's DNS (redirected to 15053) gets no answer.
+    """
+    return []
+
+
 async def main_async(options: Options, log_level: LogLevel) -> None:
     """The process: CA from ``--ca-dir``, API client from ``--server``, run until a signal."""
     ca = CertificateAuthority.load(options.ca_dir, trust_domain=options.trust_domain)
     async with KubeClient(load_config(options.server)) as client:
-        await run_until_signal(Ztunnel(options, ca, log_level=log_level), client)
+        await run_until_signal(Ztunnel(options, ca, log_level=log_level, hooks=pod_hooks()),
+                               client)

@@ -23,6 +23,7 @@ from structlog.typing import FilteringBoundLogger
 from common.errors import KubeApiError
 from common.kube import KubeClient, Pod
 from common.logging import get_logger
+from common.translate import NETNS_ANNOTATION
 from deploy.local import netns, network
 from deploy.local.informer import Cache
 from deploy.local.runtime import (
@@ -141,6 +142,7 @@ class Kubelet:
             with sandbox.scope:
                 await network.create_pod_network(self.node_netns, pod_netns, ip,
                                                  network.pod_gateway(self.index))
+                await self._annotate_netns(pod, pod_netns)
                 await self._run_containers(pod, pod_netns, ip, logger)
         except Exception:
             logger.exception("pod_failed", retry_in=FAILED_POD_RETRY)
@@ -153,6 +155,13 @@ class Kubelet:
                 logger.info("pod_removed", ip=ip)
                 # The pod may have been re-created meanwhile under a new uid: look again.
                 self.pods.signal.notify()
+
+    async def _annotate_netns(self, pod: Pod, pod_netns: str) -> None:
+        """Tell the node's ztunnel where the pod's namespace is (it enters it to capture)."""
+        path = str(netns.netns_path(pod_netns))
+        await self.client.patch(Pod, pod.metadata.name,
+                                {"metadata": {"annotations": {NETNS_ANNOTATION: path}}},
+                                pod.metadata.namespace or "default")
 
     async def _run_containers(self, pod: Pod, pod_netns: str, ip: str,
                               logger: FilteringBoundLogger) -> None:

@@ -53,6 +53,7 @@ from deploy.local.informer import Cache, Signal, reconcile_forever
 from deploy.local.kubelet import Kubelet
 from deploy.local.kubeproxy import KubeProxy
 from deploy.local.namespaces import NamespaceController
+from deploy.local.ztunnels import ensure_ca, run_ztunnel
 
 log = get_logger("local.supervisor")
 
@@ -210,6 +211,12 @@ class Supervisor:
             controllers.append((f"kubelet/{network.node_name(i)}", kubelet))
         for name, controller in controllers:
             nursery.start_soon(reconcile_forever, name, signal_, controller.reconcile)
+        ca_dir = ensure_ca(self.state_dir)
+        for i in range(self.nodes):
+            node = network.node_name(i)
+            nursery.start_soon(run_ztunnel, node, server, ca_dir,
+                               str(netns.netns_path(self.names.node(i))),
+                               self.state_dir / "logs" / f"ztunnel-{node}.log")
 
         for cache in (pods, deployments, services, slices, nodes, namespaces):
             await cache.synced.wait()
