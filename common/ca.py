@@ -30,11 +30,14 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import CertificateError, IdentityError
 from common.identity import SpiffeId
+
+# Our own CAs are P-256; RSA is accepted for plug-in CAs (Istio's sample tooling makes RSA).
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 DEFAULT_ROOT_LIFETIME = timedelta(days=3650)
 DEFAULT_LEAF_LIFETIME = timedelta(hours=24)
@@ -63,7 +66,7 @@ def _pem_certs(pem: bytes, what: str) -> list[x509.Certificate]:
     return certs
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: CAKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -137,7 +140,7 @@ class CertificateAuthority:
     after them, and peers trust only the root.
     """
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, *,
+    def __init__(self, key: CAKey, cert: x509.Certificate, *,
                  root_pem: bytes | None = None, chain_pem: bytes = b"",
                  trust_domain: str | None = None,
                  backdate: timedelta = DEFAULT_BACKDATE) -> None:
@@ -242,8 +245,8 @@ class CertificateAuthority:
         except (ValueError, TypeError) as exc:
             raise CertificateError(f"{directory / key_file} is not an unencrypted PEM key: {exc}"
                                    ) from exc
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CertificateError(f"{directory / key_file} is not an ECDSA key")
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise CertificateError(f"{directory / key_file} is neither an ECDSA nor an RSA key")
         cert = _pem_certs(cert_pem, str(directory / cert_file))[0]
         if root_pem is not None and _pem_certs(root_pem, "root")[0] == cert:
             root_pem = None  # Istio layout holding a root CA directly
@@ -361,8 +364,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _public_der(key: object) -> bytes:
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise CertificateError("the mesh CA uses ECDSA keys only")
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise CertificateError("a CA key must be ECDSA or RSA")
     return key.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 

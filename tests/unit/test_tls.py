@@ -11,10 +11,14 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from common import tls
 from common.ca import CertificateAuthority, WorkloadCertificate
@@ -657,3 +661,45 @@ async def test_receive_some_respects_max_bytes(pair: tuple[TLSStream, TLSStream]
         assert await server.receive_some(1 << 26) == b"bc"  # a huge limit is fine too
     with pytest.raises(ValueError, match="at least 1"):
         await server.receive_some(0)
+
+
+def _rsa_plugin_ca(directory: Path) -> None:
+    """Istio plug-in CA files the way Istio's sample Makefile makes them: RSA root and
+    intermediate, neither with a SPIFFE SAN."""
+    now = datetime.now(UTC)
+
+    def ca_cert(name: str, key: rsa.RSAPrivateKey, issuer: str,
+                issuer_key: rsa.RSAPrivateKey) -> x509.Certificate:
+        return (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+                .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(hours=1))
+                .not_valid_after(now + timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                .sign(issuer_key, hashes.SHA256()))
+
+    root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    inter_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    root = ca_cert("Root CA", root_key, "Root CA", root_key)
+    inter = ca_cert("Intermediate CA", inter_key, "Root CA", root_key)
+    pem = serialization.Encoding.PEM
+    (directory / "root-cert.pem").write_bytes(root.public_bytes(pem))
+    (directory / "ca-cert.pem").write_bytes(inter.public_bytes(pem))
+    (directory / "cert-chain.pem").write_bytes(inter.public_bytes(pem) + root.public_bytes(pem))
+    (directory / "ca-key.pem").write_bytes(inter_key.private_bytes(
+        pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+
+
+async def test_istio_rsa_plugin_ca_issues_leaves_that_handshake(
+        listener: socket.socket, tmp_path: Path) -> None:
+    _rsa_plugin_ca(tmp_path)
+    ca = CertificateAuthority.load(tmp_path, trust_domain=TD)
+    client, server = await _pair(listener, client_context(ca.issue(CLIENT)),
+                                 server_context(ca.issue(SERVER)))
+    async with client, server:
+        assert (client.peer_identity, server.peer_identity) == (SERVER, CLIENT)
