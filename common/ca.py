@@ -1,7 +1,8 @@
 """The mesh certificate authority and the workload certificates it issues.
 
-One ECDSA P-256 root per trust domain (directly, or through intermediates such
-as Istio's plug-in CA files) signs short-lived leaf certificates (X.509-SVIDs).
+One root per trust domain (ours are ECDSA P-256; an operator's plug-in CA may be
+RSA), directly or through intermediates such as Istio's plug-in CA files, signs
+short-lived ECDSA P-256 leaf certificates (X.509-SVIDs).
 A leaf carries exactly one name, the URI SAN with the workload's SPIFFE ID,
 whatever the certificate signing request asked for: the CA decides the identity
 (the caller proved it some other way, e.g. the node-authorization rule), the CSR
