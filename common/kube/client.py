@@ -19,12 +19,20 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import httpx
+import pydantic
 
-from common.errors import ApiServerUnreachableError, KubeApiError, ResourceExpiredError
+from common.errors import (
+    ApiServerUnreachableError,
+    InvalidObjectError,
+    KubeApiError,
+    ResourceExpiredError,
+)
 from common.kube.config import KubeConfig
 from common.kube.objects import Resource
 from common.kube.resources import ResourceType
+from common.logging import get_logger
 
+log = get_logger("kube.client")
 R = TypeVar("R", bound=Resource)
 PatchType = Literal["merge", "strategic", "json"]
 _PATCH_MEDIA = {"merge": "application/merge-patch+json",
@@ -183,23 +191,35 @@ class KubeClient:
 
     async def get(self, kind: type[R], name: str, namespace: str | None = None) -> R:
         rt = kind.resource_type()
-        return kind.model_validate(await self.request("GET", rt.object_path(
+        return typed(kind, await self.request("GET", rt.object_path(
             name, _ns(rt, namespace, self.config))))
 
     async def list(self, kind: type[R], namespace: str | None = None, *,
                    label_selector: str | None = None,
-                   field_selector: str | None = None) -> ObjectList[R]:
-        """Objects of ``kind`` in ``namespace`` (all namespaces when None)."""
+                   field_selector: str | None = None,
+                   skip_invalid: bool = False) -> ObjectList[R]:
+        """Objects of ``kind`` in ``namespace`` (all namespaces when None).
+
+        An item that does not fit the model raises InvalidObjectError, or with
+        ``skip_invalid`` is logged and left out (one bad object must not blind an informer).
+        """
         rt = kind.resource_type()
         data = await self.request("GET", rt.collection_path(namespace),
                                   params=_selectors(label_selector, field_selector))
-        items = [kind.model_validate(fill_type(item, rt)) for item in data.get("items") or []]
+        items: list[R] = []
+        for item in data.get("items") or []:
+            try:
+                items.append(typed(kind, fill_type(item, rt)))
+            except InvalidObjectError as exc:
+                if not skip_invalid:
+                    raise
+                log.warning("invalid_object_skipped", kind=rt.kind, error=str(exc))
         return ObjectList(items, str(data.get("metadata", {}).get("resourceVersion", "")))
 
     async def create(self, obj: R) -> R:
         rt = type(obj).resource_type()
         ns = _ns(rt, obj.metadata.namespace, self.config)
-        return type(obj).model_validate(await self.request(
+        return typed(type(obj), await self.request(
             "POST", rt.collection_path(ns), body=obj.to_dict()))
 
     async def update(self, obj: R, *, status: bool = False) -> R:
@@ -207,20 +227,34 @@ class KubeClient:
         rt = type(obj).resource_type()
         path = rt.object_path(obj.metadata.name, _ns(rt, obj.metadata.namespace, self.config),
                               "status" if status else None)
-        return type(obj).model_validate(await self.request("PUT", path, body=obj.to_dict()))
+        return typed(type(obj), await self.request("PUT", path, body=obj.to_dict()))
 
     async def patch(self, kind: type[R], name: str, patch: Any, namespace: str | None = None, *,
                     patch_type: PatchType = "merge", status: bool = False) -> R:
         rt = kind.resource_type()
         path = rt.object_path(name, _ns(rt, namespace, self.config), "status" if status else None)
-        return kind.model_validate(await self.request("PATCH", path, body=patch,
-                                                      content_type=_PATCH_MEDIA[patch_type]))
+        return typed(kind, await self.request("PATCH", path, body=patch,
+                                              content_type=_PATCH_MEDIA[patch_type]))
 
     async def delete(self, kind: type[R], name: str, namespace: str | None = None) -> R | None:
         """Delete; returns the last state when the server sends it (None for a Status)."""
         rt = kind.resource_type()
         data = await self.request("DELETE", rt.object_path(name, _ns(rt, namespace, self.config)))
-        return None if data.get("kind") == "Status" else kind.model_validate(fill_type(data, rt))
+        return None if data.get("kind") == "Status" else typed(kind, fill_type(data, rt))
+
+
+def typed(kind: type[R], data: Any) -> R:
+    """``data`` as a ``kind`` model; InvalidObjectError names the object and the field."""
+    try:
+        return kind.model_validate(data)
+    except pydantic.ValidationError as exc:
+        meta = data.get("metadata", {}) if isinstance(data, dict) else {}
+        where = f"{meta.get('namespace')}/{meta.get('name')}" if meta.get("namespace") \
+            else str(meta.get("name"))
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidObjectError(f"{kind.__name__} {where}: {field}: {first['msg']} "
+                                 f"({exc.error_count()} problem(s))") from exc
 
 
 def fill_type(item: dict[str, Any], rt: ResourceType) -> dict[str, Any]:

@@ -15,16 +15,28 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from common.kube.resources import ResourceType, by_kind
 
 
 class KubeModel(BaseModel):
-    """Base of every model here: camelCase JSON keys, unknown fields preserved."""
+    """Base of every model here: camelCase JSON keys, unknown fields preserved.
+
+    A ``null`` reads as an absent field (as Kubernetes' own types read it), so
+    ``"containers": null`` in a bookmark or ``"ports": null`` from some client gets the
+    field's default instead of failing the whole object.
+    """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class OwnerReference(KubeModel):

@@ -26,8 +26,8 @@ from typing import Generic, Literal
 
 import trio
 
-from common.errors import KubeApiError, ResourceExpiredError
-from common.kube.client import KubeClient, R, fill_type
+from common.errors import InvalidObjectError, KubeApiError, ResourceExpiredError
+from common.kube.client import KubeClient, R, fill_type, typed
 from common.logging import get_logger
 
 log = get_logger("kube.watch")
@@ -91,7 +91,7 @@ async def watch_kind(client: KubeClient, kind: type[R], namespace: str | None = 
         try:
             if resource_version is None:
                 listed = await client.list(kind, namespace, label_selector=label_selector,
-                                           field_selector=field_selector)
+                                           field_selector=field_selector, skip_invalid=True)
                 resource_version = listed.resource_version
                 logger.debug("listed", count=len(listed.items), resource_version=resource_version)
                 yield Resync(listed.items, resource_version)
@@ -105,9 +105,15 @@ async def watch_kind(client: KubeClient, kind: type[R], namespace: str | None = 
                     delivered = True
                     backoff.reset()
                     resource_version = event.resource_version or resource_version
-                    if event.type != "BOOKMARK":
-                        obj = kind.model_validate(fill_type(event.object, rt))
-                        yield Change(event.type, obj)
+                    if event.type == "BOOKMARK":
+                        continue
+                    try:
+                        obj = typed(kind, fill_type(event.object, rt))
+                    except InvalidObjectError as exc:
+                        logger.warning("invalid_object_skipped", event_type=event.type,
+                                       error=str(exc))
+                        continue
+                    yield Change(event.type, obj)
             if not delivered and trio.current_time() - started < MIN_HEALTHY_WATCH:
                 await trio.sleep(backoff.next_delay())
         except ResourceExpiredError as exc:

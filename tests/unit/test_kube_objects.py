@@ -101,3 +101,14 @@ def test_empty_metadata_defaults_are_not_written() -> None:
     pod = Pod(metadata=ObjectMeta(name="p"))
     pod.metadata.labels["a"] = "b"
     assert pod.to_dict()["metadata"] == {"name": "p", "labels": {"a": "b"}}
+
+
+def test_nulls_read_as_absent_fields() -> None:
+    bookmark = {"kind": "Pod", "apiVersion": "v1",
+                "metadata": {"resourceVersion": "9", "creationTimestamp": None},
+                "spec": {"containers": None}, "status": {}}
+    pod = Pod.model_validate(bookmark)
+    assert pod.spec.containers == [] and pod.metadata.creation_timestamp is None
+    svc = Service.model_validate({"metadata": {"name": "s"}, "spec": {"ports": None,
+                                                                      "selector": None}})
+    assert svc.spec.ports == [] and svc.spec.selector is None

@@ -12,7 +12,12 @@ import httpx
 import pytest
 import trio
 
-from common.errors import ApiServerUnreachableError, KubeApiError, ResourceExpiredError
+from common.errors import (
+    ApiServerUnreachableError,
+    InvalidObjectError,
+    KubeApiError,
+    ResourceExpiredError,
+)
 from common.kube import (
     Backoff,
     Change,
@@ -187,3 +192,23 @@ async def test_object_cache_follows_resync_and_changes() -> None:
     assert running is not None and running.status.pod_ip == "10.244.2.9"
     cache.apply(Resync([], "1"))
     assert len(cache) == 0
+
+
+async def test_informer_skips_an_object_that_does_not_fit_its_model() -> None:
+    bad_list = json.loads(LIST)
+    bad_list["items"][1]["spec"]["containers"] = "not-a-list"
+    lines = WATCH.decode().splitlines()
+    broken = json.loads(lines[0])
+    broken["object"]["status"]["podIPs"] = 7
+    stream = "\n".join([json.dumps(broken), *lines[1:]]).encode()
+    script = Script(ok(json.dumps(bad_list).encode()), ok(stream))
+    async with client_for(script) as client:
+        events = await _take(client, 3)
+        with pytest.raises(InvalidObjectError, match="coredns-7db6d8ff4d-4lq9s"):
+            script.responses.append(ok(json.dumps(bad_list).encode()))
+            await client.list(Pod)
+    first = events[0]
+    assert isinstance(first, Resync) and [p.name for p in first.objects] == \
+        ["web-v1-6d8f7b9c4d-x7k2p"]
+    assert [(e.type, e.object.name) for e in events[1:] if isinstance(e, Change)] == [
+        ("MODIFIED", "web-v2-5c9d8f6b7-q2m8r"), ("DELETED", "web-v1-6d8f7b9c4d-x7k2p")]
