@@ -417,6 +417,10 @@ async def _wait(sock: socket.socket, *, readable: bool) -> None:
 class TLSStream(trio.abc.HalfCloseableStream):
     """A trio stream over an established non-blocking TLS socket.
 
+    Attributes: ``peer_identity`` (the verified peer SPIFFE ID), ``alpn`` (``"h2"``),
+    ``cipher`` (the TLS 1.3 suite), ``socket`` (the ``ssl.SSLSocket``, for
+    ``getsockname``/``getpeername``/``fileno``; do not read or write it directly).
+
     ``send_eof`` sends TLS close_notify and keeps the receive side open (TLS 1.3
     half-close); the peer's ``receive_some`` then returns ``b""``.  After a
     cancelled ``send_all`` the send side is broken (part of a record may be out);
