@@ -47,9 +47,11 @@ import os
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Collection
 from contextlib import suppress
+from pathlib import Path
 from typing import Final
 
 import trio
@@ -201,21 +203,43 @@ _libssl = _LibSSL.load()
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
-    # ssl only loads keys from files; an anonymous memory file keeps the private key
-    # off every file system (DESIGN.md 5: keys never leave the process).
+    # ssl only loads keys from files.  An anonymous memory file keeps the private key
+    # off every file system (DESIGN.md 5: keys never leave the process); where memfd or
+    # /proc is unavailable, a private temporary directory that exists only for the load.
+    try:
+        _load_via_memfd(ctx, cert)
+    except (OSError, AttributeError):
+        with tempfile.TemporaryDirectory(prefix="pyambient-") as directory:  # mode 0700
+            chain, key = Path(directory) / "chain.pem", Path(directory) / "key.pem"
+            chain.write_bytes(cert.cert_pem)
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as f:
+                f.write(cert.key_pem)
+            _load_files(ctx, cert, str(chain), str(key))
+
+
+def _load_via_memfd(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
     fds = [os.memfd_create("pyambient-cert", os.MFD_CLOEXEC),
            os.memfd_create("pyambient-key", os.MFD_CLOEXEC)]
     try:
         for fd, data in zip(fds, (cert.cert_pem, cert.key_pem), strict=True):
             with open(fd, "wb", closefd=False) as f:
                 f.write(data)
-        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
-    except (ssl.SSLError, OSError) as exc:
-        raise CertificateError(
-            f"cannot load the certificate and key of {cert.identity}: {exc}") from exc
+        paths = [f"/proc/self/fd/{fd}" for fd in fds]
+        if not all(os.path.exists(p) for p in paths):
+            raise FileNotFoundError("/proc is not mounted")
+        _load_files(ctx, cert, *paths)
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _load_files(ctx: ssl.SSLContext, cert: WorkloadCertificate, chain: str, key: str) -> None:
+    try:
+        ctx.load_cert_chain(chain, key)
+    except ssl.SSLError as exc:
+        raise CertificateError(
+            f"cannot load the certificate and key of {cert.identity}: {exc}") from exc
 
 
 def _context(cert: WorkloadCertificate, *, server_side: bool) -> ssl.SSLContext:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from common import tls
 from common.ca import CertificateAuthority, WorkloadCertificate
 from common.errors import (
+    CertificateError,
     ConnectRefusedError,
     ConnectTimeoutError,
     HandshakeError,
@@ -703,3 +704,20 @@ async def test_istio_rsa_plugin_ca_issues_leaves_that_handshake(
                                  server_context(ca.issue(SERVER)))
     async with client, server:
         assert (client.peer_identity, server.peer_identity) == (SERVER, CLIENT)
+
+
+def test_contexts_load_without_memfd(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memfd(name: str, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    ctx = server_context(pki.server)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_a_key_that_does_not_match_the_certificate_is_a_certificate_error(pki: Pki) -> None:
+    mixed = WorkloadCertificate(CLIENT, pki.server.key_pem, pki.client.cert_pem,
+                                pki.client.roots_pem, pki.client.not_before,
+                                pki.client.not_after)
+    with pytest.raises(CertificateError, match="cannot load the certificate and key"):
+        client_context(mixed)
