@@ -212,3 +212,15 @@ async def test_informer_skips_an_object_that_does_not_fit_its_model() -> None:
         ["web-v1-6d8f7b9c4d-x7k2p"]
     assert [(e.type, e.object.name) for e in events[1:] if isinstance(e, Change)] == [
         ("MODIFIED", "web-v2-5c9d8f6b7-q2m8r"), ("DELETED", "web-v1-6d8f7b9c4d-x7k2p")]
+
+
+async def test_informer_never_spins_while_the_server_is_down(autojump_clock: object) -> None:
+    script = Script()  # every request: connection refused
+    async with client_for(script) as client:
+        with trio.move_on_after(300):  # virtual time: the clock jumps over the sleeps
+            async with aclosing(watch_kind(client, Pod)) as events:
+                async for _ in events:
+                    pytest.fail("nothing can be yielded without a server")
+    # Full jitter below a 30 s cap: over 300 s, no fewer than ~10 and far fewer than
+    # the thousands a loop without backoff would make.
+    assert 10 <= len(script.requests) <= 150

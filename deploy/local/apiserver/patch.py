@@ -76,7 +76,8 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
 
 
 def _merge_list(field: str, current: list[Any], patch: list[Any]) -> list[Any]:
-    key = _merge_key(field, [p for p in patch if not _is_directive(p)])
+    # Directive elements ({"name": x, "$patch": "delete"}) carry the merge key too.
+    key = _merge_key(field, patch)
     if key is None or not all(isinstance(c, dict) and key in c for c in current):
         return [copy.deepcopy(p) for p in patch if not _is_directive(p)]
     merged = [copy.deepcopy(c) for c in current]
