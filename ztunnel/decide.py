@@ -151,7 +151,7 @@ def _to_service(snapshot: Snapshot, source: Workload, service: Service, vip: str
         return Refused(f"service {service.namespace}/{service.name} has no port {port} "
                        f"(its ports: {known})", service)
     ref = service.waypoint
-    if ref is not None and source.gateway != ref:
+    if ref is not None and (source.gateway is None or source.gateway != ref):
         return _via_waypoint(snapshot, source, ref, format_authority(vip, port), rng, service,
                              None)
     endpoint = _pick(service.ready_endpoints, service.ready_by_zone, service.ready_by_region,
@@ -179,7 +179,7 @@ def _to_service(snapshot: Snapshot, source: Workload, service: Service, vip: str
 def _to_workload(snapshot: Snapshot, source: Workload, workload: Workload, ip: str, port: int,
                  service: Service | None, rng: random.Random) -> Outbound:
     ref = workload.waypoint
-    if ref is not None and source.gateway != ref:
+    if ref is not None and (source.gateway is None or source.gateway != ref):
         return _via_waypoint(snapshot, source, ref, format_authority(ip, port), rng, service,
                              workload)
     if workload.captured:
