@@ -16,6 +16,7 @@ stay, and the stored status is kept.  An object that would not change is ``uncha
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from common.kube.client import KubeClient, fill_type
 from common.kube.config import KubeConfig
 from common.kube.resources import ResourceType, lookup
 from deploy.local import cluster
-from deploy.local.apiserver.validation import name_problem
+from deploy.local.apiserver.validation import check_object, name_problem
 
 T = TypeVar("T")
 _TABLE_ACCEPT = ("application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
@@ -169,6 +170,13 @@ def check_document(doc: Document, default_namespace: str) -> tuple[ResourceType,
             raise doc.fail(f"metadata.namespace: {problem}")
     else:
         meta.pop("namespace", None)
+    # The local API server's own checks (labels, annotations...), run before anything is
+    # written so that a document it would refuse cannot leave the ones before it applied.
+    try:
+        check_object(rt, rt.version, copy.deepcopy(body), meta.get("namespace"), None,
+                     creating=False)
+    except KubeApiError as exc:
+        raise doc.fail(str(exc).split(" is invalid: ", 1)[-1]) from exc
     return rt, body
 
 

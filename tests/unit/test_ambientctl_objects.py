@@ -66,6 +66,10 @@ def test_load_documents_skips_empty_documents_and_expands_lists(tmp_path: Path) 
     ("apiVersion: v1\nkind: Pod\nmetadata: {name: A_b}", "metadata.name: Invalid value"),
     ("apiVersion: v1\nkind: Service\nmetadata: {name: a.b}", "metadata.name: Invalid value"),
     ("- 1", "not an object"),
+    ("apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {app: 'a b'}}",
+     "metadata.labels.app: Invalid value"),
+    ("apiVersion: v1\nkind: Pod\nmetadata: {name: a, annotations: {x: 1}}",
+     "metadata.annotations.x: Invalid value"),
 ])
 def test_check_document_names_document_and_field(body: str, message: str) -> None:
     doc = load_documents(["-"], stdin=body)[0]
