@@ -26,9 +26,9 @@ Errors are per object: an object that cannot be translated becomes an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -54,6 +54,7 @@ from common.kube.objects import (
 )
 from common.kube.objects import Service as KubeService
 from common.kube.watch import Change, Resync
+from common.logging import get_logger
 from common.model import (
     DEFAULT_DOMAIN,
     DEFAULT_TRUST_DOMAIN,
@@ -97,6 +98,8 @@ _POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 _ROUTE_KINDS = ("HTTPRoute", "VirtualService", "DestinationRule", "ServiceEntry")
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
+T = TypeVar("T")
+_log = get_logger("translate")
 _TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
@@ -375,7 +378,8 @@ class MeshTranslator:
             old = self._waypoints.get(ref)
             issues: list[Issue] = []
             gateway = self._objects["Gateway"].get(key)
-            new = self._waypoint(ref, gateway, issues) if isinstance(gateway, Gateway) else None
+            new = (_guarded("Gateway", key, issues, self._waypoint, ref, gateway)
+                   if isinstance(gateway, Gateway) else None)
             self._set_issues("Gateway", key, issues)
             if new is None:
                 self._waypoints.pop(ref, None)
@@ -490,7 +494,8 @@ class MeshTranslator:
             old = self._workloads.pop(key, None)
             pod = pods.get(key)
             issues: list[Issue] = []
-            new = self._workload(key, pod, issues) if isinstance(pod, Pod) else None
+            new = (_guarded("Pod", key, issues, self._workload, key, pod)
+                   if isinstance(pod, Pod) else None)
             if not isinstance(pod, Pod):
                 self._track_use(self._waypoint_users_pod, self._pod_asked, key, None)
             self._set_issues("Pod", key, issues)
@@ -589,7 +594,8 @@ class MeshTranslator:
             old = self._services.pop(key, None)
             svc = services.get(key)
             issues: list[Issue] = []
-            new = self._service(key, svc, issues) if isinstance(svc, KubeService) else None
+            new = (_guarded("Service", key, issues, self._service, key, svc)
+                   if isinstance(svc, KubeService) else None)
             if new is None:
                 self._track_use(self._waypoint_users_svc, self._svc_asked, key, None)
             self._set_issues("Service", key, issues)
@@ -715,6 +721,21 @@ class MeshTranslator:
     def _sorted(self, kind: str) -> list[Resource]:
         store = self._objects[kind]
         return [store[k] for k in sorted(store)]
+
+
+def _guarded(kind: str, key: Key, issues: list[Issue],
+             translate_one: Callable[..., T | None], *args: Any) -> T | None:
+    """``translate_one(*args, issues)``; an unexpected exception leaves only this object out."""
+    try:
+        return translate_one(*args, issues)
+    except Exception as exc:
+        # Bad input is reported as issues and never raises: reaching here is a bug, and it
+        # must cost one object, not the whole snapshot.
+        _log.exception("object_translation_failed", kind=kind, namespace=key[0], name=key[1])
+        issues.append(_issue(kind, key, Severity.ERROR, "InternalError",
+                             f"translation failed ({type(exc).__name__}: {exc}); the object "
+                             f"is left out, please report this"))
+        return None
 
 
 def _move(index: dict[Any, set[Key]], bucket: Any, key: Key, present: bool) -> None:

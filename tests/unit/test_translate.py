@@ -331,3 +331,19 @@ def test_routes_are_kept_raw_and_namespaces_by_labels() -> None:
                  http_route("r1", "demo", "web"))
     assert [r.name for r in snap.http_routes] == ["r1", "r2"]
     assert snap.namespaces == {"demo": {MODE: "ambient"}}
+
+
+def test_an_unexpected_failure_costs_one_object_not_the_snapshot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = MeshTranslator._workload
+
+    def flaky(self: MeshTranslator, key: tuple[str, str], pod_obj: Any, issues: Any) -> Any:
+        if key[1] == "bad":
+            raise RuntimeError("boom")
+        return real(self, key, pod_obj, issues)
+
+    monkeypatch.setattr(MeshTranslator, "_workload", flaky)
+    snap = build(pod("bad"), pod("good", ip="10.1.0.2"))
+    assert set(snap.workloads_by_ip) == {"10.1.0.2"}
+    [issue] = snap.issues
+    assert (issue.name, issue.reason) == ("bad", "InternalError") and "boom" in issue.message
