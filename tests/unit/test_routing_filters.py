@@ -115,6 +115,8 @@ def test_istio_redirect_keeps_the_request_port_unless_told() -> None:
     derive = Redirect(status=301, gateway_semantics=False, scheme="https",
                       derive_port_from_request=True)
     assert _loc(derive, authority="web:8080", port=8080) == "https://web:8080/p"
+    default = Redirect(status=301, gateway_semantics=False, protocol_default_port=True)
+    assert _loc(default, authority="web:8080", port=8080) == "http://web/p"
 
 
 def test_redirect_path_with_its_own_query_replaces_the_request_query() -> None:

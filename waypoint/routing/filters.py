@@ -107,8 +107,8 @@ def redirect_location(redirect: Redirect, *, scheme: str, authority: str, port: 
         new_port = _DEFAULT_PORTS.get(redirect.scheme, port) if redirect.scheme else port
     elif redirect.derive_port_from_request:
         new_port = host_port if host_port is not None else port
-    elif redirect.scheme and redirect.scheme != scheme:
-        new_port = None
+    elif redirect.protocol_default_port or (redirect.scheme and redirect.scheme != scheme):
+        new_port = None  # the new scheme's default port, which a Location leaves out
     else:
         new_port = host_port
     if new_port is not None and _DEFAULT_PORTS.get(new_scheme) == new_port:

@@ -139,6 +139,7 @@ class IstioTranslation(Context):
             redirect = Redirect(status=r.redirect_code, scheme=r.scheme, host=r.authority,
                                 port=r.port, gateway_semantics=False,
                                 derive_port_from_request=r.derive_port == "FROM_REQUEST_PORT",
+                                protocol_default_port=r.derive_port == "FROM_PROTOCOL_DEFAULT",
                                 path=PathRewrite(PathRewriteKind.FULL, r.uri) if r.uri else None)
         if spec.direct_response is not None:
             direct = DirectResponse(status=spec.direct_response.status,

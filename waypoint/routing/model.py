@@ -246,7 +246,10 @@ class Redirect:
     path: PathRewrite | None = None
     #: Gateway API: an explicit scheme implies its well-known port; Istio keeps the request port.
     gateway_semantics: bool = True
+    #: Istio ``derivePort``: FROM_REQUEST_PORT keeps the request's port, FROM_PROTOCOL_DEFAULT
+    #: uses the scheme's default (so the Location carries none).
     derive_port_from_request: bool = False
+    protocol_default_port: bool = False
 
 
 @dataclass(frozen=True, slots=True)
