@@ -424,3 +424,19 @@ async def test_informer_resyncs_when_the_store_is_replaced(nursery: trio.Nursery
             or any(isinstance(e, Change) and e.object.name == "new" for e in evs))
         resyncs = [e for e in collector.events if isinstance(e, Resync)]
         assert len(resyncs) == 2, "the informer must drop the old cluster's objects"
+
+
+async def test_expect_100_continue_is_answered(server: Server) -> None:
+    body = json.dumps({"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": "big"}}).encode()
+    head = (f"POST /api/v1/namespaces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode()
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(head)
+            interim = await stream.receive_some(4096)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(body)
+            final = await stream.receive_some(65536)
+    assert final.startswith(b"HTTP/1.1 201 ")

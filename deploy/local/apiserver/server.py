@@ -128,6 +128,9 @@ class ApiServer:
                 continue
             if isinstance(event, h11.Request):
                 head = event
+                if conn.they_are_waiting_for_100_continue:  # curl does this for big bodies
+                    await self._write(stream, conn.send(h11.InformationalResponse(
+                        status_code=100, headers=[])))
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:
