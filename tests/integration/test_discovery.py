@@ -123,8 +123,9 @@ async def test_snapshot_converges_on_created_objects(nursery: trio.Nursery,
                        {"metadata": {"labels": {"istio.io/use-waypoint": "waypoint"}}})
     snap = await converge(holder, "the service using the waypoint",
                           lambda s: s.services_by_vip["10.96.0.10"].waypoint is not None)
-    assert [e.ip for e in snap.waypoints_by_ref[snap.services_by_vip["10.96.0.10"].waypoint]
-            .endpoints] == ["10.1.9.1"]
+    ref = snap.services_by_vip["10.96.0.10"].waypoint
+    assert ref is not None
+    assert [e.ip for e in snap.waypoints_by_ref[ref].endpoints] == ["10.1.9.1"]
 
     await client.delete(Pod, "web-1", "demo")
     await converge(holder, "the pod gone", lambda s: "10.1.0.5" not in s.workloads_by_ip)
