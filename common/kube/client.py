@@ -148,7 +148,13 @@ class KubeClient:
             raise self._unreachable(exc) from exc
         if response.status_code >= 400:
             raise status_error(response.status_code, response.content, path)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise KubeApiError(response.status_code, "NotJSON",
+                               f"{method} {path} answered {response.status_code} with a body "
+                               "that is not JSON: is that address a Kubernetes API server?"
+                               ) from exc
 
     def _unreachable(self, exc: Exception) -> ApiServerUnreachableError:
         return ApiServerUnreachableError(
@@ -171,8 +177,9 @@ class KubeClient:
             params["allowWatchBookmarks"] = "true"
         if timeout_seconds is not None:
             params["timeoutSeconds"] = str(timeout_seconds)
-        # No read deadline beyond the server's own end of the watch plus slack: bookmarks
-        # or events keep a healthy stream busy, a dead one is noticed by this timeout.
+        # httpx's read timeout bounds the silence between two reads: events and bookmarks
+        # keep a healthy stream talking, and a server that ends the watch on time has
+        # closed it before this fires, so only a dead connection trips it.
         read = (timeout_seconds or 1800) + 30.0
         timeout = httpx.Timeout(self._timeout, read=read)
         path = rt.collection_path(namespace)
