@@ -607,8 +607,9 @@ class MeshTranslator:
     def _service(self, key: Key, svc: KubeService, issues: list[Issue]) -> Service:
         ns, name = key
         labels = dict(svc.metadata.labels)
-        ref = WaypointRef(ns, labels.get(GATEWAY_NAME) or name)
-        waypoint_of = ref if ref in self._waypoints else None
+        # A waypoint's Service is named like its Gateway (as Istio and ambientctl create it).
+        own = WaypointRef(ns, name)
+        waypoint_of = own if own in self._waypoints else None
         if waypoint_of is not None:
             use = _WaypointUse(None, False)
         else:
