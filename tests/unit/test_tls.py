@@ -19,7 +19,7 @@ import trio
 import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from common import tls
 from common.ca import CertificateAuthority, WorkloadCertificate
@@ -729,3 +729,45 @@ def test_a_key_that_does_not_match_the_certificate_is_a_certificate_error(pki: P
                                 pki.client.not_after)
     with pytest.raises(CertificateError, match="cannot load the certificate and key"):
         client_context(mixed)
+
+
+class _FakePeer:
+    def __init__(self, der: bytes | None) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
+        return self.der
+
+
+def _der_with_sans(*sans: x509.GeneralName) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "peer")])
+    now = datetime.now(UTC)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(1)
+               .not_valid_before(now).not_valid_after(now + timedelta(days=1)))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize(("der", "message"), [
+    (None, "presented no certificate"),
+    (_der_with_sans(), "no SAN"),
+    (_der_with_sans(x509.DNSName("reviews.default.svc")), "has 0 spiffe:// URI SANs"),
+    (_der_with_sans(x509.UniformResourceIdentifier("spiffe://td/ns/a/sa/b"),
+                    x509.UniformResourceIdentifier("spiffe://td/ns/a/sa/c")),
+     "has 2 spiffe:// URI SANs"),
+    (_der_with_sans(x509.UniformResourceIdentifier("spiffe://td/ns/a")),
+     "not a workload identity"),
+])
+def test_peer_identity_needs_exactly_one_workload_spiffe_san(der: bytes | None,
+                                                              message: str) -> None:
+    with pytest.raises(PeerIdentityError, match=message):
+        tls.peer_identity(_FakePeer(der))  # type: ignore[arg-type]
+
+
+def test_peer_identity_ignores_other_sans() -> None:
+    der = _der_with_sans(x509.DNSName("x.example"), x509.UniformResourceIdentifier(
+        "https://x.example/"), x509.UniformResourceIdentifier("spiffe://td/ns/a/sa/b"))
+    assert tls.peer_identity(_FakePeer(der)) == SpiffeId("td", "a", "b")  # type: ignore[arg-type]
