@@ -367,37 +367,57 @@ def _ordered(obj: Any) -> Any:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    rt = resource(args.kind)
-    if args.name and args.all_namespaces:
-        raise ConfigError("a resource cannot be fetched by name across all namespaces")
-    ns = None if args.all_namespaces or not rt.namespaced else (args.namespace or "default")
+    kinds = [resource(k) for k in args.kind.split(",") if k]
+    if not kinds:
+        raise ConfigError("get needs a resource type (pods, svc, deploy, ...)")
+    if args.name and (args.all_namespaces or len(kinds) > 1):
+        raise ConfigError("a name selects one object: give one resource type and no -A")
     params = {"labelSelector": args.selector} if args.selector else None
+    several = len(kinds) > 1
 
-    async def work(client: KubeClient) -> str:
-        if args.output in ("json", "yaml", "name"):
-            if args.name:
-                data = fill_type(await client.request("GET", rt.object_path(args.name, ns)), rt)
-                items = [data]
-            else:
-                data = await client.request("GET", rt.collection_path(ns), params=params)
-                items = [fill_type(i, rt) for i in data.get("items") or []]
-                data = {"apiVersion": "v1", "kind": "List", "items": items}
-            if args.output == "name":
-                return "\n".join(display_name(rt, i["metadata"]["name"]) for i in items)
-            data = _ordered(data)
-            if args.output == "json":
-                return json.dumps(data, indent=4)
-            return yaml.safe_dump(data, sort_keys=False).rstrip()
+    def namespace_of(rt: ResourceType) -> str | None:
+        return None if args.all_namespaces or not rt.namespaced else (args.namespace or "default")
+
+    async def objects(client: KubeClient, rt: ResourceType) -> list[dict[str, Any]]:
+        ns = namespace_of(rt)
+        if args.name:
+            return [fill_type(await client.request("GET", rt.object_path(args.name, ns)), rt)]
+        data = await client.request("GET", rt.collection_path(ns), params=params)
+        return [fill_type(i, rt) for i in data.get("items") or []]
+
+    async def table_text(client: KubeClient, rt: ResourceType) -> str:
+        ns = namespace_of(rt)
         path = rt.object_path(args.name, ns) if args.name else rt.collection_path(ns)
         table = await client.request("GET", path, params=params, accept=_TABLE_ACCEPT)
         if table.get("kind") != "Table":
             raise ConfigError(f"the server at {client.config.server} does not print tables")
         if not table.get("rows"):
-            where = f" in {ns} namespace" if ns else ""
-            print(f"No resources found{where}.", file=sys.stderr)
             return ""
+        if several:  # kubectl names rows kind/name when it prints several kinds
+            column = next((i for i, c in enumerate(table["columnDefinitions"])
+                           if c["name"] == "Name"), 0)
+            for row in table["rows"]:
+                row["cells"][column] = display_name(rt, str(row["cells"][column]))
         return format_table(table, all_namespaces=ns is None and rt.namespaced,
                             wide=args.output == "wide")
+
+    async def work(client: KubeClient) -> str:
+        if args.output in ("json", "yaml", "name"):
+            pairs = [(rt, obj) for rt in kinds for obj in await objects(client, rt)]
+            if args.output == "name":
+                return "\n".join(display_name(rt, o["metadata"]["name"]) for rt, o in pairs)
+            items = [obj for _, obj in pairs]
+            data = items[0] if args.name else {"apiVersion": "v1", "kind": "List",
+                                                "items": items}
+            data = _ordered(data)
+            if args.output == "json":
+                return json.dumps(data, indent=4)
+            return yaml.safe_dump(data, sort_keys=False).rstrip()
+        texts = [t for rt in kinds if (t := await table_text(client, rt))]
+        if not texts:
+            ns = namespace_of(kinds[0])
+            print(f"No resources found{f' in {ns} namespace' if ns else ''}.", file=sys.stderr)
+        return "\n\n".join(texts)
 
     text = _run(args, work)
     if text:

@@ -163,6 +163,9 @@ def test_apply_get_label_delete_round_trip(server: str, tmp_path: Path,
     code, out, _ = run(capsys, "get", "deploy", "-n", "demo")
     assert code == 0 and out.split()[:5] == ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
     assert "0/3" in out
+    code, out, _ = run(capsys, "get", "deploy,vs", "-n", "demo")
+    assert code == 0 and "deployment.apps/web" in out
+    assert "virtualservice.networking.istio.io/web" in out and "\n\n" in out
     code, out, _ = run(capsys, "get", "vs", "-A", "-o", "name")
     assert out.strip() == "virtualservice.networking.istio.io/web"
     code, out, _ = run(capsys, "label", "ns", "demo", "istio.io/dataplane-mode=ambient")
