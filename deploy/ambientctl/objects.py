@@ -421,8 +421,17 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     text = _run(args, work)
     if text:
-        print(text)
+        _print(text)
     return 0
+
+
+def _print(text: str) -> None:
+    """Print, tolerating a reader that stopped early (``ambientctl get ... | head``)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -- label --------------------------------------------------------------------------------------
