@@ -228,6 +228,7 @@ class MeshTranslator:
         self._dirty_services: set[Key] = set()
         self._dirty_waypoints: set[WaypointRef] = set()
         self._dirty_nodes: set[str] = set()
+        self._dirty_node_lists: set[str] = set()
         self._dirty_kinds: set[str] = set()
         self._namespace_issues_dirty = False
 
@@ -337,6 +338,7 @@ class MeshTranslator:
             self._dirty_nodes.clear()
         self._rebuild_waypoints()
         self._rebuild_workloads()
+        self._rebuild_node_lists()
         self._rebuild_services()
         if self._namespace_issues_dirty:
             self._rebuild_namespaces()
@@ -580,11 +582,18 @@ class MeshTranslator:
             members[uid] = None
         else:
             members.pop(uid, None)
-        if members:
-            self._by_node[node] = tuple(sorted(members))
-        else:
-            self._node_members.pop(node, None)
-            self._by_node.pop(node, None)
+        self._dirty_node_lists.add(node)
+
+    def _rebuild_node_lists(self) -> None:
+        """The per-node uid tuples, once per snapshot for the nodes whose pods changed."""
+        for node in self._dirty_node_lists:
+            members = self._node_members.get(node)
+            if members:
+                self._by_node[node] = tuple(sorted(members))
+            else:
+                self._node_members.pop(node, None)
+                self._by_node.pop(node, None)
+        self._dirty_node_lists.clear()
 
     # -- services -------------------------------------------------------------------------
 
