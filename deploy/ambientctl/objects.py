@@ -302,6 +302,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
             rt, body = check_document(doc, args.namespace or "default")
             targets.append((rt, body["metadata"]["name"], body["metadata"].get("namespace")))
     else:
+        if args.kind and "/" in args.kind:  # kubectl's TYPE/NAME form
+            args.kind, first = args.kind.split("/", 1)
+            args.names = [first, *args.names]
         if not args.kind or not args.names:
             raise ConfigError("delete needs -f FILE or KIND NAME...")
         rt = resource(args.kind)
@@ -367,6 +370,8 @@ def _ordered(obj: Any) -> Any:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    if "/" in args.kind and not args.name:  # kubectl's TYPE/NAME form
+        args.kind, args.name = args.kind.split("/", 1)
     kinds = [resource(k) for k in args.kind.split(",") if k]
     if not kinds:
         raise ConfigError("get needs a resource type (pods, svc, deploy, ...)")
@@ -451,7 +456,12 @@ def parse_label_changes(specs: list[str]) -> dict[str, str | None]:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    if "/" in args.kind:  # kubectl's TYPE/NAME form: the "name" was the first label
+        args.labels = [args.name, *args.labels]
+        args.kind, args.name = args.kind.split("/", 1)
     rt = resource(args.kind)
+    if not args.labels:
+        raise ConfigError("label needs at least one key=value or key-")
     changes = parse_label_changes(args.labels)
     ns = (args.namespace or "default") if rt.namespaced else None
     path = rt.object_path(args.name, ns)
@@ -518,7 +528,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     label = sub.add_parser("label", parents=common, help="set or remove labels",
                            description="Set (key=value) or remove (key-) labels of an object.")
     label.add_argument("kind", help="resource type")
-    label.add_argument("name", help="object name")
-    label.add_argument("labels", nargs="+", help="key=value or key-")
+    label.add_argument("name", help="object name (or give KIND/NAME as the first argument)")
+    label.add_argument("labels", nargs="*", help="key=value or key-")
     label.add_argument("--overwrite", action="store_true", help="replace existing values")
     label.set_defaults(func=cmd_label)

@@ -176,6 +176,10 @@ def test_apply_get_label_delete_round_trip(server: str, tmp_path: Path,
     assert code == 1 and "--overwrite" in err
     code, out, _ = run(capsys, "get", "ns", "-l", "istio.io/dataplane-mode=ambient")
     assert "demo" in out
+    code, out, _ = run(capsys, "label", "deploy/web", "-n", "demo", "tier=front")
+    assert code == 0 and out.strip() == "deployment.apps/web labeled"
+    code, out, _ = run(capsys, "get", "deploy/web", "-n", "demo", "-o", "name")
+    assert out.strip() == "deployment.apps/web"
 
     code, out, _ = run(capsys, "delete", "-f", str(app))
     assert code == 0 and len(out.splitlines()) == 3
