@@ -18,7 +18,7 @@ import trio
 
 from common.errors import KubeApiError
 from common.kube import Deployment, KubeClient, KubeConfig, Node, Pod
-from deploy.local import cluster, network
+from deploy.local import cluster, netns, network
 from deploy.local.errors import PodNotFoundError
 from deploy.local.runtime import in_pod_argv
 
@@ -98,10 +98,16 @@ def _status(args: argparse.Namespace) -> int:
                 labels = node.metadata.labels
                 print(f"node {node.metadata.name}  {node.spec.pod_cidr}  "
                       f"{labels.get('topology.kubernetes.io/zone', '')}")
-            for pod in (await client.list(Pod)).items:
+            pods = (await client.list(Pod)).items
+            names = network.Names(name)
+            inodes = {p.metadata.uid: netns.inode(names.pod(p.metadata.uid or "")) for p in pods}
+            processes = netns.pids_by_netns({i for i in inodes.values() if i is not None})
+            for pod in pods:
+                ino = inodes[pod.metadata.uid]
+                running = len(processes.get(ino, [])) if ino is not None else 0
                 print(f"pod {pod.metadata.namespace}/{pod.metadata.name}  "
                       f"{pod.status.phase or 'Pending'}  {pod.status.pod_ip or '-'}  "
-                      f"{pod.spec.node_name or '-'}")
+                      f"{pod.spec.node_name or '-'}  processes={running}")
 
     trio.run(show)
     return 0

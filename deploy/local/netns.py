@@ -91,15 +91,21 @@ def inode(name: str) -> int | None:
 
 def pids_in(inodes: set[int]) -> list[int]:
     """Processes whose network namespace is one of ``inodes``."""
-    found = []
+    return [pid for pids in pids_by_netns(inodes).values() for pid in pids]
+
+
+def pids_by_netns(inodes: set[int]) -> dict[int, list[int]]:
+    """Namespace inode -> processes in it, for the given inodes (one pass over /proc)."""
+    found: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.stat(entry / "ns" / "net").st_ino in inodes:
-                found.append(int(entry.name))
+            ino = os.stat(entry / "ns" / "net").st_ino
         except OSError:
             continue  # exited meanwhile, or a kernel thread we may not inspect
+        if ino in inodes:
+            found.setdefault(ino, []).append(int(entry.name))
     return found
 
 

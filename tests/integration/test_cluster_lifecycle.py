@@ -134,7 +134,7 @@ async def test_cluster_down_leaves_no_namespace_link_process_or_file(
     status = await trio.to_thread.run_sync(
         lambda: cluster.ambientctl("cluster", "status", "--name", name))
     assert status.returncode == 0 and "alive" in status.stdout, status.stdout + status.stderr
-    assert "pod default/web-" in status.stdout
+    assert "pod default/web-" in status.stdout and "processes=1" in status.stdout
     again = await trio.to_thread.run_sync(
         lambda: cluster.ambientctl("cluster", "up", "--nodes", "2", "--name", name))
     assert again.returncode == 0 and "already up" in again.stdout
