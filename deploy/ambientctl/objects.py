@@ -264,7 +264,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise ConfigError("no objects passed to apply")
     checked = [(doc, *check_document(doc, args.namespace or "default")) for doc in docs]
 
-    async def work(client: KubeClient) -> list[str]:
+    async def work(client: KubeClient) -> None:
         existing = await _namespaces(client)
         for doc, rt, body in checked:
             if rt.kind == "Namespace":
@@ -273,7 +273,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 raise doc.fail(f"metadata.namespace: namespace "
                                f"{body['metadata']['namespace']!r} does not exist (create it "
                                "first, or add a Namespace document before this one)")
-        lines = []
         for doc, rt, body in checked:
             try:
                 outcome = await _apply_one(client, rt, body)
@@ -281,10 +280,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 raise
             except KubeApiError as exc:
                 raise doc.fail(str(exc)) from exc
-            line = f"{display_name(rt, body['metadata']['name'])} {outcome}"
-            print(line)
-            lines.append(line)
-        return lines
+            _print(f"{display_name(rt, body['metadata']['name'])} {outcome}")
 
     _run(args, work)
     return 0
