@@ -339,7 +339,16 @@ class _Parser:
             return NEED_DATA
         remaining = self._remaining
         count = avail if avail < remaining else remaining
-        data = self._take(count)
+        buf = self._buf
+        pos = self._pos
+        self._pos = pos + count
+        data: bytes | memoryview
+        if type(buf) is not bytes:
+            data = bytes(buf[pos:pos + count])
+        elif pos == 0 and count == len(buf):
+            data = buf
+        else:
+            data = memoryview(buf)[pos:pos + count]
         remaining -= count
         self._remaining = remaining
         if remaining == 0:

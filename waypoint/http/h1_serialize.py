@@ -292,10 +292,16 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     if len(kept) == len(headers):
         return kept
     # Usually only "Connection: keep-alive" was dropped: nothing nominated, no TE.
-    listed = [v for n, v in headers if n == b"connection"]
-    nominated = {t for v in listed for t in _tokens(v)} - _HOP_BY_HOP - _NOT_NOMINABLE
-    nominated -= {b"", b"close"}
-    if not nominated and not any(n == b"te" for n, _ in headers):
+    nominated: set[bytes] = set()
+    te = False
+    for name, value in [h for h in headers if h[0] in _HOP_BY_HOP]:
+        if name == b"connection":
+            if value != b"keep-alive" and value != b"close":
+                nominated.update(_tokens(value))
+        elif name == b"te":
+            te = True
+    nominated -= _HOP_BY_HOP | _NOT_NOMINABLE | {b"", b"close"}
+    if not nominated and not te:
         return kept
     out: Headers = []
     for name, value in headers:
