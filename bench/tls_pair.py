@@ -3,6 +3,7 @@
     .venv/bin/python bench/tls_pair.py [--mib 1024] [--processes 1|2]
                                        [--impl native|trio-ssl] [--stdlib]
     .venv/bin/python bench/tls_pair.py --pingpong 20000   # 100-byte round trips, one process
+    .venv/bin/python bench/tls_pair.py --handshakes 2000  # mTLS handshakes, one process
 
 ``--impl native`` is common.tls.TLSStream; ``trio-ssl`` is trio.SSLStream (MemoryBIO)
 with the same contexts, for comparison in the same run.  ``--processes 2`` runs the
@@ -129,6 +130,44 @@ async def _pingpong(count: int) -> None:
           f"{cpu / count * 1e6:.0f} us CPU each (both ends, one process)")
 
 
+async def _handshakes(count: int) -> None:
+    from common.identity import SpiffeId
+    from common.tls import accept_tls, connect_tls
+
+    with tempfile.TemporaryDirectory() as ca_dir:
+        from common.ca import CertificateAuthority
+
+        CertificateAuthority.generate(TD).save(Path(ca_dir))
+        cctx, sctx = _ctx(False, ca_dir), _ctx(True, ca_dir)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    lsock.setblocking(False)
+    expected = {SpiffeId(TD, "bench", "server")}
+
+    async def serve_one() -> None:
+        while True:
+            try:
+                conn = lsock.accept()[0]
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lsock)
+        stream = await accept_tls(conn, sctx, trust_domain=TD)
+        await stream.aclose()
+
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(count):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one)
+            client = await connect_tls("127.0.0.1", lsock.getsockname()[1], cctx,
+                                       expected=expected)
+            await client.aclose()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    lsock.close()
+    print(f"handshakes {count / elapsed:.0f}/s, {cpu / count * 1e3:.2f} ms CPU each "
+          f"(client and server, one process)")
+
+
 def _child(lsock: socket.socket, ca_dir: str, impl: str,
            queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     queue.put(trio.run(_receive, lsock, ca_dir, impl))
@@ -141,12 +180,16 @@ def main() -> None:
     parser.add_argument("--impl", choices=("native", "trio-ssl"), default="native")
     parser.add_argument("--stdlib", action="store_true")
     parser.add_argument("--pingpong", type=int, metavar="N", default=0)
+    parser.add_argument("--handshakes", type=int, metavar="N", default=0)
     args = parser.parse_args()
     if args.stdlib:
         os.environ["PYAMBIENT_TLS_NATIVE"] = "0"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if args.pingpong:
         trio.run(_pingpong, args.pingpong)
+        return
+    if args.handshakes:
+        trio.run(_handshakes, args.handshakes)
         return
     from common import tls
     from common.ca import CertificateAuthority
