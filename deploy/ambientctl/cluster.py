@@ -67,11 +67,13 @@ def _up(args: argparse.Namespace) -> int:
     result = cluster.up(name, args.nodes)
     verb = "is already up" if result.already_up else f"is ready in {result.seconds:.1f}s"
     print(f"cluster {name!r} {verb}; API server {result.server}")
+    pick = "" if name == cluster.DEFAULT_NAME else f" --cluster {name}"
     print("use it with:")
-    print(f"  AMBIENT_CLUSTER={name} ambientctl get pods -A")
+    print(f"  ambientctl get pods -A{pick}")
     print(f"  kubectl --server {result.server} get pods -A")
-    print(f"  ambientctl exec --cluster {name} -n NAMESPACE POD -- COMMAND")
-    print(f"remove it with: ambientctl cluster down --name {name}")
+    print(f"  ambientctl exec{pick} -n NAMESPACE POD -- COMMAND")
+    print(f"remove it with: ambientctl cluster down"
+          f"{'' if name == cluster.DEFAULT_NAME else ' --name ' + name}")
     return 0
 
 
