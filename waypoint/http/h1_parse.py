@@ -31,9 +31,10 @@ Strictness (RFC 9112, with Envoy's defaults where the RFC leaves a choice):
   fields, even equal: 400 (Envoy's Balsa parser runs with
   ``disallow_multiple_content_length``).  A value that is not 1*DIGIT or is above
   2**63-1: 400.
-* ``Transfer-Encoding`` must end in ``chunked`` (else 400); exactly ``chunked`` is
-  implemented, other codings before it answer 501 as Envoy does; ``chunked``
-  twice: 400; any ``Transfer-Encoding`` in HTTP/1.0: 400.
+* ``Transfer-Encoding`` must end in ``chunked`` (else 400, as RFC 9112 section
+  6.3 requires; Envoy answers 501 to every value but exactly ``chunked``); other
+  codings before it answer 501 (only chunked is implemented); ``chunked`` twice
+  or an empty list element: 400; any ``Transfer-Encoding`` in HTTP/1.0: 400.
 * Line folding (obs-fold), whitespace before the colon, a line without a colon,
   a name that is not a token, NUL/CTL bytes other than HTAB, a CR not followed by
   LF: 400.  (Envoy unfolds obs-fold; we refuse it, as RFC 9112 section 5.2 allows.)
