@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import socket
 import ssl
@@ -285,6 +286,12 @@ def peer_identity(ssl_obj: ssl.SSLSocket | ssl.SSLObject) -> SpiffeId:
     der = ssl_obj.getpeercert(binary_form=True)
     if not der:
         raise PeerIdentityError("the peer presented no certificate")
+    return _identity_of_der(der)
+
+
+# Peers reconnect with the same certificate until it is renewed: parse each one once.
+@functools.lru_cache(maxsize=1024)
+def _identity_of_der(der: bytes) -> SpiffeId:
     try:
         cert = x509.load_der_x509_certificate(der)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
