@@ -10,7 +10,9 @@ exist.  One trio program runs:
 - the Deployment controller and scheduler, the endpoints controller, the namespace
   controller (deleting a Namespace deletes its contents), kube-proxy, the DNS
   server (10.240.0.1:53 in the fabric, behind the ``kube-dns`` VIP 10.96.0.10) and one
-  kubelet per node.
+  kubelet per node;
+- one ztunnel per node, in the node's namespace, with the mesh CA kept in the state
+  directory (:mod:`deploy.local.ztunnels`).
 
 Progress is published in ``state.json`` of the state directory (written atomically):
 ``server`` once the API answers, ``ready: true`` once the built-in objects exist and
