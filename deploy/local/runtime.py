@@ -39,6 +39,10 @@ BACKOFF_CAP = 30.0
 # kubelet's backoff reset after a stretch of healthy running.
 BACKOFF_RESET_AFTER = 60.0
 STOP_GRACE = 2.0
+# Readiness probes start fast (the echo app listens within a few hundred ms) and back
+# off, so a hundred pods starting at once do not spend the CPU on probing.
+PROBE_FIRST_INTERVAL = 0.05
+PROBE_MAX_INTERVAL = 0.5
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYAMBIENT_LOG")
 
 
@@ -178,12 +182,14 @@ class ContainerRunner:
             self.pid = None
 
     async def _watch_ready(self, proc: trio.Process) -> None:
+        interval = PROBE_FIRST_INTERVAL
         while proc.returncode is None:
             if await self.probe():
                 self.state.ready = True
                 await self.report(self.state)
                 return
-            await trio.sleep(0.05)
+            await trio.sleep(interval)
+            interval = min(PROBE_MAX_INTERVAL, interval * 2)
 
 
 async def _stop(proc: trio.Process) -> None:
