@@ -204,3 +204,15 @@ def test_server_side_dry_run_is_refused_not_performed(store: Store) -> None:
     code, status = handle(store, "POST", "/api/v1/namespaces/demo/pods?dryRun=All", pod("a"))
     assert code == 400 and "dryRun" in status["message"]
     assert store.get(PODS, "demo", "a") is None
+
+
+def test_istio_and_gateway_kinds_print_their_crd_columns(store: Store) -> None:
+    accept = {"accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}
+    vs = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+          "metadata": {"name": "web"}, "spec": {"hosts": ["web", "web.demo"]}}
+    handle(store, "POST", "/apis/networking.istio.io/v1/namespaces/demo/virtualservices", vs)
+    _, table = handle(store, "GET", "/apis/networking.istio.io/v1/virtualservices",
+                      headers=accept)
+    assert [c["name"] for c in table["columnDefinitions"]] == ["Name", "Gateways", "Hosts",
+                                                                "Age"]
+    assert table["rows"][0]["cells"][:3] == ["web", "", "web,web.demo"]

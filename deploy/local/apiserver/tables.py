@@ -117,6 +117,22 @@ def _endpoints(obj: dict[str, Any]) -> Cell:
     return ",".join(addresses[:3]) + more
 
 
+def _joined(*path: str) -> Callable[[dict[str, Any]], Cell]:
+    def cell(obj: dict[str, Any]) -> Cell:
+        values = _get(obj, *path)
+        return ",".join(map(str, values)) if isinstance(values, list) else ""
+    return cell
+
+
+def _condition(kind: str) -> Callable[[dict[str, Any]], Cell]:
+    def cell(obj: dict[str, Any]) -> Cell:
+        for cond in _get(obj, "status", "conditions") or []:
+            if isinstance(cond, dict) and cond.get("type") == kind:
+                return str(cond.get("status", "Unknown"))
+        return "Unknown"
+    return cell
+
+
 _NAME: Column = ("Name", "string", 0, _name)
 _AGE: Column = ("Age", "string", 0, _age)
 
@@ -144,11 +160,24 @@ COLUMNS: dict[str, list[Column]] = {
                           str(p.get("port")) for p in (o.get("ports") or [])
                           if isinstance(p, dict)) or "<unset>"),
                       ("Endpoints", "string", 0, _endpoints), _AGE],
+    # The printer columns the Gateway API and Istio CRDs declare.
     "Gateway": [_NAME, ("Class", "string", 0, _text("spec", "gatewayClassName")),
                 ("Address", "string", 0, lambda o: ",".join(
                     str(a.get("value")) for a in (_get(o, "status", "addresses") or [])
                     if isinstance(a, dict))),
-                _AGE],
+                ("Programmed", "string", 0, _condition("Programmed")), _AGE],
+    "HTTPRoute": [_NAME, ("Hostnames", "string", 0, _joined("spec", "hostnames")), _AGE],
+    "VirtualService": [_NAME, ("Gateways", "string", 0, _joined("spec", "gateways")),
+                       ("Hosts", "string", 0, _joined("spec", "hosts")), _AGE],
+    "DestinationRule": [_NAME, ("Host", "string", 0, _text("spec", "host", default="")), _AGE],
+    "ServiceEntry": [_NAME, ("Hosts", "string", 0, _joined("spec", "hosts")),
+                     ("Location", "string", 0, _text("spec", "location", default="")),
+                     ("Resolution", "string", 0, _text("spec", "resolution", default="")),
+                     _AGE],
+    "AuthorizationPolicy": [_NAME, ("Action", "string", 0,
+                                    _text("spec", "action", default="ALLOW")), _AGE],
+    "PeerAuthentication": [_NAME, ("Mode", "string", 0,
+                                   _text("spec", "mtls", "mode", default="")), _AGE],
 }
 
 
