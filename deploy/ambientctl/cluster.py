@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -21,6 +22,9 @@ from common.kube import Deployment, KubeClient, KubeConfig, Node, Pod
 from deploy.local import cluster, netns, network
 from deploy.local.errors import PodNotFoundError
 from deploy.local.runtime import in_pod_argv
+
+# `logs -f` looks for new output this often (a log file has no change notification here).
+FOLLOW_INTERVAL = 0.2
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,6 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p_logs = sub.add_parser("logs", help="print a pod's output")
     _target_args(p_logs)
+    p_logs.add_argument("-f", "--follow", action="store_true",
+                        help="keep printing new output until interrupted")
     p_logs.set_defaults(func=_logs)
 
 
@@ -162,6 +168,18 @@ def _logs(args: argparse.Namespace) -> int:
     state = cluster.read_state(name)
     pod = trio.run(find_pod, str(state["server"]), args.namespace, args.target)
     path: Path = cluster.state_dir(name) / "logs" / args.namespace / f"{pod.metadata.name}.log"
-    if path.exists():  # absent until the pod's first start
-        sys.stdout.write(path.read_text(errors="replace"))
-    return 0
+    offset = 0
+    while True:
+        if path.exists():  # absent until the pod's first start
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not args.follow:
+            return 0
+        try:
+            time.sleep(FOLLOW_INTERVAL)
+        except KeyboardInterrupt:
+            return 0
