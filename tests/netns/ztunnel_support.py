@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -24,9 +25,10 @@ from common.authz.peer import compile_peer_authentications
 from common.ca import CertificateAuthority
 from common.discovery import SnapshotHolder
 from common.identity import SpiffeId
-from common.model import EMPTY_LOCALITY, Snapshot, Workload
+from common.model import EMPTY_LOCALITY, Snapshot, WaypointRef, Workload
 from common.netns import call_in_netns
 from ztunnel.certs import NodeIssuer
+from ztunnel.csr_server import serve_waypoint_csr
 from ztunnel.inpod.agent import InpodAgent
 from ztunnel.proxy.state import ProxyConfig, ProxyState
 
@@ -80,13 +82,14 @@ def pod_network(names: Iterable[str]) -> Iterator[dict[str, PodNs]]:
 
 def workload(pod: PodNs, *, name: str, namespace: str = "default", sa: str = "default",
              node: str = "node1", captured: bool = True,
-             labels: Mapping[str, str] | None = None) -> Workload:
+             labels: Mapping[str, str] | None = None,
+             gateway: WaypointRef | None = None) -> Workload:
     labels = dict(labels or {"app": name})
     return Workload(
         uid=f"uid-{name}", name=name, namespace=namespace, node=node, service_account=sa,
         identity=SpiffeId("cluster.local", namespace, sa), ips=(pod.ip,), labels=labels,
         locality=EMPTY_LOCALITY,
-        captured=captured, waypoint=None, netns=pod.path, ready=True, gateway=None,
+        captured=captured, waypoint=None, netns=pod.path, ready=True, gateway=gateway,
         named_ports={}, authz_ref=WorkloadRef(namespace, labels, name))
 
 
@@ -129,7 +132,7 @@ class Mesh:
             issuer = NodeIssuer(self.ca, name, lambda: self.snapshots.current)
             state = ProxyState(name, self.snapshots, issuer.store(),
                                config=ProxyConfig(connect_timeout=2.0))
-            agent = InpodAgent(state)
+            agent = InpodAgent(state, waypoint_service=partial(serve_waypoint_csr, issuer))
             await nursery.start(agent.run)
             self.nodes[name] = Node(state, agent)
 
