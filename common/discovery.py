@@ -8,7 +8,8 @@ coalesces bursts: it waits until no event came for ``debounce`` seconds, but nev
 longer than ``max_delay`` after the first one, then builds one snapshot and hands it to
 the :class:`SnapshotHolder`.  Nothing is published before every informer has finished
 its first list (a partial mesh would look like pods leaving it); from then on the
-holder is ``ready``.
+holder is ``ready``.  A kind the server does not serve at all (its CRD is not installed:
+404 from API discovery) counts as listed and empty, and is picked up if it appears.
 
 When the API server goes away the informers back off and yield nothing, so the holder
 keeps serving the last good snapshot; when it comes back they watch again from where
@@ -28,7 +29,8 @@ from typing import Any
 
 import trio
 
-from common.kube import Backoff, KubeClient, ObjectCache, model_for, watch_kind
+from common.errors import KubeApiError
+from common.kube import Backoff, KubeClient, ObjectCache, by_kind, model_for, watch_kind
 from common.logging import get_logger
 from common.model import Snapshot, empty_snapshot
 from common.translate import KINDS, MeshTranslator
@@ -114,6 +116,14 @@ class Discovery:
     async def _inform(self, kind: str) -> None:
         model = model_for(kind)
         cache = self.caches[kind]
+        if await self._served(kind) is False:
+            # A CRD that is not installed (no Istio networking APIs, say) has no objects;
+            # waiting for its first list would keep the mesh from ever starting.  The
+            # informer keeps retrying, so installing the CRD later is picked up.
+            log.warning("kind_not_served", kind=kind,
+                        hint="is its CRD installed? treated as having no objects")
+            self._listed.add(kind)
+            self._wake.set()
         events = watch_kind(self.client, model, backoff=self._backoff())
         async with aclosing(events) as stream:
             async for event in stream:
@@ -123,6 +133,19 @@ class Discovery:
                     self._listed.add(kind)
                     log.debug("informer_synced", kind=kind, objects=len(cache))
                 self._wake.set()
+
+    async def _served(self, kind: str) -> bool | None:
+        """Whether the server lists ``kind`` in its API discovery (None: cannot tell now)."""
+        rt = by_kind(kind)
+        path = f"/apis/{rt.group}/{rt.version}" if rt.group else f"/api/{rt.version}"
+        try:
+            found = await self.client.request("GET", path)
+        except KubeApiError as exc:
+            return False if exc.code == 404 else None
+        resources = found.get("resources") if isinstance(found, dict) else None
+        if not isinstance(resources, list):
+            return None
+        return any(isinstance(r, dict) and r.get("name") == rt.plural for r in resources)
 
     async def _publish_loop(self) -> None:
         while True:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 from typing import Any, cast
 
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from common.discovery import Discovery, SnapshotHolder
-from common.kube import Change, KubeClient, Resync
+from common.kube import Change, KubeClient, KubeConfig, Resync
 from common.model import Snapshot
 from tests.unit.mesh_objects import pod
 
@@ -99,3 +100,41 @@ async def test_a_relist_with_nothing_new_publishes_nothing(
         await trio.sleep(1)
         assert discovery.holder.current is first
         nursery.cancel_scope.cancel()
+
+
+def fake_api_without_istio_crds(pods: list[dict[str, Any]]) -> httpx.MockTransport:
+    """Core kinds and the Gateway API are served; the Istio groups are not (404)."""
+    served = {"/api/v1": ["namespaces", "nodes", "pods", "services"],
+              "/apis/discovery.k8s.io/v1": ["endpointslices"],
+              "/apis/gateway.networking.k8s.io/v1": ["gateways", "httproutes"]}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path in served:
+            return httpx.Response(200, json={"kind": "APIResourceList", "resources": [
+                {"name": name} for name in served[path]]})
+        base, _, plural = path.rpartition("/")
+        if base not in served:
+            return httpx.Response(404, json={"kind": "Status", "code": 404,
+                                             "reason": "NotFound", "message": "not found"})
+        if request.url.params.get("watch"):
+            return httpx.Response(200, content=b"")  # the watch ends at once: backoff
+        items = pods if plural == "pods" else []
+        return httpx.Response(200, json={"items": items, "metadata": {"resourceVersion": "7"}})
+
+    return httpx.MockTransport(handle)
+
+
+async def test_kinds_whose_crd_is_missing_do_not_block_readiness(
+        autojump_clock: trio.testing.MockClock) -> None:
+    transport = fake_api_without_istio_crds([pod("a").to_dict()])
+    async with KubeClient(KubeConfig.for_server("http://api.invalid"),
+                          transport=transport) as client:
+        discovery = Discovery(client)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                await nursery.start(discovery.run)
+            snap = discovery.holder.current
+            assert [w.name for w in snap.workloads_by_uid.values()] == ["a"]
+            assert snap.virtual_services == () and len(snap.ztunnel_policies) == 0
+            nursery.cancel_scope.cancel()
