@@ -3,9 +3,10 @@
 Theory of operation: each connection reads one request at a time (keep-alive between
 them) and hands it to :class:`~.handler.ApiHandler`.  Plain requests get one response.
 A watch gets a chunked 200 response of JSON lines; the streaming task replays the
-store's history from the watch's resourceVersion, then sleeps on :attr:`ApiServer.changed`,
-a ``trio.Event`` replaced after every write, so watchers wake exactly when there is
-something new (or a bookmark is due) and never poll.  A second task notices the client
+store's history from the watch's resourceVersion, then sleeps on its resource type's
+``trio.Event`` (see :meth:`ApiServer.changed`), which is set and replaced after every write
+to that type, so watchers wake exactly when there is something new for them (or a bookmark
+is due) and never poll.  A second task notices the client
 hanging up, so an idle watch does not outlive its connection.
 
 Every edge has a deadline: reading a request (:data:`REQUEST_TIMEOUT`), keep-alive idleness
@@ -23,6 +24,7 @@ import h11
 import trio
 
 from common.errors import KubeApiError, ResourceExpiredError
+from common.kube.resources import ResourceType
 from common.logging import get_logger
 
 from . import status
@@ -56,11 +58,25 @@ class ApiServer:
         self.store = store
         self.handler = ApiHandler(store)
         self.bookmark_interval = bookmark_interval
-        self.changed = trio.Event()
+        self._changed: dict[tuple[str, str], trio.Event] = {}
 
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+    def changed(self, rt: ResourceType) -> trio.Event:
+        """The event the next write to ``rt`` sets (take it before reading the store)."""
+        key = (rt.group, rt.plural)
+        if key not in self._changed:
+            self._changed[key] = trio.Event()
+        return self._changed[key]
+
+    def _notify(self, since: int) -> None:
+        """Wake the watchers of every resource type written after version ``since``."""
+        if self.store.compacted > since:  # the history of this write is partly gone already
+            keys = set(self._changed)
+        else:
+            keys = self.store.types_written_since(since)
+        for key in keys:
+            event = self._changed.pop(key, None)
+            if event is not None:
+                event.set()
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one client connection (plain TCP, or TLS when given a trio.SSLStream)."""
@@ -75,7 +91,7 @@ class ApiServer:
                 before = self.store.resource_version
                 result = self._dispatch(request)
                 if self.store.resource_version != before:
-                    self._notify()
+                    self._notify(before)
                 if isinstance(result, WatchPlan):
                     # Bounded by the watch's own timeout, not by the idle timeout.
                     await self._stream_watch(conn, stream, result)
@@ -193,7 +209,7 @@ class ApiServer:
         next_bookmark = trio.current_time() + self.bookmark_interval
         while True:
             # Take the wake-up event before reading, so a write in between still wakes us.
-            changed = self.changed
+            changed = self.changed(plan.rt)
             newest = self.store.resource_version
             try:
                 events = self.store.events_since(plan.rt, plan.namespace, position)

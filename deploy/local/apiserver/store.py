@@ -162,6 +162,12 @@ class Store:
         return [StoredEvent(int(r[0]), r[1], json.loads(r[2]),
                             json.loads(r[3]) if r[3] else None) for r in rows]
 
+    def types_written_since(self, rv: int) -> set[tuple[str, str]]:
+        """The (group, plural) of every object written after version ``rv``."""
+        rows = self._db.execute("SELECT DISTINCT grp, plural FROM events WHERE rv > ?",
+                                (rv,)).fetchall()
+        return {(str(r[0]), str(r[1])) for r in rows}
+
     # -- writes --------------------------------------------------------------------------
 
     def create(self, rt: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
