@@ -577,6 +577,8 @@ class MeshTranslator:
             self._by_ip[ip] = best
 
     def _node_member(self, node: str, uid: str, present: bool) -> None:
+        if not node:
+            return  # not scheduled yet: no node's ztunnel is concerned
         members = self._node_members.setdefault(node, {})
         if present:
             members[uid] = None

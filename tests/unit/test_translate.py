@@ -347,3 +347,8 @@ def test_an_unexpected_failure_costs_one_object_not_the_snapshot(
     assert set(snap.workloads_by_ip) == {"10.1.0.2"}
     [issue] = snap.issues
     assert (issue.name, issue.reason) == ("bad", "InternalError") and "boom" in issue.message
+
+
+def test_unscheduled_pods_are_workloads_on_no_node() -> None:
+    snap = build(pod("pending", ip=None, phase="Pending", node_name=""))
+    assert "uid-demo-pending" in snap.workloads_by_uid and snap.workloads_by_node == {}
