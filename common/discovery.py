@@ -32,7 +32,7 @@ import trio
 from common.errors import KubeApiError
 from common.kube import Backoff, KubeClient, ObjectCache, by_kind, model_for, watch_kind
 from common.logging import get_logger
-from common.model import Snapshot, empty_snapshot
+from common.model import DEFAULT_TRUST_DOMAIN, Snapshot, empty_snapshot
 from common.translate import KINDS, MeshTranslator
 
 __all__ = ["DEFAULT_DEBOUNCE", "DEFAULT_MAX_DELAY", "Discovery", "SnapshotHolder"]
@@ -81,15 +81,21 @@ class SnapshotHolder:
 
 
 class Discovery:
-    """Informers for every kind, one translator, one publisher; ``await run()`` until cancelled."""
+    """Informers for every kind, one translator, one publisher; ``await run()`` until cancelled.
+
+    ``trust_domain`` names workload identities (``spiffe://<td>/ns/..``); it must be the
+    mesh CA's.  Pass ``translator`` instead to set the cluster domain or root namespace.
+    """
 
     def __init__(self, client: KubeClient, holder: SnapshotHolder | None = None, *,
-                 translator: MeshTranslator | None = None, kinds: Iterable[str] = KINDS,
+                 translator: MeshTranslator | None = None,
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, kinds: Iterable[str] = KINDS,
                  debounce: float = DEFAULT_DEBOUNCE, max_delay: float = DEFAULT_MAX_DELAY,
                  backoff: Callable[[], Backoff] = Backoff) -> None:
         self.client = client
         self.holder = holder if holder is not None else SnapshotHolder()
-        self.translator = translator if translator is not None else MeshTranslator()
+        self.translator = (translator if translator is not None
+                           else MeshTranslator(trust_domain=trust_domain))
         self.kinds = tuple(kinds)
         self.caches: dict[str, ObjectCache[Any]] = {kind: ObjectCache() for kind in self.kinds}
         self.debounce = debounce
