@@ -32,8 +32,9 @@ from common.logging import get_logger
 
 log = get_logger("kube.watch")
 
-# A watch is re-opened this often even when the server would keep it longer, which also
-# bounds how long a silently dead connection can go unnoticed.
+# A watch is re-opened after this long times a random factor in [1, 2) (client-go's rule,
+# so that many clients started together do not all reconnect together), even when the
+# server would keep it longer; that also bounds how long a dead connection goes unnoticed.
 WATCH_TIMEOUT_SECONDS = 300
 # A watch ending sooner than this without any event is treated as a failure (backoff).
 MIN_HEALTHY_WATCH = 1.0
@@ -99,7 +100,8 @@ async def watch_kind(client: KubeClient, kind: type[R], namespace: str | None = 
             delivered = False
             stream = client.watch(rt, namespace=namespace, resource_version=resource_version,
                                   label_selector=label_selector, field_selector=field_selector,
-                                  timeout_seconds=watch_timeout)
+                                  timeout_seconds=int(watch_timeout
+                                                      * (1 + backoff.rng.random())))
             async with aclosing(stream) as events:
                 async for event in events:
                     delivered = True
