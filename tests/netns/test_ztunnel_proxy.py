@@ -180,3 +180,18 @@ async def test_unenrol_closes_listeners_and_removes_rules(
             greeting, echoed = await converse(pods["a"], (pods["b"].ip, 8080), b"plain")
             assert (greeting, echoed) == (f"from {pods['a'].ip}", b"plain")
             nursery.cancel_scope.cancel()
+
+
+async def test_outbound_port_refuses_connections_from_outside_the_pod(
+        pods: dict[str, PodNs], ca: CertificateAuthority) -> None:
+    a = workload(pods["a"], name="sleep", namespace="client", sa="sleep", node="node1")
+    mesh = Mesh(ca)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await mesh.start(nursery, "node1")
+            await mesh.publish(snapshot(1, [a]))
+            # Pod C (not in the mesh) dials A's 15001 directly to borrow A's identity.
+            assert await refused(pods["c"], (pods["a"].ip, 15001))
+            nursery.cancel_scope.cancel()
+    assert metric(mesh, "node1", "ztunnel_connections_refused_total",
+                  reason="not_from_pod") == 1

@@ -120,9 +120,13 @@ class PodNetns:
     def listen(self, host: str, port: int, *, backlog: int = 1024) -> socket.socket:
         """A listening socket on ``host:port`` inside the pod (SO_REUSEADDR, non-blocking)."""
         def make() -> socket.socket:
-            sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+            family = family_of(host)
+            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # The IPv4 listener on the same port is separate: no dual-stack clash.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ZTUNNEL_MARK)
                 sock.bind((host, port))
                 sock.listen(backlog)

@@ -47,9 +47,10 @@ async def handle_outbound(pod: EnrolledPod, sock: socket.socket,
         reset(sock)
         return
     dst = format_authority(dst_ip, dst_port)
-    if peer[0] not in source.ips and not peer[0].startswith(_LOOPBACK):
+    if source.ips and peer[0] not in source.ips and not peer[0].startswith(_LOOPBACK):
         # 15001 is reachable from outside the pod; only the pod itself may use it, or any
-        # host could borrow the pod's identity.
+        # host could borrow the pod's identity.  (Before the pod's IP is known, nothing
+        # can be checked.)
         state.metrics.refusal("outbound", "not_from_pod")
         _log.warning("outbound refused", pod=pod.name, src=src, dst=dst,
                      reason=f"{peer[0]} is not an address of the pod")

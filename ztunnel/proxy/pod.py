@@ -24,7 +24,7 @@ from common.identity import SpiffeId
 from common.logging import get_logger
 from common.model import Snapshot, Workload
 from common.tls import connect_tls
-from ztunnel.proxy.dial import PodNetns, accept, family_of
+from ztunnel.proxy.dial import PodNetns, accept, family_of, reset
 from ztunnel.proxy.inbound import inbound_handler
 from ztunnel.proxy.outbound import handle_outbound
 from ztunnel.proxy.passthrough import handle_plaintext
@@ -158,6 +158,12 @@ class EnrolledPod:
                       address: tuple[str, int]) -> None:
         try:
             await handler(self, sock, address)
+        except Exception as exc:
+            # A bug or an unforeseen OS error costs this connection only, never the
+            # pod's listeners.
+            self.log.error("connection handler failed", src=address, error=repr(exc),
+                           exc_info=exc)
+            reset(sock)
         finally:
             sock.close()  # no-op when the handler took it over
             self._active -= 1
