@@ -73,7 +73,7 @@ from common.model import (
     Workload,
 )
 
-__all__ = ["KINDS", "MeshTranslator", "translate"]
+__all__ = ["KINDS", "NETNS_ANNOTATION", "MeshTranslator", "translate"]
 
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 USE_WAYPOINT = "istio.io/use-waypoint"
