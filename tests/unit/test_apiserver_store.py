@@ -216,3 +216,24 @@ def test_istio_and_gateway_kinds_print_their_crd_columns(store: Store) -> None:
     assert [c["name"] for c in table["columnDefinitions"]] == ["Name", "Gateways", "Hosts",
                                                                 "Age"]
     assert table["rows"][0]["cells"][:3] == ["web", "", "web,web.demo"]
+
+
+def test_scale_subresource_changes_only_replicas(store: Store) -> None:
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+              "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                       "template": {"metadata": {"labels": {"app": "web"}}}}}
+    path = "/apis/apps/v1/namespaces/demo/deployments/web"
+    handle(store, "POST", "/apis/apps/v1/namespaces/demo/deployments", deploy)
+    code, scale = handle(store, "GET", path + "/scale")
+    assert code == 200 and scale["kind"] == "Scale"
+    assert (scale["spec"]["replicas"], scale["status"]["selector"]) == (2, "app=web")
+    code, scaled = handle(store, "PATCH", path + "/scale", {"spec": {"replicas": 5}},
+                          {"content-type": "application/merge-patch+json"})
+    assert code == 200 and scaled["spec"]["replicas"] == 5
+    _, stored = handle(store, "GET", path)
+    assert stored["spec"]["replicas"] == 5 and stored["spec"]["selector"] == {
+        "matchLabels": {"app": "web"}}
+    stale = {**scale, "spec": {"replicas": 1}}  # carries the old resourceVersion
+    assert handle(store, "PUT", path + "/scale", stale)[0] == 409
+    assert handle(store, "PATCH", path + "/scale", {"spec": {"replicas": -1}},
+                  {"content-type": "application/merge-patch+json"})[0] == 422

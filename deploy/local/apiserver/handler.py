@@ -176,6 +176,8 @@ class ApiHandler:
             if method == "POST":
                 return self._create(target, request)
             raise status.method_not_allowed(method, path)
+        if target.subresource == "scale" and target.rt.kind in _SCALABLE:
+            return self._scale(target, request)
         if target.subresource not in (None, "status"):
             raise status.unknown_path(path)
         if method == "GET":
@@ -317,6 +319,32 @@ class ApiHandler:
         stored = self.store.update(target.rt, obj, status_only=target.subresource == "status")
         return json_response(200, present(stored, target.rt, target.version))
 
+    def _scale(self, target: _Target, request: Request) -> Response:
+        """The ``/scale`` subresource (kubectl scale): an autoscaling/v1 Scale view of
+        ``spec.replicas``; writes change only that field."""
+        assert target.name is not None
+        stored = self.store.get(target.rt, target.namespace, target.name)
+        if stored is None:
+            raise status.not_found(target.rt, target.name)
+        current = _scale_of(stored)
+        if request.method == "GET":
+            return json_response(200, current)
+        if request.method == "PUT":
+            wanted = _body(request)
+        elif request.method == "PATCH":
+            wanted = apply_patch(request.headers.get("content-type", JSON), current,
+                                 _body(request))
+        else:
+            raise status.method_not_allowed(request.method, request.target)
+        replicas = wanted.get("spec", {}).get("replicas") if isinstance(wanted, dict) else None
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise status.invalid(target.rt, target.name, [
+                ("spec.replicas", f"Invalid value: {replicas!r}: must be a non-negative integer")])
+        updated = {**stored, "spec": {**stored.get("spec", {}), "replicas": replicas}}
+        wanted_rv = wanted.get("metadata", {}).get("resourceVersion")
+        updated["metadata"] = {**stored["metadata"], "resourceVersion": wanted_rv or None}
+        return json_response(200, _scale_of(self.store.update(target.rt, updated)))
+
     def _delete(self, target: _Target, request: Request) -> Response:
         assert target.name is not None
         options = _body(request) if request.body.strip() else {}
@@ -326,6 +354,20 @@ class ApiHandler:
                                     precondition_uid=pre.get("uid"),
                                     precondition_rv=pre.get("resourceVersion"))
         return json_response(200, present(deleted, target.rt, target.version))
+
+
+_SCALABLE = {"Deployment"}
+
+
+def _scale_of(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    selector = obj.get("spec", {}).get("selector", {}).get("matchLabels") or {}
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
+                                              "creationTimestamp") if k in meta},
+            "spec": {"replicas": obj.get("spec", {}).get("replicas", 1)},
+            "status": {"replicas": obj.get("status", {}).get("replicas", 0),
+                       "selector": ",".join(f"{k}={v}" for k, v in sorted(selector.items()))}}
 
 
 def _body(request: Request) -> Any:
@@ -366,5 +408,10 @@ def _resource_list(group: str, version: str) -> dict[str, Any]:
         resources.append({"name": f"{rt.plural}/status", "singularName": "",
                           "namespaced": rt.namespaced, "kind": rt.kind,
                           "verbs": ["get", "patch", "update"]})
+        if rt.kind in _SCALABLE:
+            resources.append({"name": f"{rt.plural}/scale", "singularName": "",
+                              "namespaced": rt.namespaced, "group": "autoscaling",
+                              "version": "v1", "kind": "Scale",
+                              "verbs": ["get", "patch", "update"]})
     return {"kind": "APIResourceList", "apiVersion": "v1",
             "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
