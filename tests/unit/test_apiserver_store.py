@@ -237,3 +237,9 @@ def test_scale_subresource_changes_only_replicas(store: Store) -> None:
     assert handle(store, "PUT", path + "/scale", stale)[0] == 409
     assert handle(store, "PATCH", path + "/scale", {"spec": {"replicas": -1}},
                   {"content-type": "application/merge-patch+json"})[0] == 422
+
+
+def test_protobuf_bodies_are_refused_with_a_way_out(store: Store) -> None:
+    code, status = handle(store, "POST", "/api/v1/namespaces", b"k8s\x00\n\x0f",
+                          {"content-type": "application/vnd.kubernetes.protobuf"})
+    assert code == 415 and "apply -f" in status["message"]

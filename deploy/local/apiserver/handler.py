@@ -371,6 +371,11 @@ def _scale_of(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _body(request: Request) -> Any:
+    media = request.headers.get("content-type", JSON).split(";", 1)[0].strip().lower()
+    if media.startswith("application/vnd.kubernetes.protobuf") or media == "application/cbor":
+        # kubectl's generators (create namespace|secret|serviceaccount ...) send protobuf.
+        raise status.unsupported_media_type(
+            media, "this server reads JSON only: use kubectl apply -f / create -f FILE")
     try:
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:

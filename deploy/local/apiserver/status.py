@@ -82,11 +82,11 @@ def method_not_allowed(method: str, path: str) -> KubeApiError:
                   f"({method} {path})")
 
 
-def unsupported_media_type(content_type: str) -> KubeApiError:
+def unsupported_media_type(content_type: str, hint: str | None = None) -> KubeApiError:
     return _error(415, "UnsupportedMediaType",
                   f"the body of the request was in an unknown format ({content_type}): "
-                  "use application/json, application/merge-patch+json, "
-                  "application/strategic-merge-patch+json or application/json-patch+json")
+                  + (hint or "use application/json, application/merge-patch+json, "
+                     "application/strategic-merge-patch+json or application/json-patch+json"))
 
 
 def too_large(limit: int) -> KubeApiError:
