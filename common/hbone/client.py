@@ -202,7 +202,9 @@ class HbonePool:
         try:
             transport, peer = await self._connector(key)
         except BaseException as exc:
-            entry.error = exc
+            # Waiters re-raise a real failure; if only the opener was cancelled they
+            # simply try again themselves (a Cancelled must not cross tasks).
+            entry.error = exc if isinstance(exc, Exception) else None
             entry.reserved -= 1
             self._remove(entry)
             entry.ready.set()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 
 import trio
+import trio.testing
 
 from common.hbone import ConnectRequest, HboneStream, Responder, forward_tcp
 from tests.integration.hbone_support import (
     CLIENT_ID,
     SERVER_ID,
+    listen,
     make_mesh,
     pool_for,
     round_trip,
@@ -207,4 +209,54 @@ async def test_cancelled_connects_leak_no_pool_capacity() -> None:
             async with stream:
                 assert await round_trip(stream, b"ok") == b"ok"
             assert len(pool.connections()) <= 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_opener_does_not_fail_the_callers_waiting_for_its_connection() -> None:
+    """Plain TCP under HBONE here: the pool logic, not TLS, is under test."""
+    import socket as stdlib_socket
+
+    from common.hbone import HbonePool, HboneServer, PoolKey
+
+    async def plain_handshake(sock: stdlib_socket.socket) -> tuple[trio.SocketStream, None]:
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), None
+
+    first_call = trio.Event()
+    calls = 0
+
+    async def connector(key: PoolKey) -> tuple[trio.SocketStream, None]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            first_call.set()
+            await trio.sleep_forever()  # the first opener hangs until cancelled
+        return await trio.open_tcp_stream(*key.address), None
+
+    async with trio.open_nursery() as nursery:
+        echo = await start_echo(nursery)
+        sock = listen()
+        await nursery.start(HboneServer(forward_tcp, plain_handshake).serve, sock)
+        address = sock.getsockname()
+        async with HbonePool(connector) as pool:
+            results: list[bytes] = []
+            opener_scope = trio.CancelScope()
+
+            async def opener() -> None:
+                with opener_scope:
+                    await pool.connect(None, address, authority=f"127.0.0.1:{echo}")
+
+            async def waiter() -> None:
+                stream = await pool.connect(None, address, authority=f"127.0.0.1:{echo}")
+                async with stream:
+                    results.append(await round_trip(stream, b"waited"))
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as callers:
+                    callers.start_soon(opener)
+                    await first_call.wait()
+                    callers.start_soon(waiter)
+                    await trio.testing.wait_all_tasks_blocked()
+                    opener_scope.cancel()
+            assert results == [b"waited"]
+            assert calls == 2
         nursery.cancel_scope.cancel()
