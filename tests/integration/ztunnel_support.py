@@ -103,7 +103,10 @@ async def wait_enrolled(cluster: LocalCluster, pod: Pod, enrolled: bool = True,
     assert node
 
     async def probe() -> bool:
-        dump = await config_dump(cluster, node)
+        try:
+            dump = await config_dump(cluster, node)
+        except (OSError, trio.BrokenResourceError, ValueError):
+            return False  # the node's ztunnel is (re)starting
         uids = {p["uid"] for p in dump["enrolled_pods"]}
         return (pod.metadata.uid in uids) == enrolled
     await wait_for(probe, within, what=f"pod {pod.metadata.name} enrolled={enrolled}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from common.admin import LogLevel
@@ -79,3 +80,24 @@ def test_inbound_source_ip_comes_from_forwarded_else_the_peer() -> None:
     assert request('for="10.0.0.7:5555"') == "10.0.0.7"
     assert request('for="[fd00::7]:5555"') == "fd00::7"
     assert request(None) == "10.0.0.9"
+
+
+def test_log_level_changes_at_run_time(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
+    from common.admin import Request
+    from common.logging import configure, get_logger
+    configure("debug")
+    level = LogLevel("info")
+    level.install()
+    try:
+        log = get_logger("test")
+        log.debug("hidden-line")
+        log.info("shown-line")
+        level.route(Request("GET", "/logging", {"level": ["debug"]}))
+        log.debug("now-shown-line")
+        err = capsys.readouterr().err
+        assert "hidden-line" not in err
+        assert "shown-line" in err and "now-shown-line" in err
+    finally:
+        structlog.reset_defaults()
