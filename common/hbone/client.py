@@ -33,6 +33,8 @@ _log = get_logger("hbone.client")
 
 HBONE_PORT = 15008
 MAX_STREAMS_PER_CONNECTION = 100
+# ztunnel's POOL_UNUSED_RELEASE_TIMEOUT default.
+IDLE_TIMEOUT = 300.0
 
 _STATUS_MEANING = {
     400: "the peer found the request malformed",
@@ -88,7 +90,7 @@ class _Entry:
 class HbonePool:
     """Use as ``async with HbonePool(connector) as pool:``; connections live inside."""
 
-    def __init__(self, connector: Connector, *, idle_timeout: float = 60.0,
+    def __init__(self, connector: Connector, *, idle_timeout: float = IDLE_TIMEOUT,
                  max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION) -> None:
         self._connector = connector
         self.idle_timeout = idle_timeout
