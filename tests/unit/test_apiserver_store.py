@@ -239,7 +239,30 @@ def test_scale_subresource_changes_only_replicas(store: Store) -> None:
                   {"content-type": "application/merge-patch+json"})[0] == 422
 
 
-def test_protobuf_bodies_are_refused_with_a_way_out(store: Store) -> None:
-    code, status = handle(store, "POST", "/api/v1/namespaces", b"k8s\x00\n\x0f",
-                          {"content-type": "application/vnd.kubernetes.protobuf"})
+# What `kubectl create namespace demo`, `create serviceaccount foo -n demo` and
+# `create secret generic s1 --from-literal=a=b -n demo` send (kubectl 1.32).
+KUBECTL_CREATE_NS = bytes.fromhex(
+    "6b3873000a0f0a02763112094e616d657370616365121c0a140a0464656d6f1200"
+    "1a0022002a0032003800420012001a020a001a002200")
+KUBECTL_CREATE_SECRET = bytes.fromhex(
+    "6b3873000a0c0a027631120653656372657412280a160a02733112001a0464656d6f22002a00320038"
+    "004200" "12060a0161120162" "1a064f70617175651a002200")
+PROTOBUF = {"content-type": "application/vnd.kubernetes.protobuf"}
+
+
+def test_kubectl_create_protobuf_bodies_are_read(tmp_path: Path) -> None:
+    store = Store(tmp_path / "fresh.sqlite")
+    code, created = handle(store, "POST", "/api/v1/namespaces", KUBECTL_CREATE_NS, PROTOBUF)
+    assert code == 201 and created["metadata"]["name"] == "demo"
+    assert store.get(NS, None, "demo") is not None
+    code, secret = handle(store, "POST", "/api/v1/namespaces/demo/secrets",
+                          KUBECTL_CREATE_SECRET, PROTOBUF)
+    assert code == 201 and secret["data"] == {"a": "Yg=="} and secret["type"] == "Opaque"
+
+
+def test_unreadable_protobuf_is_refused_with_a_way_out(store: Store) -> None:
+    code, status = handle(store, "POST", "/api/v1/namespaces", b"k8s\x00\n\x0f", PROTOBUF)
     assert code == 415 and "apply -f" in status["message"]
+    pod_pb = bytes.fromhex("6b3873000a090a0276311203506f64")  # TypeMeta v1/Pod, no object
+    code, status = handle(store, "POST", "/api/v1/namespaces/demo/pods", pod_pb, PROTOBUF)
+    assert code == 415 and "not Pod" in status["message"]

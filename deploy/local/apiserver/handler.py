@@ -25,7 +25,7 @@ from common.kube.selectors import (
     parse_label_selector,
 )
 
-from . import openapi, status, tables
+from . import openapi, protobuf, status, tables
 from .patch import apply_patch
 from .store import Store, StoredEvent
 from .validation import check_object
@@ -372,10 +372,16 @@ def _scale_of(obj: dict[str, Any]) -> dict[str, Any]:
 
 def _body(request: Request) -> Any:
     media = request.headers.get("content-type", JSON).split(";", 1)[0].strip().lower()
-    if media.startswith("application/vnd.kubernetes.protobuf") or media == "application/cbor":
+    if media.startswith("application/vnd.kubernetes.protobuf"):
         # kubectl's generators (create namespace|secret|serviceaccount ...) send protobuf.
-        raise status.unsupported_media_type(
-            media, "this server reads JSON only: use kubectl apply -f / create -f FILE")
+        try:
+            return protobuf.decode(request.body)
+        except (protobuf.ProtobufError, UnicodeDecodeError) as exc:
+            raise status.unsupported_media_type(
+                media, f"{exc}: send JSON instead (kubectl apply -f / create -f FILE)"
+            ) from exc
+    if media == "application/cbor":
+        raise status.unsupported_media_type(media, "this server reads JSON")
     try:
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
