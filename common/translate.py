@@ -96,6 +96,9 @@ KINDS: tuple[str, ...] = (
 )
 _POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 _ROUTE_KINDS = ("HTTPRoute", "VirtualService", "DestinationRule", "ServiceEntry")
+# The MeshTranslator attributes a snapshot publishes.
+_INDEXES = ("_by_ip", "_by_uid", "_by_node", "_svc_by_vip", "_svc_by_host", "_services",
+            "_waypoints", "_namespaces")
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
 T = TypeVar("T")
@@ -231,6 +234,8 @@ class MeshTranslator:
         self._dirty_node_lists: set[str] = set()
         self._dirty_kinds: set[str] = set()
         self._namespace_issues_dirty = False
+        # The indexes as the last snapshot published them (shared while unchanged).
+        self._published: dict[str, dict[Any, Any]] = {}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -336,11 +341,21 @@ class MeshTranslator:
             self._dirty_services.update(self._objects["Service"])
             self._dirty_waypoints.update(WaypointRef(*k) for k in self._objects["Gateway"])
             self._dirty_nodes.clear()
+        touched: set[str] = set()
+        if self._dirty_waypoints:
+            touched.add("_waypoints")
         self._rebuild_waypoints()
+        if self._dirty_pods:
+            touched.update(("_by_ip", "_by_uid"))
         self._rebuild_workloads()
+        if self._dirty_node_lists:
+            touched.add("_by_node")
         self._rebuild_node_lists()
+        if self._dirty_services:
+            touched.update(("_svc_by_vip", "_svc_by_host", "_services"))
         self._rebuild_services()
         if self._namespace_issues_dirty:
+            touched.add("_namespaces")
             self._rebuild_namespaces()
         if self._dirty_kinds & set(_POLICY_KINDS):
             self._rebuild_policies()
@@ -349,6 +364,7 @@ class MeshTranslator:
                 store = self._objects[kind]
                 self._raw[kind] = tuple(obj for k in sorted(store)
                                         if isinstance(obj := store[k], KubeObject))
+        ix = {name: self._published_index(name, name in touched) for name in _INDEXES}
         self._dirty_kinds.clear()
         self.version += 1
         issues = [i for group in self._issues.values() for i in group]
@@ -356,15 +372,30 @@ class MeshTranslator:
         issues.sort(key=lambda i: (i.kind, i.namespace, i.name, i.message))
         return Snapshot(
             version=self.version, trust_domain=self.trust_domain, domain=self.domain,
-            workloads_by_ip=dict(self._by_ip), workloads_by_uid=dict(self._by_uid),
-            workloads_by_node=dict(self._by_node), services_by_vip=dict(self._svc_by_vip),
-            services_by_host=dict(self._svc_by_host), services_by_key=dict(self._services),
-            waypoints_by_ref=dict(self._waypoints), namespaces=dict(self._namespaces),
+            workloads_by_ip=ix["_by_ip"], workloads_by_uid=ix["_by_uid"],
+            workloads_by_node=ix["_by_node"], services_by_vip=ix["_svc_by_vip"],
+            services_by_host=ix["_svc_by_host"], services_by_key=ix["_services"],
+            waypoints_by_ref=ix["_waypoints"], namespaces=ix["_namespaces"],
             ztunnel_policies=self._ztunnel_policies, waypoint_policies=self._waypoint_policies,
             peer_authentication=self._peer_auth,
             http_routes=self._raw["HTTPRoute"], virtual_services=self._raw["VirtualService"],
             destination_rules=self._raw["DestinationRule"],
             service_entries=self._raw["ServiceEntry"], issues=tuple(issues))
+
+    def _published_index(self, name: str, touched: bool) -> dict[Any, Any]:
+        """The snapshot's copy of index ``name``: the previous one when it did not change.
+
+        Snapshots share unchanged indexes (they are never written once published), so a
+        pod event copies the workload indexes only.  The fresh copy is compact; keeping a
+        copy of it as the working index drops the holes deletions leave, so the next copy
+        takes CPython's fast clone path instead of re-inserting every entry.
+        """
+        found = self._published.get(name)
+        if found is None or touched:
+            found = dict(getattr(self, name))
+            setattr(self, name, found.copy())
+            self._published[name] = found
+        return found
 
     def _set_issues(self, kind: str, key: Key, issues: list[Issue]) -> None:
         if issues:
