@@ -140,13 +140,6 @@ class HboneConnection:
         self._wake_writer()
         self._maybe_finish()
 
-    def abort(self) -> None:
-        """End the connection now, failing its streams."""
-        self.draining = True
-        self._stopping = True
-        if self.nursery is not None:
-            self.nursery.cancel_scope.cancel()
-
     async def wait_idle(self) -> None:
         """Return once the connection has no streams or is closed."""
         while self.streams and not self.closed:
@@ -170,10 +163,6 @@ class HboneConnection:
                 self.log.debug("hbone idle connection closed", idle_seconds=idle_seconds)
                 self.close()
                 return
-
-    async def wait_closed(self) -> None:
-        while not self.closed:
-            await self._idle_lot.park()
 
     def _maybe_finish(self) -> None:
         self._idle_lot.unpark_all()

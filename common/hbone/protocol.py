@@ -230,9 +230,6 @@ class H2Protocol:
         self._flush_h2()
         self._out.append(_frame_header(8, _GOAWAY, 0, 0) + struct.pack(">LL", last, error_code))
 
-    def ping(self, opaque: bytes) -> None:
-        self._h2.ping(opaque)
-
     # -- sending DATA ---------------------------------------------------------------------
 
     def send_window(self, stream_id: int) -> int:
@@ -475,7 +472,3 @@ class H2Protocol:
     def peer_max_concurrent_streams(self) -> int:
         value: int = self._h2.remote_settings.max_concurrent_streams
         return value
-
-    def buffered_receive_window(self, stream_id: int) -> int:
-        """Bytes the peer may still send on ``stream_id`` before a credit (for tests)."""
-        return self._stream_window.get(stream_id, 0)

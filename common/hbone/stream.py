@@ -85,10 +85,6 @@ class HboneStream(trio.abc.HalfCloseableStream):
         """Received bytes waiting for the consumer (bounded by our stream window)."""
         return self._queued
 
-    @property
-    def finished(self) -> bool:
-        return self._closed or self._error is not None or (self._remote_ended and self._local_ended)
-
     async def _wait_response(self) -> int:
         await self._response.wait()
         if self.status is None:
