@@ -195,6 +195,10 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
             removed.append(f"process {stray}")
         except OSError:
             pass
+    # SIGKILL is asynchronous: wait (bounded) until the kernel has taken them out.
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while inodes and netns.pids_in(inodes) and time.monotonic() < deadline:
+        time.sleep(_POLL)
     # Pods first, nodes, then the fabric: each deletion takes its veths along.
     for ns in sorted(namespaces, key=lambda n: (n.endswith("fabric"), "-node" in n)):
         netns.delete(ns)

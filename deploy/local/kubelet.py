@@ -137,8 +137,9 @@ class Kubelet:
         pod = sandbox.pod
         logger = self.log.bind(pod=f"{pod.metadata.namespace}/{pod.metadata.name}")
         pod_netns = self.names.pod(uid)
-        ip = self.ipam.allocate()
+        ip: str | None = None
         try:
+            ip = self.ipam.allocate()
             with sandbox.scope:
                 await network.create_pod_network(self.node_netns, pod_netns, ip,
                                                  network.pod_gateway(self.index))
@@ -149,8 +150,9 @@ class Kubelet:
             await trio.sleep(FAILED_POD_RETRY)  # then the finally clause lets reconcile retry
         finally:
             with trio.CancelScope(shield=True):
-                await network.delete_pod_network(pod_netns)
-                self.ipam.release(ip)
+                if ip is not None:
+                    await network.delete_pod_network(pod_netns)
+                    self.ipam.release(ip)
                 del self.sandboxes[uid]
                 logger.info("pod_removed", ip=ip)
                 # The pod may have been re-created meanwhile under a new uid: look again.

@@ -183,7 +183,12 @@ def create_node(names: Names, index: int, nodes: int) -> None:
 
 async def create_pod_network(node_netns: str, pod_netns: str, pod_ip: str,
                              gateway: str) -> None:
-    """The pod's namespace with its veth and address (the namespace must not exist yet)."""
+    """The pod's namespace with its veth and address.
+
+    A namespace of the same name left by a supervisor that died is replaced.
+    """
+    if netns.exists(pod_netns):
+        await delete_pod_network(pod_netns)
     await netns.arun(["ip", "netns", "add", pod_netns])
     await netns.arun(["ip", "-n", node_netns, "-batch", "-"],
                      input_text="\n".join(pod_node_side_commands(pod_ip, pod_netns)) + "\n")
