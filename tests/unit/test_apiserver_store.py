@@ -239,25 +239,29 @@ def test_scale_subresource_changes_only_replicas(store: Store) -> None:
                   {"content-type": "application/merge-patch+json"})[0] == 422
 
 
-# What `kubectl create namespace demo`, `create serviceaccount foo -n demo` and
-# `create secret generic s1 --from-literal=a=b -n demo` send (kubectl 1.32).
-KUBECTL_CREATE_NS = bytes.fromhex(
-    "6b3873000a0f0a02763112094e616d657370616365121c0a140a0464656d6f1200"
-    "1a0022002a0032003800420012001a020a001a002200")
-KUBECTL_CREATE_SECRET = bytes.fromhex(
-    "6b3873000a0c0a027631120653656372657412280a160a02733112001a0464656d6f22002a00320038"
-    "004200" "12060a0161120162" "1a064f70617175651a002200")
+# What kubectl 1.32's generators send (see the file's _comment).
+KUBECTL_CREATE = {k: bytes.fromhex(v) for k, v in json.loads(
+    (Path(__file__).parent.parent / "fixtures" / "kube" / "kubectl-create-protobuf.json")
+    .read_text()).items() if not k.startswith("_")}
 PROTOBUF = {"content-type": "application/vnd.kubernetes.protobuf"}
 
 
 def test_kubectl_create_protobuf_bodies_are_read(tmp_path: Path) -> None:
     store = Store(tmp_path / "fresh.sqlite")
-    code, created = handle(store, "POST", "/api/v1/namespaces", KUBECTL_CREATE_NS, PROTOBUF)
+    code, created = handle(store, "POST", "/api/v1/namespaces", KUBECTL_CREATE["namespace"],
+                           PROTOBUF)
     assert code == 201 and created["metadata"]["name"] == "demo"
     assert store.get(NS, None, "demo") is not None
     code, secret = handle(store, "POST", "/api/v1/namespaces/demo/secrets",
-                          KUBECTL_CREATE_SECRET, PROTOBUF)
+                          KUBECTL_CREATE["secret"], PROTOBUF)
     assert code == 201 and secret["data"] == {"a": "Yg=="} and secret["type"] == "Opaque"
+    code, deploy = handle(store, "POST", "/apis/apps/v1/namespaces/demo/deployments",
+                          KUBECTL_CREATE["deployment"], PROTOBUF)
+    assert code == 201 and deploy["spec"] == {
+        "replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [
+            {"name": "echo", "image": "ambient/echo", "command": ["/bin/app", "--flag"],
+             "ports": [{"containerPort": 8080}]}]}}}
 
 
 def test_unreadable_protobuf_is_refused_with_a_way_out(store: Store) -> None:

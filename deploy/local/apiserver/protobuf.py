@@ -1,6 +1,6 @@
 """Reading the protobuf bodies kubectl's generators send, for the few kinds they create.
 
-``kubectl create namespace|serviceaccount|secret`` encode the new object in Kubernetes'
+``kubectl create namespace|serviceaccount|secret|deployment`` encode the new object in Kubernetes'
 protobuf envelope: the magic ``k8s\\0``, then a ``runtime.Unknown`` message holding
 TypeMeta (apiVersion 1, kind 2) and the object's own message as bytes (field 2).  Only the
 fields those generators fill are mapped here; any other kind is refused with 415, as is
@@ -87,12 +87,18 @@ def _message(schema: dict[int, tuple[str, str, Decoder]]) -> Decoder:
                 out.setdefault(name, []).append(decoder(value))
             else:
                 out[name] = decoder(value)
-        return {k: v for k, v in out.items() if v not in ("", {}, [])}
+        return {k: v for k, v in out.items() if v is not None and v not in ("", {}, [])}
     return decode
 
 
-def _bool(raw: int | bytes) -> bool:
-    return bool(raw)
+def _bool(raw: int | bytes) -> bool | None:
+    return True if raw else None  # false is the default: left out, as JSON clients do
+
+
+def _int(raw: int | bytes) -> int:
+    if not isinstance(raw, int):
+        raise ProtobufError("expected a number field")
+    return raw
 
 
 def _b64(raw: int | bytes) -> str:
@@ -102,6 +108,17 @@ def _b64(raw: int | bytes) -> str:
 _META = _message({1: ("name", "one", _text), 2: ("generateName", "one", _text),
                   3: ("namespace", "one", _text), 11: ("labels", "map", _text),
                   12: ("annotations", "map", _text)})
+_CONTAINER = _message({
+    1: ("name", "one", _text), 2: ("image", "one", _text), 3: ("command", "list", _text),
+    4: ("args", "list", _text), 5: ("workingDir", "one", _text),
+    6: ("ports", "list", _message({1: ("name", "one", _text),
+                                   3: ("containerPort", "one", _int),
+                                   4: ("protocol", "one", _text)})),
+    7: ("env", "list", _message({1: ("name", "one", _text), 2: ("value", "one", _text)})),
+})
+_POD_SPEC = _message({2: ("containers", "list", _CONTAINER),
+                      8: ("serviceAccountName", "one", _text), 10: ("nodeName", "one", _text),
+                      11: ("hostNetwork", "one", _bool)})
 _KINDS: dict[str, Decoder] = {
     "Namespace": _message({1: ("metadata", "one", _META),
                            2: ("spec", "one", _message({1: ("finalizers", "list", _text)}))}),
@@ -110,6 +127,12 @@ _KINDS: dict[str, Decoder] = {
     "Secret": _message({1: ("metadata", "one", _META), 2: ("data", "map", _b64),
                         3: ("type", "one", _text), 4: ("stringData", "map", _text),
                         5: ("immutable", "one", _bool)}),
+    "Deployment": _message({1: ("metadata", "one", _META), 2: ("spec", "one", _message({
+        1: ("replicas", "one", _int),
+        2: ("selector", "one", _message({1: ("matchLabels", "map", _text)})),
+        3: ("template", "one", _message({1: ("metadata", "one", _META),
+                                         2: ("spec", "one", _POD_SPEC)})),
+    }))}),
 }
 
 
