@@ -1,15 +1,65 @@
-"""`waypoint` command line entry point (stub until its issue lands)."""
+"""``waypoint --name NAME --namespace NS [--server URL] [--bench-config FILE]``."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+
+import trio
+
+from common.errors import MeshError
+from common.logging import configure
+from waypoint.app import Options, Waypoint, _address, load_bench_config, run_until_signal
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(prog="waypoint", description="pyambient L7 waypoint proxy")
+    parser.add_argument("--name", required=True, help="the waypoint's Gateway name "
+                        "(also its service account)")
+    parser.add_argument("--namespace", required=True, help="the waypoint's namespace")
+    parser.add_argument("--server", help="Kubernetes API server URL (default: in-cluster or "
+                        "kubeconfig)")
+    parser.add_argument("--trust-domain", default="cluster.local")
+    parser.add_argument("--csr-url", default="http://127.0.0.1:15012",
+                        help="the node ztunnel's CSR endpoint")
+    parser.add_argument("--hbone-port", type=int, default=15008)
+    parser.add_argument("--metrics-port", type=int, default=15020)
+    parser.add_argument("--ready-port", type=int, default=15021)
+    parser.add_argument("--admin-port", type=int, default=15000)
+    parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="do not log a line per request")
+    parser.add_argument("--bench-config", type=Path,
+                        help="bench mode: plain HTTP, static routes and endpoints from this YAML")
+    parser.add_argument("--bench-listen", default="127.0.0.1:18080",
+                        help="bench mode: address to serve plain HTTP on")
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    configure(args.log_level)
+    return Options(name=args.name, namespace=args.namespace, server=args.server,
+                   trust_domain=args.trust_domain, csr_url=args.csr_url,
+                   hbone_port=args.hbone_port, metrics_port=args.metrics_port,
+                   ready_port=args.ready_port, admin_port=args.admin_port,
+                   drain_seconds=args.drain_seconds, access_log=not args.no_access_log,
+                   bench_config=args.bench_config, bench_listen=_address(args.bench_listen))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print usage; the waypoint service is not implemented yet."""
-    args = sys.argv[1:] if argv is None else argv
-    print("usage: waypoint [--help]\n\nnot implemented yet", file=sys.stderr)
-    return 0 if args in ([], ["--help"], ["-h"]) else 2
+    try:
+        options = parse_args(argv)
+    except SystemExit as exc:  # --help, or bad arguments (argparse printed why)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        bench = (load_bench_config(options.bench_config) if options.bench_config is not None
+                 else None)
+        trio.run(run_until_signal, Waypoint(options), bench)
+    except MeshError as exc:
+        print(f"waypoint: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Per-cluster live state: endpoint picker, circuit breaker and connection pool.
+
+Theory of operation.  The route table names clusters (a service port, maybe a
+subset); this module keeps, per cluster name, the long-lived objects the request
+path needs: an :class:`~waypoint.resilience.EndpointPicker` (load balancing,
+locality, outlier detection), a :class:`~waypoint.resilience.CircuitBreaker` and a
+:class:`~waypoint.upstream.ConnectionPool`.  A discovery update calls
+:meth:`Clusters.update`: existing clusters keep their objects and get the new
+hosts through ``set_hosts`` (so outlier and least-request state survives), new
+clusters are created, vanished ones dropped (their idle connections closed).
+Requests in flight keep the :class:`ClusterState` they started with.
+
+Endpoints come from the discovery snapshot (:func:`snapshot_endpoints`) or, in
+bench mode, from a static list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import trio
+
+from common.logging import get_logger
+from common.model import Snapshot
+from waypoint.resilience import CircuitBreaker, EndpointPicker, Host, Locality
+from waypoint.routing.model import Cluster, RouteTable
+from waypoint.upstream import ConnectionPool, EndpointInfo, Transport
+
+_log = get_logger("waypoint.clusters")
+
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """One endpoint of a cluster as discovery describes it."""
+
+    info: EndpointInfo
+    weight: int = 1
+    locality: Locality = field(default_factory=Locality)
+    labels: Mapping[str, str] = field(default_factory=lambda: _NO_LABELS)
+    workload: str = UNKNOWN
+    version: str = UNKNOWN
+
+    @property
+    def address(self) -> str:
+        ip = self.info.ip
+        return f"[{ip}]:{self.info.port}" if ":" in ip else f"{ip}:{self.info.port}"
+
+
+EndpointSource = Callable[[Cluster], list[EndpointSpec]]
+
+
+class ClusterState:
+    """The live objects of one cluster."""
+
+    def __init__(self, cluster: Cluster, endpoints: Iterable[EndpointSpec],
+                 transport: Transport, *, client_locality: Locality | None = None,
+                 client_labels: Mapping[str, str] | None = None) -> None:
+        self.cluster = cluster
+        res = cluster.resilience
+        self.breaker = CircuitBreaker(res.connection_pool)
+        self.pool = ConnectionPool(self.breaker, transport)
+        self._client_locality = client_locality
+        self._client_labels = client_labels
+        self.endpoints: dict[str, EndpointSpec] = {}
+        self.picker = EndpointPicker((), res.load_balancer, res.outlier_detection,
+                                     client_locality=client_locality,
+                                     client_labels=client_labels, cluster=cluster.name)
+        self.next_sweep = 0.0
+        self.set_endpoints(endpoints)
+
+    def set_endpoints(self, endpoints: Iterable[EndpointSpec]) -> None:
+        specs = {spec.address: spec for spec in endpoints}
+        self.endpoints = specs
+        self.picker.set_hosts(Host(address, weight=spec.weight, locality=spec.locality,
+                                   labels=spec.labels) for address, spec in specs.items())
+
+    def reconfigure(self, cluster: Cluster) -> None:
+        """New settings for the same cluster name: limits apply at once; a changed load
+        balancer or outlier policy starts a new picker (host state cannot carry over)."""
+        old = self.cluster.resilience
+        self.cluster = cluster
+        res = cluster.resilience
+        self.breaker.settings = res.connection_pool
+        if res.load_balancer != old.load_balancer or res.outlier_detection != old.outlier_detection:
+            self.picker = EndpointPicker((), res.load_balancer, res.outlier_detection,
+                                         client_locality=self._client_locality,
+                                         client_labels=self._client_labels, cluster=cluster.name)
+            self.set_endpoints(self.endpoints.values())
+
+    def sweep(self, now: float) -> None:
+        """Run outlier detection's interval work when it is due."""
+        outlier = self.cluster.resilience.outlier_detection
+        if outlier is not None and now >= self.next_sweep:
+            self.picker.sweep(now)
+            self.next_sweep = now + outlier.interval
+
+
+class Clusters:
+    """Every cluster of the current route table, by name."""
+
+    def __init__(self, transport: Transport, *, client_locality: Locality | None = None,
+                 client_labels: Mapping[str, str] | None = None) -> None:
+        self.transport = transport
+        self.client_locality = client_locality
+        self.client_labels = client_labels
+        self.by_name: dict[str, ClusterState] = {}
+        self._source: EndpointSource = lambda cluster: []
+
+    def get(self, cluster: Cluster) -> ClusterState:
+        """The state of ``cluster``, created on first use (mirrors to clusters no rule
+        forwards to, tables swapped in without :meth:`update`)."""
+        state = self.by_name.get(cluster.name)
+        if state is None:
+            state = self.by_name[cluster.name] = ClusterState(
+                cluster, self._source(cluster), self.transport,
+                client_locality=self.client_locality, client_labels=self.client_labels)
+        return state
+
+    async def update(self, table: RouteTable, source: EndpointSource) -> None:
+        """Follow a new route table and endpoint set; close idle connections of the gone."""
+        self._source = source
+        gone = set(self.by_name) - set(table.clusters)
+        for name, cluster in table.clusters.items():
+            state = self.by_name.get(name)
+            if state is None:
+                self.get(cluster)
+                continue
+            if cluster != state.cluster:
+                state.reconfigure(cluster)
+            state.set_endpoints(source(cluster))
+            await state.pool.close_idle(keep=set(state.endpoints))
+        for name in gone:
+            state = self.by_name.pop(name)
+            await state.pool.close_idle()
+
+    async def run_sweeps(self, period: float = 1.0) -> None:
+        """Outlier-detection intervals for every cluster, until cancelled."""
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for state in list(self.by_name.values()):
+                state.sweep(now)
+
+
+def _locality(snapshot_locality: object) -> Locality:
+    region = getattr(snapshot_locality, "region", "")
+    zone = getattr(snapshot_locality, "zone", "")
+    subzone = getattr(snapshot_locality, "subzone", "")
+    return Locality(region, zone, subzone)
+
+
+def snapshot_endpoints(snapshot: Snapshot, cluster: Cluster) -> list[EndpointSpec]:
+    """The ready endpoints of ``cluster`` in ``snapshot`` (subset labels applied)."""
+    service = snapshot.services_by_key.get((cluster.service_namespace, cluster.service_name))
+    if service is None:
+        return []
+    port = service.ports_by_number.get(cluster.port)
+    subset = cluster.subset_labels
+    out: list[EndpointSpec] = []
+    for ep in service.ready_endpoints:
+        workload = (snapshot.workloads_by_uid.get(ep.workload_uid)
+                    if ep.workload_uid is not None else None)
+        if workload is None:
+            workload = snapshot.workloads_by_ip.get(ep.ip)
+        labels = workload.labels if workload is not None else _NO_LABELS
+        if subset and any(labels.get(k) != v for k, v in subset.items()):
+            continue
+        target = ep.target_ports.get(cluster.port)
+        if target is None and port is not None:
+            if isinstance(port.target_port, int):
+                target = port.target_port
+            elif workload is not None:
+                target = workload.named_ports.get(port.target_port)
+        if target is None:
+            target = cluster.port
+        info = EndpointInfo(ep.ip, target,
+                            identity=workload.identity if workload is not None else None,
+                            hbone=workload is not None and workload.captured)
+        out.append(EndpointSpec(
+            info, locality=_locality(ep.locality), labels=labels,
+            workload=(labels.get("app") or (workload.name if workload else UNKNOWN)),
+            version=labels.get("version", UNKNOWN)))
+    return out
+
+
+def static_endpoints(table: Mapping[tuple[str, str, int], list[EndpointSpec]]
+                     ) -> EndpointSource:
+    """An endpoint source from a fixed list keyed by (namespace, service, port);
+    subset labels narrow it like discovery does."""
+    def source(cluster: Cluster) -> list[EndpointSpec]:
+        specs = table.get((cluster.service_namespace, cluster.service_name, cluster.port), [])
+        subset = cluster.subset_labels
+        return [s for s in specs
+                if not subset or all(s.labels.get(k) == v for k, v in subset.items())]
+    return source
