@@ -16,6 +16,7 @@ from common.errors import KubeApiError, ResourceExpiredError
 from common.kube import (
     Backoff,
     Change,
+    Deployment,
     KubeClient,
     KubeConfig,
     Namespace,
@@ -440,3 +441,26 @@ async def test_expect_100_continue_is_answered(server: Server) -> None:
             await stream.send_all(body)
             final = await stream.receive_some(65536)
     assert final.startswith(b"HTTP/1.1 201 ")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+async def test_kubectl_generators_label_and_scale(client: KubeClient, server: Server,
+                                                  tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "KUBECONFIG": str(tmp_path / "none")}
+    commands = [
+        ["create", "namespace", "demo"],  # protobuf body
+        ["label", "namespace", "demo", "istio.io/dataplane-mode=ambient"],
+        ["create", "deployment", "web", "--image=ambient/echo", "-n", "demo"],
+        ["scale", "deployment", "web", "--replicas=3", "-n", "demo"],
+    ]
+    with trio.fail_after(60):
+        for command in commands:
+            result = await trio.run_process(["kubectl", "--server", server.url, *command],
+                                            capture_stdout=True, capture_stderr=True, env=env,
+                                            check=False)
+            assert result.returncode == 0, (command, result.stderr.decode())
+    ns = await client.get(Namespace, "demo")
+    assert ns.metadata.labels == {"istio.io/dataplane-mode": "ambient"}
+    deployment = await client.get(Deployment, "web", "demo")
+    assert deployment.spec.replicas == 3
+    assert deployment.spec.template.spec.containers[0].image == "ambient/echo"
