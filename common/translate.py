@@ -386,15 +386,13 @@ class MeshTranslator:
         """The snapshot's copy of index ``name``: the previous one when it did not change.
 
         Snapshots share unchanged indexes (they are never written once published), so a
-        pod event copies the workload indexes only.  The fresh copy is compact; keeping a
-        copy of it as the working index drops the holes deletions leave, so the next copy
-        takes CPython's fast clone path instead of re-inserting every entry.
+        pod event copies the workload indexes only.  ``dict.copy`` rather than ``dict()``:
+        it clones the hash table in one piece even after deletions left holes in it,
+        where ``dict()`` re-inserts every entry.
         """
         found = self._published.get(name)
         if found is None or touched:
-            found = dict(getattr(self, name))
-            setattr(self, name, found.copy())
-            self._published[name] = found
+            found = self._published[name] = getattr(self, name).copy()
         return found
 
     def _set_issues(self, kind: str, key: Key, issues: list[Issue]) -> None:
