@@ -60,12 +60,18 @@ def is_echo(container: Container) -> bool:
 
 
 def container_argv(container: Container, python: str = sys.executable) -> list[str]:
-    """What to execute for ``container``: its command and args, or the built-in echo app."""
+    """What to execute for ``container``: its command and args (``python`` being this
+    interpreter), or the built-in echo app."""
     if is_echo(container) or not container.command:
         ports = [a for p in container.ports or [] if (p.protocol or "TCP") == "TCP"
                  for a in ("--port", str(p.container_port))]
         return [python, "-m", "deploy.local.echo", *ports, *(container.args or [])]
-    return [*container.command, *(container.args or [])]
+    command = list(container.command)
+    # The local cluster's one "image" is this Python environment with the project installed,
+    # so a container's ``python`` (the project image's entry point) is this interpreter.
+    if command[0] in ("python", "python3"):
+        command[0] = python
+    return [*command, *(container.args or [])]
 
 
 def container_env(pod: Pod, container: Container, *, pod_ip: str, host_ip: str,

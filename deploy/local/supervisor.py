@@ -8,7 +8,8 @@ exist.  One trio program runs:
   10.240.0.1:6443 inside the fabric namespace, which the ``kubernetes`` Service points at;
 - the informer caches every controller shares (one watch per kind);
 - the Deployment controller and scheduler, the endpoints controller, the namespace
-  controller (deleting a Namespace deletes its contents), kube-proxy, the DNS
+  controller (deleting a Namespace deletes its contents), the waypoint Gateway
+  controller (status, and deleting what a deleted Gateway owned), kube-proxy, the DNS
   server (10.240.0.1:53 in the fabric, behind the ``kube-dns`` VIP 10.96.0.10) and one
   kubelet per node;
 - one ztunnel per node, in the node's namespace, with the mesh CA kept in the state
@@ -37,12 +38,14 @@ from common.errors import KubeApiError
 from common.kube import (
     Deployment,
     EndpointSlice,
+    Gateway,
     KubeClient,
     KubeConfig,
     Namespace,
     Node,
     Pod,
     Service,
+    ServiceAccount,
 )
 from common.kube.objects import Resource
 from common.logging import configure, get_logger
@@ -51,6 +54,7 @@ from deploy.local.apiserver import ApiServer, Store
 from deploy.local.deployments import DeploymentController
 from deploy.local.dns import DnsServer
 from deploy.local.endpoints import MANAGED_BY_LABEL, SERVICE_NAME_LABEL, EndpointsController
+from deploy.local.gateways import GatewayController
 from deploy.local.informer import Cache, Signal, reconcile_forever
 from deploy.local.kubelet import Kubelet
 from deploy.local.kubeproxy import KubeProxy
@@ -188,7 +192,11 @@ class Supervisor:
         slices = Cache(EndpointSlice, signal_)
         nodes = Cache(Node, signal_)
         namespaces = Cache(Namespace, signal_)
-        for cache in (pods, deployments, services, slices, nodes, namespaces):
+        gateways = Cache(Gateway, signal_)
+        accounts = Cache(ServiceAccount, signal_)
+        caches: tuple[Cache[Any], ...] = (pods, deployments, services, slices, nodes,
+                                           namespaces, gateways, accounts)
+        for cache in caches:
             nursery.start_soon(cache.run, client)
 
         dns = DnsServer(services, slices)
@@ -204,6 +212,8 @@ class Supervisor:
             ("deployments", DeploymentController(client, deployments, pods, nodes, namespaces)),
             ("endpoints", EndpointsController(client, services, pods, slices, nodes)),
             ("namespaces", NamespaceController(client, namespaces)),
+            ("gateways", GatewayController(client, gateways, pods, services, deployments,
+                                           accounts)),
             ("kube-proxy", proxy), ("dns", dns)]
         for i in range(self.nodes):
             kubelet = Kubelet(client=client, names=self.names, index=i, state_dir=self.state_dir,
@@ -220,7 +230,7 @@ class Supervisor:
                                str(netns.netns_path(self.names.node(i))),
                                self.state_dir / "logs" / f"ztunnel-{node}.log")
 
-        for cache in (pods, deployments, services, slices, nodes, namespaces):
+        for cache in caches:
             await cache.synced.wait()
         # Ready means a pod could resolve and reach kube-dns right now.
         await proxy.synced.wait()

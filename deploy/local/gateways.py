@@ -1,0 +1,94 @@
+"""The waypoint Gateway controller of the local cluster: status, and the owner-reference GC.
+
+For every ``istio-waypoint`` Gateway it writes the status Istio would write (the pure
+core is :func:`deploy.waypoint_objects.gateway_status`): ``Accepted``, and ``Programmed``
+once the Gateway's Service has a cluster IP and one of its pods is Ready.
+
+Kubernetes' garbage collector deletes objects whose owner is gone; the local API server
+has none, so this controller does that job for what a waypoint owns: a Deployment,
+Service or ServiceAccount whose owner reference names a Gateway that no longer exists
+(or exists under another uid) is deleted, so deleting the Gateway is enough here too.
+Its caches may see the dependant before the owner (separate watches), so the owner is
+looked up on the API server before anything is deleted, as Kubernetes' collector does.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from common.errors import KubeApiError
+from common.kube import Deployment, Gateway, KubeClient, Pod, Service, ServiceAccount
+from common.kube.client import R
+from common.logging import get_logger
+from deploy.local.informer import Cache
+from deploy.waypoint_objects import gateway_status
+
+log = get_logger("local.gateways")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class GatewayController:
+    """Waypoint Gateways' status, and deletion of what a deleted Gateway owned."""
+
+    def __init__(self, client: KubeClient, gateways: Cache[Gateway], pods: Cache[Pod],
+                 services: Cache[Service], deployments: Cache[Deployment],
+                 accounts: Cache[ServiceAccount]) -> None:
+        self.client = client
+        self.gateways = gateways
+        self.pods = pods
+        self.services = services
+        self.deployments = deployments
+        self.accounts = accounts
+
+    async def reconcile(self) -> None:
+        for tracked in (self.gateways, self.pods, self.services, self.deployments,
+                        self.accounts):
+            await tracked.synced.wait()
+        pods = self.pods.values()
+        for gw in self.gateways.values():
+            ns = gw.metadata.namespace
+            status = gateway_status(gw, pods, self.services.get(ns, gw.metadata.name), now())
+            if status is None or status == gw.status:
+                continue
+            try:
+                written = await self.client.patch(Gateway, gw.metadata.name,
+                                                  {"status": status}, ns, status=True)
+            except KubeApiError as exc:
+                if exc.code != 404:
+                    raise
+                continue
+            await self.gateways.wait_seen(written.metadata.resource_version)
+        await self._collect(self.deployments)
+        await self._collect(self.services)
+        await self._collect(self.accounts)
+
+    async def _collect(self, cache: Cache[R]) -> None:
+        live = {(g.metadata.namespace, g.metadata.name): g.metadata.uid
+                for g in self.gateways.values()}
+        for obj in cache.values():
+            ns = obj.metadata.namespace
+            for ref in obj.metadata.owner_references:
+                if ref.kind != "Gateway" or live.get((ns, ref.name)) == ref.uid:
+                    continue
+                if await self._owner_exists(ns, ref.name, ref.uid):
+                    continue
+                try:
+                    await self.client.delete(type(obj), obj.metadata.name, ns)
+                except KubeApiError as exc:
+                    if exc.code != 404:
+                        raise
+                log.info("owner_gone_deleted", kind=obj.kind, namespace=ns,
+                         name=obj.metadata.name, gateway=ref.name)
+                break
+
+    async def _owner_exists(self, namespace: str | None, name: str, uid: str) -> bool:
+        try:
+            owner = await self.client.get(Gateway, name, namespace)
+        except KubeApiError as exc:
+            if exc.code == 404:
+                return False
+            raise
+        return owner.metadata.uid == uid

@@ -1,0 +1,273 @@
+"""The objects of a waypoint and the status of its Gateway (pure functions, no server)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any
+
+import pytest
+import yaml
+
+from common.api.gateway import GatewaySpec
+from common.errors import ConfigError
+from common.kube import Deployment, Gateway, Namespace, Pod, Service, ServiceAccount, by_kind
+from common.kube.objects import Container
+from common.model import WaypointRef
+from common.translate import translate
+from deploy.ambientctl.waypoint import dry_run_yaml, list_rows, parse_duration
+from deploy.local.apiserver.validation import check_object
+from deploy.local.runtime import container_argv
+from deploy.waypoint_objects import (
+    GATEWAY_NAME_LABEL,
+    Owner,
+    WaypointSpec,
+    condition_of,
+    gateway,
+    gateway_status,
+    owned_by_waypoint,
+    waypoint_objects,
+)
+
+SPEC = WaypointSpec(namespace="shop", name="reviews-wp")
+OWNER = Owner("reviews-wp", "0b8f7c1e-uid")
+NOW = "2026-11-25T20:00:00Z"
+LATER = "2026-11-25T20:05:00Z"
+
+
+def by_kind_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objects}
+
+
+def test_four_objects_named_like_the_gateway_in_its_namespace() -> None:
+    objects = waypoint_objects(SPEC, OWNER)
+    assert [o["kind"] for o in objects] == ["Gateway", "ServiceAccount", "Deployment",
+                                            "Service"]
+    for obj in objects:
+        assert obj["metadata"]["name"] == "reviews-wp"
+        assert obj["metadata"]["namespace"] == "shop"
+        # The local API server's own checks (names, labels, apiVersion) accept each one.
+        rt = by_kind(obj["kind"])
+        check_object(rt, rt.version, copy.deepcopy(obj), "shop", "reviews-wp", creating=True)
+
+
+def test_gateway_is_an_istio_waypoint_with_the_mesh_hbone_listener() -> None:
+    gw = gateway(SPEC)
+    assert gw["apiVersion"] == "gateway.networking.k8s.io/v1"
+    spec = GatewaySpec.model_validate(gw["spec"])
+    assert spec.gateway_class_name == "istio-waypoint"
+    assert [(x.name, x.port, x.protocol) for x in spec.listeners] == [("mesh", 15008, "HBONE")]
+    assert "ownerReferences" not in gw["metadata"]
+
+
+@pytest.mark.parametrize(("traffic", "label"), [
+    (None, None), ("service", None), ("workload", "workload"), ("all", "all"), ("none", "none")])
+def test_waypoint_for_label_only_when_not_the_default(traffic: str | None,
+                                                      label: str | None) -> None:
+    labels = gateway(WaypointSpec(namespace="a", traffic_type=traffic))["metadata"].get(
+        "labels", {})
+    assert labels.get("istio.io/waypoint-for") == label
+
+
+def test_dependants_carry_owner_reference_and_gateway_name_label() -> None:
+    for obj in waypoint_objects(SPEC, OWNER)[1:]:
+        meta = obj["metadata"]
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "name": "reviews-wp", "uid": "0b8f7c1e-uid", "controller": True}]
+        assert meta["labels"][GATEWAY_NAME_LABEL] == "reviews-wp"
+        assert owned_by_waypoint(meta, "reviews-wp")
+        assert not owned_by_waypoint(meta, "other")
+    # Without a uid (dry run) there is no owner reference, but the label still says whose.
+    for obj in waypoint_objects(SPEC)[1:]:
+        assert "ownerReferences" not in obj["metadata"]
+        assert owned_by_waypoint(obj["metadata"], "reviews-wp")
+    assert not owned_by_waypoint({"name": "reviews-wp"}, "reviews-wp")
+
+
+def test_deployment_runs_one_uncaptured_waypoint_pod_as_the_gateway_account() -> None:
+    dep = Deployment.model_validate(by_kind_of(waypoint_objects(SPEC, OWNER))["Deployment"])
+    assert dep.spec.replicas == 1
+    assert dep.spec.selector.match_labels == {GATEWAY_NAME_LABEL: "reviews-wp"}
+    template = dep.spec.template
+    assert template.metadata.labels == {GATEWAY_NAME_LABEL: "reviews-wp",
+                                        "istio.io/dataplane-mode": "none"}
+    assert template.spec.service_account_name == "reviews-wp"
+    [container] = template.spec.containers
+    assert container.image == "ambient/waypoint"
+    assert container.command == ["python", "-m", "waypoint", "--name", "reviews-wp",
+                                 "--namespace", "shop"]
+    assert [p.container_port for p in container.ports or []] == [15021, 15008, 15020]
+    extra = container.model_extra or {}
+    assert extra["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    custom = Deployment.model_validate(by_kind_of(waypoint_objects(WaypointSpec(
+        namespace="shop", image="ghcr.io/x/pyambient:1.0")))["Deployment"])
+    assert custom.spec.template.spec.containers[0].image == "ghcr.io/x/pyambient:1.0"
+
+
+def test_local_runtime_runs_python_as_its_own_interpreter() -> None:
+    dep = Deployment.model_validate(by_kind_of(waypoint_objects(SPEC))["Deployment"])
+    container = dep.spec.template.spec.containers[0]
+    assert container_argv(container, python="/venv/bin/python") == [
+        "/venv/bin/python", "-m", "waypoint", "--name", "reviews-wp", "--namespace", "shop"]
+    assert container_argv(Container(name="c", command=["python3", "x.py"]), python="/p") == [
+        "/p", "x.py"]
+
+
+def test_service_selects_the_pods_on_the_mesh_port() -> None:
+    svc = Service.model_validate(by_kind_of(waypoint_objects(SPEC, OWNER))["Service"])
+    assert svc.spec.selector == {GATEWAY_NAME_LABEL: "reviews-wp"}
+    assert [(p.name, p.port, p.target_port) for p in svc.spec.ports] == [
+        ("mesh", 15008, 15008), ("status-port", 15021, 15021)]
+    ServiceAccount.model_validate(by_kind_of(waypoint_objects(SPEC, OWNER))["ServiceAccount"])
+
+
+def test_revision_labels_gateway_dependants_and_pods() -> None:
+    objects = waypoint_objects(WaypointSpec(namespace="a", revision="canary"), OWNER)
+    for obj in objects:
+        assert obj["metadata"]["labels"]["istio.io/rev"] == "canary"
+    template = by_kind_of(objects)["Deployment"]["spec"]["template"]
+    assert template["metadata"]["labels"]["istio.io/rev"] == "canary"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (WaypointSpec(namespace="a", name="none"), "--name none: 'none' is reserved"),
+    (WaypointSpec(namespace="a", name="Bad_Name"), "--name: Invalid value"),
+    (WaypointSpec(namespace="a", name="has.dot"), "--name: Invalid value"),
+    (WaypointSpec(namespace="a", name="x" * 64), "no more than 63"),
+    (WaypointSpec(namespace="A"), "--namespace: Invalid value"),
+    (WaypointSpec(namespace="a", traffic_type="everything"), "--for 'everything': use one of"),
+    (WaypointSpec(namespace="a", image=" "), "--image: must not be empty"),
+])
+def test_check_names_the_flag_in_error(spec: WaypointSpec, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        spec.check()
+    assert message in str(err.value)
+
+
+def test_dry_run_yaml_parses_to_the_four_kinds() -> None:
+    docs = list(yaml.safe_load_all(dry_run_yaml(WaypointSpec(namespace="a", traffic_type="all"))))
+    assert [d["kind"] for d in docs] == ["Gateway", "ServiceAccount", "Deployment", "Service"]
+    assert docs[0]["metadata"]["labels"] == {"istio.io/waypoint-for": "all"}
+
+
+def test_translator_sees_the_waypoint_with_the_account_identity() -> None:
+    objects = waypoint_objects(SPEC, OWNER)
+    snap = translate([Namespace.model_validate({"metadata": {"name": "shop"}}),
+                      Gateway.model_validate(objects[0])])
+    waypoint = snap.waypoints_by_ref[WaypointRef("shop", "reviews-wp")]
+    assert str(waypoint.identity) == "spiffe://cluster.local/ns/shop/sa/reviews-wp"
+    assert waypoint.traffic_type.value == "service"
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def stored_gateway(status: dict[str, Any] | None = None, **spec: Any) -> Gateway:
+    body = gateway(SPEC)
+    body["metadata"].update(uid="0b8f7c1e-uid", generation=3)
+    body["spec"].update(spec)
+    if status is not None:
+        body["status"] = status
+    return Gateway.model_validate(body)
+
+
+def pod(name: str, ready: bool, gateway_name: str = "reviews-wp", ns: str = "shop") -> Pod:
+    return Pod.model_validate({
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {GATEWAY_NAME_LABEL: gateway_name}},
+        "status": {"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False"}]}})
+
+
+def svc(cluster_ip: str | None) -> Service:
+    body = by_kind_of(waypoint_objects(SPEC, OWNER))["Service"]
+    if cluster_ip:
+        body["spec"]["clusterIP"] = cluster_ip
+    return Service.model_validate(body)
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_status_is_none_for_other_gateway_classes() -> None:
+    assert gateway_status(stored_gateway(gatewayClassName="istio"), [], None, NOW) is None
+
+
+def test_programmed_needs_an_address_and_a_ready_pod() -> None:
+    gw = stored_gateway()
+    missing = gateway_status(gw, [], None, NOW)
+    assert missing is not None and conditions(missing) == {
+        "Accepted": ("True", "Accepted"), "Programmed": ("False", "AddressNotAssigned")}
+    assert "is missing" in missing["conditions"][1]["message"]
+    no_ip = gateway_status(gw, [pod("p", True)], svc(None), NOW)
+    assert no_ip is not None and no_ip["addresses"] == []
+    assert conditions(no_ip)["Programmed"] == ("False", "AddressNotAssigned")
+    # Pods of another waypoint or another namespace do not count.
+    pending = gateway_status(gw, [pod("p", False), pod("q", True, "other"),
+                                  pod("r", True, ns="elsewhere")], svc("10.96.0.20"), NOW)
+    assert pending is not None and conditions(pending)["Programmed"] == ("False", "Pending")
+    assert "(0/1 ready)" in pending["conditions"][1]["message"]
+    done = gateway_status(gw, [pod("p", False), pod("p2", True)], svc("10.96.0.20"), NOW)
+    assert done is not None and conditions(done)["Programmed"] == ("True", "Programmed")
+    assert done["addresses"] == [{"type": "IPAddress", "value": "10.96.0.20"}]
+    assert done["conditions"][1]["message"] == (
+        "Resource programmed, assigned to service(s) reviews-wp.shop.svc.cluster.local:15008")
+    assert all(c["observedGeneration"] == 3 for c in done["conditions"])
+    [listener] = done["listeners"]
+    assert listener["name"] == "mesh"
+    assert {c["type"]: c["status"] for c in listener["conditions"]} == {
+        "Accepted": "True", "NoConflicts": "False", "Programmed": "True",
+        "ResolvedRefs": "True"}
+
+
+def test_invalid_waypoint_is_not_accepted_and_not_programmed() -> None:
+    wrong = stored_gateway(listeners=[{"name": "http", "port": 80, "protocol": "HTTP"}])
+    status = gateway_status(wrong, [pod("p", True)], svc("10.96.0.20"), NOW)
+    assert status is not None and conditions(status) == {
+        "Accepted": ("False", "Invalid"), "Programmed": ("False", "Invalid")}
+    assert "port 15008 and protocol HBONE" in status["conditions"][0]["message"]
+    assert "listeners" not in status
+    broken = stored_gateway(listeners=[{"name": "mesh", "port": 99999, "protocol": "HBONE"}])
+    status = gateway_status(broken, [], None, NOW)
+    assert status is not None and status["conditions"][0]["message"].startswith(
+        "spec.listeners.0.port")
+
+
+def test_status_is_stable_and_keeps_transition_times() -> None:
+    ready = [pod("p", True)]
+    first = gateway_status(stored_gateway(), ready, svc("10.96.0.20"), NOW)
+    assert first is not None
+    again = gateway_status(stored_gateway(first), ready, svc("10.96.0.20"), LATER)
+    assert again == first  # nothing changed: the controller writes nothing
+    lost = gateway_status(stored_gateway(first), [pod("p", False)], svc("10.96.0.20"), LATER)
+    assert lost is not None
+    times = {c["type"]: c["lastTransitionTime"] for c in lost["conditions"]}
+    assert times == {"Accepted": NOW, "Programmed": LATER}
+    assert condition_of(stored_gateway(lost), "Programmed") == lost["conditions"][1]
+    assert condition_of({"status": lost}, "Accepted") == lost["conditions"][0]
+    assert condition_of({}, "Accepted") is None
+
+
+# -- CLI helpers ---------------------------------------------------------------------------
+
+
+def test_list_rows_show_revision_traffic_type_and_programmed() -> None:
+    labelled = Gateway.model_validate(gateway(WaypointSpec(
+        namespace="a", name="w2", traffic_type="workload", revision="canary")))
+    programmed = stored_gateway({"conditions": [{"type": "Programmed", "status": "True"}]})
+    assert list_rows([labelled, programmed]) == [
+        ("a", ["w2", "canary", "workload", "Unknown"]),
+        ("shop", ["reviews-wp", "default", "service", "True"])]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 90.0), ("90s", 90.0), ("1.5m", 90.0), ("500ms", 0.5), ("1h", 3600.0)])
+def test_parse_duration_reads_go_style_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_parse_duration_rejects_other_text() -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_duration("soon")
