@@ -270,3 +270,11 @@ def test_unreadable_protobuf_is_refused_with_a_way_out(store: Store) -> None:
     pod_pb = bytes.fromhex("6b3873000a090a0276311203506f64")  # TypeMeta v1/Pod, no object
     code, status = handle(store, "POST", "/api/v1/namespaces/demo/pods", pod_pb, PROTOBUF)
     assert code == 415 and "not Pod" in status["message"]
+
+
+def test_delete_collection_honours_selectors(store: Store) -> None:
+    for name, app in (("a", "web"), ("b", "web"), ("c", "db")):
+        store.create(PODS, pod(name, {"app": app}))
+    code, deleted = handle(store, "DELETE", "/api/v1/namespaces/demo/pods?labelSelector=app%3Dweb")
+    assert code == 200 and [o["metadata"]["name"] for o in deleted["items"]] == ["a", "b"]
+    assert [o["metadata"]["name"] for o in store.list_objects(PODS, "demo")[0]] == ["c"]

@@ -38,7 +38,7 @@ SERVER_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-pyambient"
                   "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
                   "goVersion": f"python{platform.python_version()}", "compiler": "cpython",
                   "platform": "linux/amd64"}
-_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,8 @@ class ApiHandler:
                 return self._list(target, query, request.headers)
             if method == "POST":
                 return self._create(target, request)
+            if method == "DELETE":
+                return self._delete_collection(target, query)
             raise status.method_not_allowed(method, path)
         if target.subresource == "scale" and target.rt.kind in _SCALABLE:
             return self._scale(target, request)
@@ -344,6 +346,19 @@ class ApiHandler:
         wanted_rv = wanted.get("metadata", {}).get("resourceVersion")
         updated["metadata"] = {**stored["metadata"], "resourceVersion": wanted_rv or None}
         return json_response(200, _scale_of(self.store.update(target.rt, updated)))
+
+    def _delete_collection(self, target: _Target, query: dict[str, str]) -> Response:
+        """deletecollection: every object the selectors match; answers the deleted list."""
+        labels, fields = _selectors(query)
+        items, _ = self.store.list_objects(target.rt, target.namespace)
+        deleted = [self.store.delete(target.rt, o["metadata"].get("namespace"),
+                                     o["metadata"]["name"]) for o in items
+                   if labels.matches(o.get("metadata", {}).get("labels")) and fields.matches(o)]
+        return json_response(200, {
+            "kind": f"{target.rt.kind}List",
+            "apiVersion": target.rt.api_version_for(target.version),
+            "metadata": {"resourceVersion": str(self.store.resource_version)},
+            "items": [present(o, target.rt, target.version) for o in deleted]})
 
     def _delete(self, target: _Target, request: Request) -> Response:
         assert target.name is not None
