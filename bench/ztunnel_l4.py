@@ -5,7 +5,9 @@ ztunnel "nodes", each in its own process (one core each at most), both captured
 pods enrolled from a hand-built snapshot.  Measured from pod A:
 
 * small requests: ``wrk -t1 -c16 -d<seconds>s`` to nginx's short 200 (keep-alive);
-* bulk: ``curl`` downloading a ``--bytes`` file from nginx (tmpfs), MB/s.
+* bulk: ``curl`` downloading a ``--bytes`` file from nginx (tmpfs), MB/s;
+* connection churn: the same wrk run with ``Connection: close`` (one TCP connection, and
+  one HBONE stream, per request).
 
 First direct (no capture), then through the two ztunnels.  Compare with Envoy's HBONE
 pair from ``bench/hbone_pair.py`` in the same run of the machine (ANCHORS.md targets:
@@ -82,9 +84,10 @@ def node_process(node: str, ca_dir: str, pods: dict[str, tuple[str, str]],
     trio.run(main)
 
 
-def wrk(ns: str, url: str, seconds: int) -> str:
+def wrk(ns: str, url: str, seconds: int, *extra: str) -> str:
     out = subprocess.run(["ip", "netns", "exec", ns, "wrk", "-t1", "-c16", f"-d{seconds}s",
-                          "--latency", url], capture_output=True, text=True, check=True).stdout
+                          "--latency", *extra, url], capture_output=True, text=True,
+                         check=True).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p50 = re.search(r"50%\s+(\S+)", out)
     p99 = re.search(r"99%\s+(\S+)", out)
@@ -120,7 +123,8 @@ def main() -> int:
         try:
             time.sleep(0.5)  # nginx start-up (a benchmark, not a test)
             print("direct:          ", wrk(pods["a"].name, url + "/", args.seconds), "|",
-                  bulk(pods["a"].name, url + "/bulk", args.bytes))
+                  bulk(pods["a"].name, url + "/bulk", args.bytes), "| new connection each:",
+                  wrk(pods["a"].name, url + "/", args.seconds, "-H", "Connection: close"))
             spec = {k: (v.name, v.ip) for k, v in pods.items()}
             for node in ("node1", "node2"):
                 ready = multiprocessing.Event()
@@ -130,7 +134,8 @@ def main() -> int:
                 procs.append(proc)
                 assert ready.wait(30), f"ztunnel {node} did not start"
             print("via 2 ztunnels:  ", wrk(pods["a"].name, url + "/", args.seconds), "|",
-                  bulk(pods["a"].name, url + "/bulk", args.bytes))
+                  bulk(pods["a"].name, url + "/bulk", args.bytes), "| new connection each:",
+                  wrk(pods["a"].name, url + "/", args.seconds, "-H", "Connection: close"))
         finally:
             for proc in procs:
                 proc.terminate()

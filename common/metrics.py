@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
@@ -22,6 +23,8 @@ __all__ = ["CONTENT_TYPE", "UNKNOWN", "Metrics", "TcpLabels", "workload_name"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN = "unknown"
+# Label sets are bounded by workload pairs; the cache is a safety net, not a limit.
+_CHILD_CACHE_LIMIT = 10_000
 
 TCP_LABELS = (
     "reporter", "source_workload", "source_workload_namespace", "source_principal",
@@ -87,19 +90,33 @@ class Metrics:
         self.policy_closed = Counter("ztunnel_connections_closed_by_policy",
                                      "Live connections closed because a new policy denies "
                                      "them", (), registry=r)
+        self._children: dict[TcpLabels, tuple[Any, Any, Any, Any]] = {}
         self.enrolled_pods = Gauge("ztunnel_enrolled_pods", "Pods this ztunnel captures",
                                    registry=r)
 
+    def _tcp(self, labels: TcpLabels) -> tuple[Any, Any, Any, Any]:
+        """The four TCP counters of one label set (a dict hit after the first time: a
+        ``labels()`` lookup costs about 10 µs, four of them per connection add up)."""
+        children = self._children.get(labels)
+        if children is None:
+            values = labels.values()
+            children = (self.opened.labels(*values), self.closed.labels(*values),
+                        self.sent.labels(*values), self.received.labels(*values))
+            if len(self._children) >= _CHILD_CACHE_LIMIT:
+                self._children.clear()
+            self._children[labels] = children
+        return children
+
     def connection_opened(self, labels: TcpLabels) -> None:
-        self.opened.labels(*labels.values()).inc()
+        self._tcp(labels)[0].inc()
 
     def connection_closed(self, labels: TcpLabels, sent: int, received: int) -> None:
-        values = labels.values()
-        self.closed.labels(*values).inc()
+        _, closed, sent_c, received_c = self._tcp(labels)
+        closed.inc()
         if sent:
-            self.sent.labels(*values).inc(sent)
+            sent_c.inc(sent)
         if received:
-            self.received.labels(*values).inc(received)
+            received_c.inc(received)
 
     def refusal(self, direction: str, reason: str) -> None:
         self.refused.labels(direction, reason).inc()
