@@ -95,3 +95,34 @@ async def test_waypoint_pod_gets_a_csr_listener_signing_its_own_identity(
     leaf = x509.load_pem_x509_certificates(body)[0]
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [str(identity)]
+
+
+async def test_drain_lets_live_connections_work_until_the_deadline_then_closes_them(
+        pods: dict[str, PodNs], ca: CertificateAuthority) -> None:
+    a = workload(pods["a"], name="sleep", namespace="client", sa="sleep", node="node1")
+    b = workload(pods["b"], name="echo", namespace="server", sa="echo", node="node2")
+    app = EchoApp(pods["b"])
+    mesh = Mesh(ca)
+    grace = 1.0
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            await mesh.start(nursery, "node1", "node2")
+            await mesh.publish(snapshot(1, [a, b]))
+            sock = tcp_socket_in(pods["a"])
+            await sock.connect((pods["b"].ip, 8080))
+            stream = trio.SocketStream(sock)
+            assert (await stream.receive_some(100)).startswith(b"from ")
+            started = trio.current_time()
+            nursery.start_soon(mesh.nodes["node2"].agent.drain, grace)
+            await trio.lowlevel.checkpoint()
+            await stream.send_all(b"still-open")
+            assert await stream.receive_some(100) == b"still-open"
+            try:
+                while await stream.receive_some(100):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            assert trio.current_time() - started >= grace * 0.9
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
