@@ -18,7 +18,9 @@ mount namespace, with a private ``/run`` (``ip netns`` keeps its files there)::
 Inside it, "root" may create namespaces, veths, bridges and nftables tables, all owned
 by the user namespace; the API server's 127.0.0.1 is then the new namespace's loopback,
 so every command that talks to the cluster runs in that shell (or joins it with
-``nsenter --target <supervisor pid> --user --net --mount``).  The kernel must allow
+``nsenter --target PID --user --net --mount --preserve-credentials``, PID being the
+supervisor's: ``pgrep -f deploy.local.supervisor``; its state file is in the private
+``/run``).  The kernel must allow
 unprivileged user namespaces (``/proc/sys/user/max_user_namespaces`` > 0), and the
 Python interpreter must be readable by that user.
 """
