@@ -60,6 +60,7 @@ from deploy.local.kubelet import Kubelet
 from deploy.local.kubeproxy import KubeProxy
 from deploy.local.namespaces import NamespaceController
 from deploy.local.ztunnels import ensure_ca, run_ztunnel
+from deploy.local.ztunnels import wait_ready as wait_ztunnels_ready
 
 log = get_logger("local.supervisor")
 
@@ -235,6 +236,7 @@ class Supervisor:
         # Ready means a pod could resolve and reach kube-dns right now.
         await proxy.synced.wait()
         await dns.synced.wait()
+        await wait_ztunnels_ready([self.names.node(i) for i in range(self.nodes)])
         self.publish(ready=True)
         log.info("cluster_ready", name=self.name, nodes=self.nodes)
 

@@ -6,7 +6,9 @@ ztunnel runs in the host namespace (it reaches the API server on 127.0.0.1 and e
 pod namespaces itself) and opens its operator ports (15000/15020/15021) inside its
 node's namespace, so the nodes' ztunnels do not collide.  A ztunnel that exits is
 restarted after a pause (it re-enrols its node's pods on start); stopping the
-supervisor sends SIGTERM, which drains it.
+supervisor sends SIGTERM, which drains it.  The cluster is reported ready only once
+every ztunnel answers ``/healthz/ready``, so pods enrolled right after ``cluster up``
+are captured at once.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import trio
 
 from common.ca import CertificateAuthority
 from common.logging import get_logger
+from deploy.local import netns
 
 log = get_logger("local.ztunnels")
 
 RESTART_PAUSE = 2.0
 STOP_TIMEOUT = 10.0
+READINESS_PORT = 15021
+READY_WITHIN = 30.0
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -73,3 +78,29 @@ async def run_ztunnel(node: str, server: str, ca_dir: Path, node_netns: str,
                         await proc.wait()
         log.warning("ztunnel_exited", node=node, code=code, log=str(log_path))
         await trio.sleep(RESTART_PAUSE)
+
+
+async def _ready(node_netns_name: str) -> bool:
+    sock = await netns.trio_socket_in(node_netns_name)
+    try:
+        with trio.move_on_after(1.0):
+            await sock.connect(("127.0.0.1", READINESS_PORT))
+            await sock.send(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            return (await sock.recv(64)).startswith(b"HTTP/1.1 200")
+        return False
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+async def wait_ready(node_netns_names: list[str], within: float = READY_WITHIN) -> bool:
+    """Until every node's ztunnel answers ``/healthz/ready`` (or ``within`` s passed)."""
+    with trio.move_on_after(within):
+        for name in node_netns_names:
+            # Polling another process's HTTP endpoint: nothing here to wait on instead.
+            while not await _ready(name):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        return True
+    log.warning("ztunnels_not_ready", within_s=within, hint="see logs/ztunnel-<node>.log")
+    return False
