@@ -247,3 +247,23 @@ def test_interoperates_with_plain_h2_peer() -> None:
     body = b"".join(e.data for e in peer_events if isinstance(e, h2.events.DataReceived))
     assert body == b"z" * 50_000
     assert any(isinstance(e, h2.events.StreamEnded) for e in peer_events)
+
+
+def test_window_update_fast_path_matches_h2_semantics() -> None:
+    client, server = _handshake()
+    stream_id = _open(client, server)
+    before = client.send_window(stream_id)
+    conn_before = client._h2.outbound_flow_control_window
+    update = struct.pack(">HBBBL", 0, 4, 0x8, 0, 0) + struct.pack(">L", 1000)
+    update += struct.pack(">HBBBL", 0, 4, 0x8, 0, stream_id) + struct.pack(">L", 500)
+    events = client.receive_data(update)
+    assert [(e.stream_id, e.delta) for e in events
+            if isinstance(e, h2.events.WindowUpdated)] == [(0, 1000), (stream_id, 500)]
+    assert client._h2.outbound_flow_control_window == conn_before + 1000
+    assert client.send_window(stream_id) == min(before + 500, conn_before + 1000)
+    # A closed stream's late WINDOW_UPDATE is ignored, as RFC 9113 allows.
+    client.reset_stream(stream_id)
+    assert client.receive_data(update[13:]) == []
+    # A zero increment on the connection is a connection error (h2 decides).
+    with pytest.raises(ProtocolError):
+        client.receive_data(struct.pack(">HBBBL", 0, 4, 0x8, 0, 0) + struct.pack(">L", 0))
