@@ -30,7 +30,6 @@ from deploy.local.errors import ClusterError
 FABRIC_CIDR = ipaddress.ip_network("10.240.0.0/24")
 FABRIC_GATEWAY = ipaddress.ip_address("10.240.0.1")
 NODE_IP_OFFSET = 10
-POD_SUPERNET = ipaddress.ip_network("10.244.0.0/16")
 SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/16")
 KUBERNETES_VIP = "10.96.0.1"
 KUBERNETES_PORT = 443  # the `kubernetes` Service port; the server behind it speaks HTTP

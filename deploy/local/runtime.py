@@ -147,7 +147,6 @@ class ContainerRunner:
         self.probe = probe
         self.clock = clock
         self.state = ContainerState()
-        self.pid: int | None = None
 
     async def run(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +170,6 @@ class ContainerRunner:
             proc = await trio.lowlevel.open_process(
                 self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 env=self.env, start_new_session=True)
-        self.pid = proc.pid
         try:
             self.state.running = True
             self.state.started_at = self.clock()
@@ -185,7 +183,6 @@ class ContainerRunner:
         finally:
             with trio.CancelScope(shield=True):
                 await _stop(proc)
-            self.pid = None
 
     async def _watch_ready(self, proc: trio.Process) -> None:
         interval = PROBE_FIRST_INTERVAL
