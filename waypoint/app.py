@@ -61,7 +61,7 @@ from waypoint.routing.model import RouteTable
 from waypoint.routing.snapshot import update_from_snapshot
 from waypoint.routing.translate import RouteTableStore, translate
 from waypoint.telemetry import RequestMetrics
-from waypoint.upstream import EndpointInfo, TcpTransport, Transport
+from waypoint.upstream import EndpointInfo, RawSocketStream, TcpTransport, Transport, tune
 
 _log = get_logger("waypoint")
 
@@ -189,23 +189,30 @@ class Waypoint:
                           ) -> None:
         """Accept plain TCP clients (bench mode) until cancelled."""
         listener.setblocking(False)
-        trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
 
-        async def handle(stream: trio.SocketStream) -> None:
-            try:
-                ip = stream.socket.getpeername()[0]
-            except OSError:
-                ip = "0.0.0.0"
-            peer = PeerInfo(source_ip=ip, destination=destination, port=port,
+        async def handle(sock: socket.socket, address: Any) -> None:
+            tune(sock)
+            peer = PeerInfo(source_ip=str(address[0]), destination=destination, port=port,
                             destination_ip=destination or "0.0.0.0")
-            await serve_stream(stream, self.proxy, peer, passthrough, timeouts=self.timeouts)
+            await serve_stream(RawSocketStream(sock), self.proxy, peer, passthrough,
+                               timeouts=self.timeouts)
 
         async with trio.open_nursery() as nursery:
             self.proxy.mirror = Mirrorer(nursery)
             nursery.start_soon(self.clusters.run_sweeps)
             self.ready = True
             task_status.started()
-            await trio.serve_listeners(handle, [trio_listener])
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                try:
+                    sock, address = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:  # EMFILE and friends: keep serving the others
+                    _log.warning("accept failed", reason=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(handle, sock, address)
 
     async def run_bench(self, config: BenchConfig, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

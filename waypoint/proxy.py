@@ -445,8 +445,8 @@ class Proxy:
                     outcome: TryOutcome | None = None
                     conn: UpstreamConnection | None = None
                     response: ResponseHead | None = None
-                    with trio.move_on_at(math.inf if try_deadline is None
-                                         else try_deadline) as scope:
+                    with trio.CancelScope(deadline=math.inf if try_deadline is None
+                                          else try_deadline) as scope:
                         outcome, conn, response = await self._try(
                             cstate, host, spec.info, up_head, try_pairs, chunks, complete, down)
                     if holding_retry:

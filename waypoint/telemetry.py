@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,10 +131,15 @@ def new_span_id() -> str:
 
 
 def new_request_id() -> bytes:
-    """A random UUID-shaped ``x-request-id`` (cheaper than :func:`uuid.uuid4`)."""
-    raw = os.urandom(16).hex()
-    return (f"{raw[:8]}-{raw[8:12]}-4{raw[13:16]}-{'89ab'[int(raw[16], 16) & 3]}{raw[17:20]}-"
-            f"{raw[20:32]}").encode()
+    """A random version-4 UUID for ``x-request-id``: an identifier, not a secret, so the
+    process PRNG serves (a third of :func:`uuid.uuid4`'s cost)."""
+    raw = b"%032x" % (_getrandbits(128) & _UUID4_MASK | _UUID4_BITS)
+    return b"%s-%s-%s-%s-%s" % (raw[:8], raw[8:12], raw[12:16], raw[16:20], raw[20:])
+
+
+_getrandbits = random.getrandbits
+_UUID4_MASK = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)
 
 
 def propagate_trace(headers: list[tuple[bytes, bytes]]) -> None:

@@ -1,0 +1,146 @@
+"""The waypoint's HTTP/1.1 data path against Envoy with the same route config, and direct.
+
+Starts, all on 127.0.0.1 with free ports:
+
+* nginx (``/usr/sbin/nginx``, private config) answering ``return 200 "ok";``;
+* Envoy (``.venv/bin/envoy --concurrency 1``) with /work/shared/bench/envoy-l7.yaml:
+  90/10 weighted split, 2 s timeout, retries on ``5xx,connect-failure`` x2, the fault
+  filter present but inactive;
+* the waypoint in bench mode (one process, no access log) with bench/waypoint-l7.yaml,
+  the same routes as Istio objects (VirtualService with weights, timeout, retries and
+  a fault policy that injects nothing).
+
+Then runs ``wrk -t1 -c16 -d<seconds>s --latency`` against Envoy and the waypoint
+alternately (A B A B ..., ``--rounds`` rounds), and once per round directly against
+nginx, and prints the median req/s, p50 and p99 of each with the ratios.
+
+Run: ``.venv/bin/python bench/l7.py [--seconds 10] [--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENVOY_TEMPLATE = Path("/work/shared/bench/envoy-l7.yaml")
+WAYPOINT_TEMPLATE = REPO / "bench" / "waypoint-l7.yaml"
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+error_log {dir}/error.log;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+           location / {{ return 200 "ok"; }} }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, deadline: float = 20.0
+              ) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{what} did not listen on {port} within {deadline} s")
+
+
+def wrk(url: str, seconds: int) -> tuple[float, float, float]:
+    out = subprocess.run(["/usr/bin/wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    if "Non-2xx" in out:
+        print(f"  warning: non-2xx responses from {url}", file=sys.stderr)
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return rps, ms("50%"), ms("99%")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    backend, envoy_port, admin_port, waypoint_port = (free_port() for _ in range(4))
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-l7-") as tmp:
+        d = Path(tmp)
+        (d / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, port=backend))
+        (d / "envoy.yaml").write_text(
+            ENVOY_TEMPLATE.read_text().replace("@ADMIN_PORT@", str(admin_port))
+            .replace("@LISTEN_PORT@", str(envoy_port)).replace("@BACKEND_PORT@", str(backend)))
+        (d / "waypoint.yaml").write_text(
+            WAYPOINT_TEMPLATE.read_text().replace("@BACKEND@", f"127.0.0.1:{backend}"))
+        env = {**os.environ, "PYAMBIENT_LOG": "warning"}
+        try:
+            procs.append(subprocess.Popen(["/usr/sbin/nginx", "-c", str(d / "nginx.conf"),
+                                           "-p", tmp]))
+            wait_port(backend, procs[-1], "nginx")
+            procs.append(subprocess.Popen([str(REPO / ".venv/bin/envoy"), "-c",
+                                           str(d / "envoy.yaml"), "--concurrency", "1",
+                                           "-l", "error"], stdout=subprocess.DEVNULL))
+            wait_port(envoy_port, procs[-1], "envoy")
+            procs.append(subprocess.Popen(
+                [str(REPO / ".venv/bin/python"), "-m", "waypoint", "--name", "bench",
+                 "--namespace", "bench", "--bench-config", str(d / "waypoint.yaml"),
+                 "--bench-listen", f"127.0.0.1:{waypoint_port}", "--no-access-log"],
+                cwd=REPO, env=env))
+            wait_port(waypoint_port, procs[-1], "waypoint")
+            targets = {"envoy": f"http://127.0.0.1:{envoy_port}/",
+                       "waypoint": f"http://127.0.0.1:{waypoint_port}/",
+                       "direct": f"http://127.0.0.1:{backend}/"}
+            for url in targets.values():  # warm up (connections, caches)
+                wrk(url, 1)
+            results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
+            for rnd in range(args.rounds):
+                for name in ("envoy", "waypoint", "direct"):
+                    result = wrk(targets[name], args.seconds)
+                    results[name].append(result)
+                    print(f"round {rnd + 1} {name:8s} {result[0]:10.0f} req/s  "
+                          f"p50 {result[1]:7.2f} ms  p99 {result[2]:7.2f} ms", flush=True)
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    med = {name: tuple(statistics.median(r[i] for r in rs) for i in range(3))
+           for name, rs in results.items()}
+    print(f"\nmedians of {args.rounds} rounds, wrk -t1 -c16 -d{args.seconds}s --latency:")
+    for name, (rps, p50, p99) in med.items():
+        print(f"  {name:8s} {rps:10.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms")
+    print(f"  waypoint / envoy  req/s {med['waypoint'][0] / med['envoy'][0]:.2f}x")
+    print(f"  waypoint / direct req/s {med['waypoint'][0] / med['direct'][0]:.3f}x")
+    print(f"  envoy / direct    req/s {med['envoy'][0] / med['direct'][0]:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
