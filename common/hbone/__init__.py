@@ -7,7 +7,7 @@ and :mod:`request` (building and checking CONNECT requests).  :mod:`stream` is t
 tunneled byte stream both sides hand out.
 """
 
-from common.hbone.client import HbonePool, PoolKey, tls_connector
+from common.hbone.client import HbonePool, PoolKey, store_connector, tls_connector
 from common.hbone.request import BadRequestError, Baggage, ConnectRequest, build_request
 from common.hbone.server import HboneServer, Responder, forward_tcp, tls_handshake
 from common.hbone.stream import HboneStream, StreamResetError
@@ -24,6 +24,7 @@ __all__ = [
     "StreamResetError",
     "build_request",
     "forward_tcp",
+    "store_connector",
     "tls_connector",
     "tls_handshake",
 ]

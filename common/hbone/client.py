@@ -22,7 +22,13 @@ from types import TracebackType
 
 import trio
 
-from common.errors import ConnectRefusedError, ConnectTimeoutError, TunnelRejectedError
+from common.certs import CertificateStore
+from common.errors import (
+    CertificateError,
+    ConnectRefusedError,
+    ConnectTimeoutError,
+    TunnelRejectedError,
+)
 from common.hbone.connection import HboneConnection
 from common.hbone.request import Baggage, build_request
 from common.hbone.stream import HboneStream, StreamResetError
@@ -76,6 +82,20 @@ def tls_connector(context_for: Callable[[SpiffeId | None], Awaitable[ssl.SSLCont
         return stream, stream.peer_identity
 
     return connect
+
+
+def store_connector(store: CertificateStore, *, connect_timeout: float = 10.0,
+                    so_mark: int | None = None) -> Connector:
+    """:func:`tls_connector` with client contexts from a :class:`CertificateStore`
+    (fetched on first use, renewed certificates picked up by new connections)."""
+
+    async def context_for(source: SpiffeId | None) -> ssl.SSLContext:
+        if source is None:
+            raise CertificateError("an HBONE connection needs a source identity")
+        await store.get(source)
+        return store.client_context(source)
+
+    return tls_connector(context_for, connect_timeout=connect_timeout, so_mark=so_mark)
 
 
 @dataclass(eq=False)

@@ -91,7 +91,11 @@ def tls_handshake(context: Callable[[], ssl.SSLContext], trust_domain: str, *,
 
 
 class HboneServer:
-    """Serves HBONE on listening sockets until drained or cancelled."""
+    """Serves HBONE on listening sockets until drained or cancelled.
+
+    ``HboneServer(handler, tls_handshake(lambda: store.server_context(me), td))`` is
+    the production form; tests may pass any other handshake (e.g. plain TCP).
+    """
 
     def __init__(self, handler: Handler, handshake: Handshake, *,
                  handshake_timeout: float = 10.0, idle_timeout: float = 600.0) -> None:

@@ -208,3 +208,21 @@ async def test_many_concurrent_tunnels_each_intact() -> None:
             assert failures == []
             assert len(pool.connections()) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_pool_on_a_certificate_store() -> None:
+    from common.certs import CertificateStore, local_issuer
+    from common.hbone import HbonePool, store_connector
+
+    mesh = make_mesh()
+    store = CertificateStore(local_issuer(mesh.ca))
+    async with trio.open_nursery() as nursery:
+        echo_port = await start_echo(nursery)
+        _server, address = await start_server(nursery, mesh)
+        async with HbonePool(store_connector(store, connect_timeout=5.0)) as pool:
+            stream = await pool.connect(CLIENT_ID, address, expected={SERVER_ID},
+                                        authority=f"127.0.0.1:{echo_port}")
+            async with stream:
+                assert await round_trip(stream, b"from the store") == b"from the store"
+        nursery.cancel_scope.cancel()
+    assert store.cached(CLIENT_ID) is not None
