@@ -236,7 +236,8 @@ def _problems(gw: Gateway) -> str | None:
     return None
 
 
-def _is_ready(pod: Pod) -> bool:
+def pod_ready(pod: Pod) -> bool:
+    """Ready, and not on its way out."""
     return not pod.metadata.deletion_timestamp and any(
         c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
@@ -274,7 +275,7 @@ def gateway_status(gw: Gateway, pods: Iterable[Pod], svc: Service | None,
 
     problem = _problems(gw)
     mine = waypoint_pods(gw, pods)
-    ready = sum(1 for p in mine if _is_ready(p))
+    ready = sum(1 for p in mine if pod_ready(p))
     address = svc.spec.cluster_ip if svc is not None and svc.spec.cluster_ip not in \
         (None, "", "None") else None
     if problem is not None:

@@ -52,6 +52,7 @@ from deploy.waypoint_objects import (
     dependants,
     gateway,
     owned_by_waypoint,
+    pod_ready,
     waypoint_objects,
 )
 
@@ -194,11 +195,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
 # -- readiness -------------------------------------------------------------------------------
 
 
-def _pod_ready(pod: Pod) -> bool:
-    return not pod.metadata.deletion_timestamp and any(
-        c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-
-
 async def readiness(client: KubeClient, namespace: str, name: str
                     ) -> tuple[Gateway | None, bool, str]:
     """The Gateway (None when missing), whether it is ready, and what it waits for."""
@@ -210,7 +206,7 @@ async def readiness(client: KubeClient, namespace: str, name: str
         raise
     pods = (await client.list(Pod, namespace,
                               label_selector=f"{GATEWAY_NAME_LABEL}={name}")).items
-    ready = sum(1 for p in pods if _pod_ready(p))
+    ready = sum(1 for p in pods if pod_ready(p))
     programmed = condition_of(gw, "Programmed")
     if programmed is None:
         return gw, False, ("the Gateway has no Programmed condition yet (no controller has "

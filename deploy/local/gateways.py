@@ -21,7 +21,7 @@ from common.kube import Deployment, Gateway, KubeClient, Pod, Service, ServiceAc
 from common.kube.client import R
 from common.logging import get_logger
 from deploy.local.informer import Cache
-from deploy.waypoint_objects import gateway_status
+from deploy.waypoint_objects import GATEWAY_NAME_LABEL, gateway_status
 
 log = get_logger("local.gateways")
 
@@ -47,10 +47,15 @@ class GatewayController:
         for tracked in (self.gateways, self.pods, self.services, self.deployments,
                         self.accounts):
             await tracked.synced.wait()
-        pods = self.pods.values()
+        # Pods by the waypoint they serve, once, rather than every pod for every Gateway.
+        serving: dict[tuple[str | None, str], list[Pod]] = {}
+        for pod in self.pods.values():
+            if (name := pod.metadata.labels.get(GATEWAY_NAME_LABEL)) is not None:
+                serving.setdefault((pod.metadata.namespace, name), []).append(pod)
         for gw in self.gateways.values():
             ns = gw.metadata.namespace
-            status = gateway_status(gw, pods, self.services.get(ns, gw.metadata.name), now())
+            status = gateway_status(gw, serving.get((ns, gw.metadata.name), []),
+                                    self.services.get(ns, gw.metadata.name), now())
             if status is None or status == gw.status:
                 continue
             try:

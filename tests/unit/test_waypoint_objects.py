@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from common.kube import Deployment, Gateway, Namespace, Pod, Service, ServiceAcc
 from common.kube.objects import Container
 from common.model import WaypointRef
 from common.translate import translate
-from deploy.ambientctl.waypoint import dry_run_yaml, list_rows, parse_duration
+from deploy.ambientctl.waypoint import client_config, dry_run_yaml, list_rows, parse_duration
 from deploy.local.apiserver.validation import check_object
 from deploy.local.runtime import container_argv
 from deploy.waypoint_objects import (
@@ -271,3 +272,21 @@ def test_parse_duration_reads_go_style_durations(text: str, seconds: float) -> N
 def test_parse_duration_rejects_other_text() -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration("soon")
+
+
+def test_kubeconfig_selects_a_real_cluster_and_its_namespace(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "current-context": "kind", "clusters": [
+            {"name": "kind", "cluster": {"server": "https://127.0.0.1:6443",
+                                         "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "admin", "user": {"token": "t0k3n"}}],
+        "contexts": [{"name": "kind", "context": {"cluster": "kind", "user": "admin",
+                                                  "namespace": "team"}}]}))
+    args = argparse.Namespace(kubeconfig=str(kubeconfig), context=None, namespace=None,
+                              server=None, cluster=None)
+    config = client_config(args)
+    assert (config.server, config.namespace, config.token) == (
+        "https://127.0.0.1:6443", "team", "t0k3n")
+    args.namespace = "shop"
+    assert client_config(args).namespace == "shop"
