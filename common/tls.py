@@ -684,10 +684,12 @@ async def _tcp_connect(host: str, port: int, *, so_mark: int | None,
         infos = await trio.socket.getaddrinfo(
             host, port, family=sock.family if sock is not None else 0,
             type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
+    except BaseException as exc:  # a given socket is consumed, even on cancellation
         if sock is not None:
             sock.close()
-        raise ConnectRefusedError(f"cannot resolve {host!r}: {exc}") from exc
+        if isinstance(exc, socket.gaierror):
+            raise ConnectRefusedError(f"cannot resolve {host!r}: {exc}") from exc
+        raise
     family, _, _, _, address = infos[0]
     if sock is None:
         sock = socket.socket(family, socket.SOCK_STREAM)

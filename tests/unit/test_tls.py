@@ -771,3 +771,33 @@ def test_peer_identity_ignores_other_sans() -> None:
     der = _der_with_sans(x509.DNSName("x.example"), x509.UniformResourceIdentifier(
         "https://x.example/"), x509.UniformResourceIdentifier("spiffe://td/ns/a/sa/b"))
     assert tls.peer_identity(_FakePeer(der)) == SpiffeId("td", "a", "b")  # type: ignore[arg-type]
+
+
+async def test_connect_uses_a_given_socket_and_consumes_it_on_failure(
+        pki: Pki, listener: socket.socket) -> None:
+    given = socket.socket()
+    given.bind(("127.0.0.3", 0))
+    bound = given.getsockname()
+    client, server = await _pair_from(listener, pki, given)
+    async with client, server:
+        assert client.socket.getsockname() == bound
+    refused = socket.socket()
+    with pytest.raises(ConnectRefusedError):
+        await connect_tls("127.0.0.1", 1, client_context(pki.client), expected=None,
+                          sock=refused)
+    assert refused.fileno() == -1  # closed
+
+
+async def _pair_from(listener: socket.socket, pki: Pki,
+                     sock: socket.socket) -> tuple[TLSStream, TLSStream]:
+    server: list[TLSStream] = []
+
+    async def serve() -> None:
+        server.append(await accept_tls(await _accept(listener), server_context(pki.server),
+                                       trust_domain=TD))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        client = await connect_tls("127.0.0.1", listener.getsockname()[1],
+                                   client_context(pki.client), expected={SERVER}, sock=sock)
+    return client, server[0]
