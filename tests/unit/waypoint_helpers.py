@@ -4,7 +4,7 @@ speaking HTTP/1.1 over a memory stream to the real HTTP/1.1 shell.  No sockets."
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,9 +128,13 @@ class Client:
         self.parser = ResponseParser()
 
     async def request(self, path: str = "/", *, method: str = "GET", host: str = "echo",
-                      headers: Mapping[str, str] | None = None, body: bytes = b"") -> Reply:
-        lines = [f"{method} {path} HTTP/1.1", f"host: {host}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+                      headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+                      body: bytes = b"") -> Reply:
+        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
+        lines = [f"{method} {path} HTTP/1.1"]
+        if not any(k.lower() == "host" for k, _ in pairs):
+            lines.append(f"host: {host}")
+        lines += [f"{k}: {v}" for k, v in pairs]
         if body:
             lines.append(f"content-length: {len(body)}")
         await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
@@ -151,7 +155,10 @@ class Client:
                 if event.status < 200:
                     continue
                 status = event.status
-                got = {n.decode(): v.decode() for n, v in event.headers}
+                got = {}
+                for n, v in event.headers:  # repeated lines read as one joined field
+                    name = n.decode()
+                    got[name] = f"{got[name]},{v.decode()}" if name in got else v.decode()
             elif isinstance(event, Data):
                 data += bytes(event.data)
             elif isinstance(event, EndOfMessage):
