@@ -189,17 +189,21 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
         removed.append(f"supervisor pid {pid}")
     namespaces = owned_namespaces(name)
     inodes = {i for i in (netns.inode(n) for n in namespaces) if i is not None}
-    for stray in netns.pids_in(inodes) if inodes else []:
+
+    def strays() -> set[int]:
+        # Processes inside the cluster's namespaces (pods, anything exec'd there), and
+        # helpers in the host namespace started with a path of the state directory
+        # (the per-node ztunnels), left behind when the supervisor died without cleanup.
+        found = set(netns.pids_in(inodes)) if inodes else set()
+        return (found | _pids_with_argument_under(directory)) - {os.getpid()}
+
+    for stray in strays():
         with contextlib.suppress(OSError):
-            os.killpg(stray, signal.SIGKILL)
-        try:
             os.kill(stray, signal.SIGKILL)
             removed.append(f"process {stray}")
-        except OSError:
-            pass
     # SIGKILL is asynchronous: wait (bounded) until the kernel has taken them out.
     deadline = time.monotonic() + STOP_TIMEOUT
-    while inodes and netns.pids_in(inodes) and time.monotonic() < deadline:
+    while strays() and time.monotonic() < deadline:
         time.sleep(_POLL)
     # Pods first, nodes, then the fabric: each deletion takes its veths along.
     for ns in sorted(namespaces, key=lambda n: (n.endswith("fabric"), "-node" in n)):
@@ -209,6 +213,21 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(f"state {directory}")
     return removed
+
+
+def _pids_with_argument_under(directory: Path) -> set[int]:
+    """Processes with a command-line argument inside ``directory``."""
+    prefix = str(directory).encode() + b"/"
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(arg.startswith(prefix) or arg + b"/" == prefix for arg in argv):
+                found.add(int(entry.name))
+    return found
 
 
 def _reap(pid: int) -> None:

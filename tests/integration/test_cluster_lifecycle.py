@@ -113,31 +113,59 @@ def _host_links() -> set[str]:
     return {line.split(":")[1].strip() for line in out.splitlines()}
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b")")[-1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _started_with_argument_under(directory: str) -> set[int]:
+    """Processes of the cluster in the host namespace (e.g. ztunnels): args in its state dir."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(a.decode(errors="replace").startswith(directory) for a in argv):
+                found.add(int(entry))
+    return found
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("supervisor_crashed", [False, True], ids=["graceful", "crashed"])
 async def test_cluster_down_leaves_no_namespace_link_process_or_file(
-        cluster: LocalCluster) -> None:
+        cluster: LocalCluster, supervisor_crashed: bool) -> None:
     name = f"dn{uuid.uuid4().hex[:6]}"
     links_before = _host_links()
     up = await trio.to_thread.run_sync(
         lambda: cluster.ambientctl("cluster", "up", "--nodes", "2", "--name", name, timeout=90))
     assert up.returncode == 0, up.stderr
-    state = json.loads((local_cluster.state_dir(name) / "state.json").read_text())
+    state_dir = local_cluster.state_dir(name)
+    state = json.loads((state_dir / "state.json").read_text())
     async with KubeClient(KubeConfig.for_server(state["server"])) as client:
         await client.create(echo_deployment("web", "default", replicas=2))
         await ready_pods(client, "default", 2)
     owned = local_cluster.owned_namespaces(name)
     assert len(owned) == 1 + 2 + 2  # fabric, nodes, pods
     inodes = {i for i in map(netns.inode, owned) if i is not None}
-    pids = set(netns.pids_in(inodes)) | {int(state["pid"])}
-    assert len(pids) >= 3
+    pids = set(netns.pids_in(inodes)) | _started_with_argument_under(str(state_dir))
+    assert int(state["pid"]) in pids and len(pids) >= 3
 
-    status = await trio.to_thread.run_sync(
-        lambda: cluster.ambientctl("cluster", "status", "--name", name))
-    assert status.returncode == 0 and "alive" in status.stdout, status.stdout + status.stderr
-    assert "pod default/web-" in status.stdout and "processes=1" in status.stdout
-    again = await trio.to_thread.run_sync(
-        lambda: cluster.ambientctl("cluster", "up", "--nodes", "2", "--name", name))
-    assert again.returncode == 0 and "already up" in again.stdout
+    if supervisor_crashed:
+        os.kill(int(state["pid"]), signal.SIGKILL)
+    else:
+        status = await trio.to_thread.run_sync(
+            lambda: cluster.ambientctl("cluster", "status", "--name", name))
+        assert status.returncode == 0 and "alive" in status.stdout, status.stdout + status.stderr
+        assert "pod default/web-" in status.stdout and "processes=1" in status.stdout
+        again = await trio.to_thread.run_sync(
+            lambda: cluster.ambientctl("cluster", "up", "--nodes", "2", "--name", name))
+        assert again.returncode == 0 and "already up" in again.stdout
 
     down = await trio.to_thread.run_sync(
         lambda: cluster.ambientctl("cluster", "down", "--name", name, timeout=60))
@@ -146,18 +174,12 @@ async def test_cluster_down_leaves_no_namespace_link_process_or_file(
               ).stdout.decode()
     assert f"pa-{name}-" not in listed
     assert not netns.pids_in(inodes)
-    def running(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().split(b")")[-1].split()[0] != b"Z"
-        except OSError:
-            return False
 
     async def all_exited() -> bool:
-        return not any(running(p) for p in pids)
+        return not any(_running(p) for p in pids)
     await wait_for(all_exited, within=5, what="every cluster process exited")
     assert _host_links() == links_before
-    assert not local_cluster.state_dir(name).exists()
+    assert not state_dir.exists()
     # The shared cluster was not touched.
     assert local_cluster.supervisor_alive(cluster.name)
 
