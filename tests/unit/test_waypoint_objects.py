@@ -290,3 +290,19 @@ def test_kubeconfig_selects_a_real_cluster_and_its_namespace(tmp_path: Path) -> 
         "https://127.0.0.1:6443", "team", "t0k3n")
     args.namespace = "shop"
     assert client_config(args).namespace == "shop"
+
+
+# Kubernetes release whose schemas the generated objects must pass, offline and strictly
+# (unknown fields are errors); the Gateway is checked against GatewaySpec above.
+KUBERNETES_VERSION = "1.31.0"
+
+
+def test_dependants_validate_against_kubernetes_schemas() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for obj in waypoint_objects(SPEC, OWNER)[1:]:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    # The check can fail: a misspelt probe field is refused.
+    bad = by_kind_of(waypoint_objects(SPEC, OWNER))["Deployment"]
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
