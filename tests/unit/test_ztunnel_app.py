@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import httpx
@@ -66,20 +67,30 @@ async def test_readiness_waits_for_the_snapshot_then_endpoints_answer(tmp_path: 
             nursery.cancel_scope.cancel()
 
 
-def test_inbound_source_ip_comes_from_forwarded_else_the_peer() -> None:
+def test_inbound_source_ip_is_the_peer_unless_a_waypoint_forwards_it() -> None:
     from common.hbone.request import parse_request
+    from common.model import WaypointRef
+    from tests.unit.ztunnel_helpers import snapshot_of, workload
     from ztunnel.proxy.inbound import source_ip_of
 
-    def request(forwarded: str | None) -> str:
+    waypoint = workload("waypoint", namespace="shop", ip="10.0.0.9")
+    waypoint = dataclasses.replace(waypoint, gateway=WaypointRef("shop", "waypoint"))
+    client = workload("client", namespace="shop", ip="10.0.0.8")
+    snap = snapshot_of(1, [waypoint, client])
+
+    def source(peer: str, forwarded: str | None) -> str:
         headers = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.2:80")]
         if forwarded is not None:
             headers.append((b"forwarded", forwarded.encode()))
         return source_ip_of(parse_request(1, headers, peer_identity=None,
-                                          peer_address=("10.0.0.9", 4000)))
+                                          peer_address=(peer, 4000)), snap)
 
-    assert request('for="10.0.0.7:5555"') == "10.0.0.7"
-    assert request('for="[fd00::7]:5555"') == "fd00::7"
-    assert request(None) == "10.0.0.9"
+    assert source("10.0.0.9", 'for="10.0.0.7:5555"') == "10.0.0.7"
+    assert source("10.0.0.9", 'for="[fd00::7]:5555"') == "fd00::7"
+    assert source("10.0.0.9", None) == "10.0.0.9"
+    # A peer that is not a waypoint cannot choose the source address policy sees.
+    assert source("10.0.0.8", 'for="10.0.0.7:5555"') == "10.0.0.8"
+    assert source("10.0.0.50", 'for="10.0.0.7:5555"') == "10.0.0.50"
 
 
 def test_log_level_changes_at_run_time(capsys: pytest.CaptureFixture[str]) -> None:

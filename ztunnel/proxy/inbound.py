@@ -3,8 +3,8 @@
 The handler checks the request (:func:`ztunnel.decide.decide_inbound`: the authority
 must be this pod, then PeerAuthentication and L4 AuthorizationPolicy with the peer's
 certificate identity), connects to the application at ``podIP:port`` *from the
-original client's IP* (``IP_TRANSPARENT``, the address in ``Forwarded``, or the
-peer's own address when absent) so the application sees the real source, and only
+original client's IP* (``IP_TRANSPARENT``: the peer's address, or for a waypoint peer
+the address in ``Forwarded``) so the application sees the real source, and only
 then answers 200 (401 on a denial, 503 naming the port when the application does not
 answer).  The connection is registered for re-checks while it lives
 (:mod:`ztunnel.proxy.live`).
@@ -21,6 +21,7 @@ from common.errors import MeshError
 from common.hbone import ConnectRequest, Responder
 from common.hbone.server import Handler
 from common.identity import SpiffeId
+from common.model import Snapshot
 from common.relay import relay
 from ztunnel.decide import Deny, decide_inbound, format_authority
 from ztunnel.proxy.dial import connect, family_of
@@ -31,22 +32,29 @@ if TYPE_CHECKING:
     from ztunnel.proxy.pod import EnrolledPod
 
 
-def source_ip_of(request: ConnectRequest) -> str:
-    """The original client's IP: ``Forwarded: for=`` when present, else the peer's address."""
+def source_ip_of(request: ConnectRequest, snapshot: Snapshot) -> str:
+    """The original client's IP for policy and for the transparent connect.
+
+    A ztunnel dials its tunnels from inside the client pod, so the peer's address *is*
+    the client's.  Only a waypoint dials from its own address; for a waypoint peer (a
+    waypoint pod in the snapshot, a dict hit) the original client is taken from
+    ``Forwarded: for=``.  Anyone else's ``Forwarded`` is ignored, so a peer cannot
+    choose the source address that ``ipBlocks`` policies see.
+    """
+    peer_ip = request.peer_address[0] if request.peer_address is not None else ""
+    peer = snapshot.workloads_by_ip.get(peer_ip)
     value = request.forwarded_for
-    if value:
-        host = value
-        if host.startswith("["):
-            host = host[1:].partition("]")[0]
-        elif host.count(":") == 1:
-            host = host.partition(":")[0]
-        try:
-            return str(ipaddress.ip_address(host))
-        except ValueError:
-            return value  # decide_inbound answers 400 for it
-    if request.peer_address is not None:
-        return request.peer_address[0]
-    return ""
+    if not value or peer is None or not peer.is_waypoint:
+        return peer_ip
+    host = value
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return value  # decide_inbound answers 400 for it
 
 
 def inbound_handler(pod: EnrolledPod) -> Handler:
@@ -55,7 +63,7 @@ def inbound_handler(pod: EnrolledPod) -> Handler:
         state = pod.state
         snapshot = state.snapshot()
         local = snapshot.workloads_by_uid.get(pod.uid)
-        source_ip = source_ip_of(request)
+        source_ip = source_ip_of(request, snapshot)
         src = request.forwarded_for or source_ip
         if local is None:
             state.metrics.refusal("inbound", "pod_leaving")

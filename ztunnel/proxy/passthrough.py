@@ -50,8 +50,9 @@ async def handle_plaintext(pod: EnrolledPod, sock: socket.socket,
                         inbound_labels(local, snapshot.workloads_by_ip.get(peer[0]), None))
     outcome = decide_inbound(snapshot, local, dst_ip, dst_port, None, peer[0], plaintext=True)
     if isinstance(outcome, Deny):
-        strict = "STRICT" in outcome.reason and outcome.policy is None
-        if strict:
+        # A policy denial carries the authorization decision; the plaintext refusal
+        # (PeerAuthentication STRICT) is the only 401 without one.
+        if outcome.status == 401 and outcome.decision is None:
             reason = f"plaintext refused: PeerAuthentication STRICT on {pod.name}"
             observed.refused("plaintext_strict", reason)
         else:
