@@ -6,6 +6,8 @@ or ``nft`` is missing.  Its name is unique per test run (``it<pid>``), so runs o
 people on one machine do not meet; set ``AMBIENT_TEST_CLUSTER=NAME`` to reuse a cluster
 that is already up (it is then left running).
 
+Tests send requests from pods with :func:`fetch` (Python's urllib, so curl is not needed).
+
 ``namespace`` (function scope) gives each test its own Kubernetes namespace and deletes
 what the test created in it afterwards (by deleting the namespace).  Clusters left by
 earlier runs whose pytest process died are removed first.  Helpers: :meth:`LocalCluster.exec` runs a
@@ -35,13 +37,16 @@ from deploy.local import cluster as local_cluster
 from deploy.local import netns
 
 T = TypeVar("T")
+# An HTTP GET run inside a pod's namespace (no dependency on curl being installed).
+_FETCH = ("import sys, urllib.request; "
+          "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root for network namespaces"
-    for tool in ("ip", "nft", "curl"):
+    for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed"
     probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
@@ -169,7 +174,7 @@ def echo_service(name: str, namespace: str, selector: dict[str, str],
 
 
 def client_pod(name: str, namespace: str, node: str) -> Pod:
-    """A pod pinned to ``node`` (it runs the echo app; tests exec curl in its netns)."""
+    """A pod pinned to ``node`` (it runs the echo app; tests exec :func:`fetch` in its netns)."""
     return Pod.model_validate({
         "metadata": {"name": name, "namespace": namespace, "labels": {"app": "client"}},
         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "ambient/echo"}]}})
@@ -185,6 +190,11 @@ async def service_ip(client: KubeClient, namespace: str, name: str) -> str:
 async def kube(cluster: LocalCluster) -> AsyncIterator[KubeClient]:
     async with cluster.client() as client:
         yield client
+
+
+def fetch(url: str) -> list[str]:
+    """Command line that GETs ``url`` and prints the body (exit status 1 on any failure)."""
+    return [sys.executable, "-c", _FETCH, url]
 
 
 def json_of(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     LocalCluster,
     echo_deployment,
     echo_service,
+    fetch,
     is_ready,
     json_of,
     ready_pods,
@@ -86,8 +87,8 @@ async def test_a_crashed_container_is_restarted(
         return current if restarts == 1 and is_ready(current) else None
     again = await wait_for(restarted, what="restartCount 1 and Ready again")
     assert again.status.pod_ip == pod.status.pod_ip
-    answer = json_of(await cluster.exec(namespace, pod.metadata.name, "curl", "-sS", "-m", "5",
-                                        f"http://{pod.status.pod_ip}:8080/"))
+    answer = json_of(await cluster.exec(namespace, pod.metadata.name,
+                                        *fetch(f"http://{pod.status.pod_ip}:8080/")))
     assert answer["pod"] == pod.metadata.name
 
 
@@ -96,8 +97,8 @@ async def test_logs_and_exec_exit_code(cluster: LocalCluster, kube: KubeClient,
     await kube.create(echo_deployment("talk", namespace, replicas=1))
     pod = (await ready_pods(kube, namespace, 1))[0]
     done = await cluster.exec(namespace, "deploy/talk", "sh", "-c",
-                              "cat /etc/resolv.conf; curl -s -m 5 http://localhost:8080/logged;"
-                              " exit 7")
+                              'cat /etc/resolv.conf; "$@" >/dev/null; exit 7', "sh",
+                              *fetch("http://localhost:8080/logged"))
     assert done.returncode == 7
     assert f"search {namespace}.svc.cluster.local" in done.stdout
     logs = await trio.to_thread.run_sync(

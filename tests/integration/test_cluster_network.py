@@ -10,6 +10,7 @@ from tests.integration.conftest import (
     client_pod,
     echo_deployment,
     echo_service,
+    fetch,
     json_of,
     ready_pods,
     service_ip,
@@ -34,7 +35,7 @@ async def test_pod_to_pod_across_nodes_keeps_the_client_address(
     assert {p.spec.node_name for p in echoes} == {"node-0", "node-1"}
     remote = next(p for p in echoes if p.spec.node_name == "node-1")
     answer = json_of(await cluster.exec(
-        namespace, "client", "curl", "-sS", "-m", "5", f"http://{remote.status.pod_ip}:8080/hi"))
+        namespace, "client", *fetch(f"http://{remote.status.pod_ip}:8080/hi")))
     assert answer["pod"] == remote.metadata.name
     assert answer["node"] == "node-1" and answer["namespace"] == namespace
     assert answer["path"] == "/hi"
@@ -46,8 +47,7 @@ async def test_service_vip_balances_over_endpoints_on_both_nodes(
     client, echoes, vip = await _setup(kube, namespace)
     seen = set()
     for _ in range(12):
-        answer = json_of(await cluster.exec(namespace, "client", "curl", "-sS", "-m", "5",
-                                            f"http://{vip}:8080/"))
+        answer = json_of(await cluster.exec(namespace, "client", *fetch(f"http://{vip}:8080/")))
         assert answer["source"].split(":")[0] == client.status.pod_ip
         seen.add(answer["pod"])
         if len(seen) == 2:
@@ -65,8 +65,7 @@ async def test_service_names_resolve_inside_pods(
                               f"import socket; print(socket.gethostbyname({host!r}))")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == vip
-    answer = json_of(await cluster.exec(namespace, "client", "curl", "-sS", "-m", "5",
-                                        f"http://{host}:8080/"))
+    answer = json_of(await cluster.exec(namespace, "client", *fetch(f"http://{host}:8080/")))
     assert answer["host"] == f"{host}:8080"
 
 
@@ -84,6 +83,6 @@ async def test_pods_see_the_api_server_through_the_kubernetes_service(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     await kube.create(client_pod("client", namespace, "node-0"))
     await ready_pods(kube, namespace, 1)
-    done = await cluster.exec(namespace, "client", "curl", "-sS", "-m", "5",
-                              "http://kubernetes.default:443/api/v1/namespaces/" + namespace)
+    done = await cluster.exec(namespace, "client", *fetch(
+        f"http://kubernetes.default:443/api/v1/namespaces/{namespace}"))
     assert json_of(done)["metadata"]["name"] == namespace

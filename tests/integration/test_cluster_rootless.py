@@ -18,6 +18,8 @@ import trio
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
+_FETCH = ("import sys, urllib.request; "
+          "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())")
 
 SCRIPT = """
 set -e
@@ -38,7 +40,7 @@ spec:
 END
 AMBIENT_CLUSTER=rl ctl apply -f /run/app.yaml >/dev/null
 for i in $(seq 1 150); do
-  if out=$(ctl exec --cluster rl deploy/web -- curl -s -m 2 http://localhost:8080/ 2>/dev/null)
+  if out=$(ctl exec --cluster rl deploy/web -- "$PY" -c "$FETCH" http://localhost:8080/ 2>/dev/null)
   then echo "$out"; break; fi
   sleep 0.2
 done
@@ -54,7 +56,7 @@ async def test_cluster_runs_inside_a_user_namespace() -> None:
         done = await trio.run_process(
             ["unshare", "--user", "--map-root-user", "--net", "--mount", "sh", "-c", SCRIPT],
             capture_stdout=True, capture_stderr=True, check=False, cwd=REPO,
-            env={"PY": sys.executable, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            env={"PY": sys.executable, "FETCH": _FETCH, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert '"pod":"web-' in out, out + done.stderr.decode()[-2000:]
