@@ -278,7 +278,11 @@ class H2Protocol:
         if size <= 0:
             return
         self._conn_credit += size
-        if self._conn_credit >= _CONNECTION_CREDIT_THRESHOLD:
+        # Batching must never starve the connection: when streams whose readers are
+        # stalled hold most of the connection window, whatever the others consumed
+        # is credited at once, or they could wait on a credit that never fills up.
+        if (self._conn_credit >= _CONNECTION_CREDIT_THRESHOLD
+                or self._conn_window < CONNECTION_WINDOW // 2):
             self._flush_h2()
             self._out.append(self._window_update(0, self._conn_credit))
             self._conn_window += self._conn_credit

@@ -267,3 +267,22 @@ def test_window_update_fast_path_matches_h2_semantics() -> None:
     # A zero increment on the connection is a connection error (h2 decides).
     with pytest.raises(ProtocolError):
         client.receive_data(struct.pack(">HBBBL", 0, 4, 0x8, 0, 0) + struct.pack(">L", 0))
+
+
+def test_stalled_streams_cannot_starve_the_connection_window() -> None:
+    """Streams whose readers stall hold 13.5 of 16 MiB; another keeps flowing."""
+    client, server = _handshake()
+    for size in (STREAM_WINDOW, STREAM_WINDOW, STREAM_WINDOW, 1536 * 1024):
+        stalled = _open(client, server)
+        client.send_data(stalled, memoryview(bytes(size)))
+        _pump(client, server)
+    busy = _open(client, server)
+    moved = 0
+    for _ in range(40):  # 40 rounds of whatever the window allows: far more than 4 MiB
+        sent = client.send_data(busy, memoryview(bytes(256 * 1024)))
+        assert sent > 0, f"connection window starved after {moved} bytes"
+        received = len(_data(_pump(client, server), busy))
+        server.acknowledge(busy, received)
+        _pump(server, client)
+        moved += received
+    assert moved > 8 * 1024 * 1024
