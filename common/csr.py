@@ -34,19 +34,34 @@ def _split(pem: bytes) -> tuple[bytes, bytes]:
     return chain, roots
 
 
-async def request_certificate(url: str, identity: SpiffeId, *,
-                              timeout: float = 10.0) -> WorkloadCertificate:  # noqa: ASYNC109
-    """A certificate for ``identity`` signed by the ztunnel at ``url`` (``.../csr``)."""
+async def request_certificate(
+        url: str, identity: SpiffeId, *,
+        timeout: float = 10.0,  # noqa: ASYNC109 - httpx's per-request timeout
+        connect_wait: float = 0.0) -> WorkloadCertificate:
+    """A certificate for ``identity`` signed by the ztunnel at ``url`` (``.../csr``).
+
+    ``connect_wait``: for how long a refused connection is retried (with backoff), for a
+    waypoint that starts before its node's ztunnel has opened the listener.
+    """
     key_pem, csr_pem = await trio.to_thread.run_sync(make_csr, identity)
     endpoint = url.rstrip("/") + "/csr"
-    try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            response = await client.post(endpoint, content=csr_pem,
-                                         headers={"content-type": "application/pkcs10"})
-    except httpx.HTTPError as exc:
-        raise CertificateError(f"cannot reach the node's ztunnel at {endpoint}: {exc} (is "
-                               f"this pod a waypoint on a node whose ztunnel is running?)"
-                               ) from exc
+    give_up = trio.current_time() + connect_wait
+    delay = 0.2
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        while True:
+            try:
+                response = await client.post(endpoint, content=csr_pem,
+                                             headers={"content-type": "application/pkcs10"})
+                break
+            except httpx.ConnectError as exc:
+                if trio.current_time() + delay > give_up:
+                    raise CertificateError(
+                        f"cannot reach the node's ztunnel at {endpoint}: {exc} (is this pod "
+                        f"a waypoint on a node whose ztunnel is running?)") from exc
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except httpx.HTTPError as exc:
+                raise CertificateError(f"CSR to {endpoint} failed: {exc}") from exc
     if response.status_code != 200:
         raise CertificateError(f"{endpoint} refused the CSR for {identity}: "
                                f"{response.status_code} {response.text.strip()}")
@@ -58,8 +73,8 @@ async def request_certificate(url: str, identity: SpiffeId, *,
     return cert
 
 
-def csr_issuer(url: str = DEFAULT_URL) -> Issuer:
+def csr_issuer(url: str = DEFAULT_URL, *, connect_wait: float = 30.0) -> Issuer:
     """An issuer for :class:`~common.certs.CertificateStore` that asks ztunnel by CSR."""
     async def issue(identity: SpiffeId) -> WorkloadCertificate:
-        return await request_certificate(url, identity)
+        return await request_certificate(url, identity, connect_wait=connect_wait)
     return issue

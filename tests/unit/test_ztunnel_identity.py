@@ -94,3 +94,23 @@ async def test_csr_listener_refuses_a_pod_no_longer_on_the_node(
             with pytest.raises(CertificateError, match="403"):
                 await request_certificate(url, SpiffeId(TD, "shop", "waypoint"))
             nursery.cancel_scope.cancel()
+
+
+async def test_csr_client_waits_for_a_listener_that_opens_late(
+        ca: CertificateAuthority) -> None:
+    issuer, _ = issuer_for(ca, "node1")
+    waypoint = workload("waypoint", namespace="shop", sa="waypoint", node="node1")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # reserved, not listening yet: connections are refused
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with sock, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async def open_late() -> None:
+                await trio.sleep(0.5)
+                sock.listen(8)
+                await nursery.start(csr_route(issuer, waypoint).serve, sock)
+            nursery.start_soon(open_late)
+            cert = await request_certificate(url, SpiffeId(TD, "shop", "waypoint"),
+                                             connect_wait=5)
+            assert cert.identity == SpiffeId(TD, "shop", "waypoint")
+            nursery.cancel_scope.cancel()
