@@ -404,8 +404,9 @@ class HboneConnection:
                 if self._stopping:
                     break
                 await self._writer_lot.park()
-            if self.transport is not None and self.draining and not self.streams:
-                # Our GOAWAY is out and nothing is left: end the reader too.
+            if (self.draining or self.goaway_received) and not self.streams:
+                # A GOAWAY went out or came in and no stream is left: the connection is
+                # done, so end the reader too rather than wait for the peer to hang up.
                 await _close_quietly(self.transport)
         except TRANSPORT_ERRORS as exc:
             if self.error is None:
