@@ -9,6 +9,8 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.errors import ProtocolError
 from common.hbone.protocol import (
@@ -286,3 +288,39 @@ def test_stalled_streams_cannot_starve_the_connection_window() -> None:
         _pump(server, client)
         moved += received
     assert moved > 8 * 1024 * 1024
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=40_000), min_size=1, max_size=6),
+       pads=st.lists(st.integers(min_value=0, max_value=255), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(min_value=1, max_value=70_000), max_size=12))
+def test_any_frames_any_cuts_deliver_the_same_bytes(sizes: list[int], pads: list[int],
+                                                    cuts: list[int]) -> None:
+    """Stock h2 frames (padded or not, small frames) cut anywhere: same payload, in order."""
+    import h2.config
+
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                header_encoding=None))
+    peer.initiate_connection()
+    server = H2Protocol(client_side=False)
+    server.receive_data(peer.data_to_send())
+    peer.receive_data(b"".join(bytes(p) for p in server.data_to_send()))
+    stream_id = peer.get_next_available_stream_id()
+    peer.send_headers(stream_id, build_request("10.0.0.1:80"))
+    rng = random.Random(sum(sizes) + len(cuts))
+    expected = b""
+    for index, size in enumerate(sizes):
+        body = rng.randbytes(min(size, 16_000))
+        expected += body
+        peer.send_data(stream_id, body, pad_length=pads[index % len(pads)] if index % 2 else None)
+    peer.end_stream(stream_id)
+    wire = peer.data_to_send()
+    events: list[Event] = []
+    position = 0
+    for cut in sorted(set(cuts)):
+        if position < cut < len(wire):
+            events.extend(server.receive_data(wire[position:cut]))
+            position = cut
+    events.extend(server.receive_data(wire[position:]))
+    assert _data(events, stream_id) == expected
+    assert sum(isinstance(e, h2.events.StreamEnded) for e in events) == 1
