@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,8 +19,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--name", required=True, help="the waypoint's Gateway name "
                         "(also its service account)")
     parser.add_argument("--namespace", required=True, help="the waypoint's namespace")
-    parser.add_argument("--server", help="Kubernetes API server URL (default: in-cluster or "
-                        "kubeconfig)")
+    parser.add_argument("--server", default=os.environ.get("AMBIENT_SERVER"),
+                        help="Kubernetes API server URL (default: $AMBIENT_SERVER, which the "
+                        "local cluster sets in pods, else in-cluster or kubeconfig)")
     parser.add_argument("--trust-domain", default="cluster.local")
     parser.add_argument("--csr-url", default="http://127.0.0.1:15012",
                         help="the node ztunnel's CSR endpoint")
