@@ -15,15 +15,19 @@ that boundary handle only the kinds below::
     │   ├── StreamBrokenError    the peer or the network broke it
     │   └── HandshakeError       TLS handshake failed (cert, ALPN, version)
     │       └── PeerIdentityError  the handshake succeeded but the peer is not who we expect
-    ├── ProtocolError            the peer violated HTTP/2, HBONE or HTTP/1.1
-    │   └── Http1Error           bad HTTP/1.x from the peer; ``status`` is the answer it earns
-    │       ├── Http1TooLargeError     a line, head or body over its bound (413, 414, 431)
-    │       └── Http1UnsupportedError  a transfer coding or version not implemented (501, 505)
+    ├── ProtocolError            the peer violated HTTP/2, HBONE, HTTP/1.1, DNS or SOCKS5
+    │   ├── Http1Error           bad HTTP/1.x from the peer; ``status`` is the answer it earns
+    │   │   ├── Http1TooLargeError     a line, head or body over its bound (413, 414, 431)
+    │   │   └── Http1UnsupportedError  a transfer coding or version not implemented (501, 505)
+    │   ├── DnsFormatError       a DNS message that cannot be parsed (answered with FORMERR)
+    │   └── Socks5Error          a SOCKS5 handshake we refuse; ``reply`` is the code it earns
     ├── LocalProtocolError       this side asked a codec for a message the protocol forbids
     ├── UpstreamError            could not reach the destination
     │   ├── ConnectRefusedError  connection refused / unreachable
     │   ├── ConnectTimeoutError  no answer within the connect timeout
-    │   └── TunnelRejectedError  the HBONE peer answered non-200 (``status`` holds it)
+    │   ├── TunnelRejectedError  the HBONE peer answered non-200 (``status`` holds it)
+    │   ├── DnsUpstreamError     the upstream DNS server gave no usable answer in time
+    │   └── NameResolutionError  a host name has no address (NXDOMAIN, no A/AAAA, SERVFAIL)
     ├── PolicyDeniedError        authorization said no
     └── KubeApiError             the Kubernetes API answered a failure ``Status`` (``code``)
         ├── ResourceExpiredError   410: the resourceVersion was compacted away; list again
@@ -155,3 +159,23 @@ class Http1UnsupportedError(Http1Error):
 
 class LocalProtocolError(MeshError):
     """This side asked a codec to send something HTTP forbids: a bug here, not the peer's."""
+
+
+class DnsFormatError(ProtocolError):
+    """A DNS message that is truncated, loops in its name compression or breaks RFC 1035."""
+
+
+class Socks5Error(ProtocolError):
+    """A SOCKS5 handshake this proxy refuses; ``reply`` is the RFC 1928 reply code it earns."""
+
+    def __init__(self, message: str, reply: int) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class DnsUpstreamError(UpstreamError):
+    """The upstream DNS server did not answer usefully within the per-query timeout and retry."""
+
+
+class NameResolutionError(UpstreamError):
+    """A host name resolved to no address (NXDOMAIN, no A/AAAA records, or upstream failure)."""
