@@ -16,7 +16,9 @@ A waypoint named ``NAME`` in namespace ``NS`` is four objects, all named ``NAME`
 
 The Deployment, Service and ServiceAccount carry an owner reference to the Gateway once
 its uid is known, so that on Kubernetes deleting the Gateway deletes the rest.  Objects
-are plain JSON-shaped dicts, ready for the API or for YAML.
+are plain JSON-shaped dicts, ready for the API or for YAML.  :func:`dependants_of` gives
+them for a Gateway that was applied on its own (Istio's documented alternative to
+``istioctl waypoint apply``), for the local cluster's controller to create.
 
 :func:`gateway_status` is the controller core that writes what Istio writes on a
 waypoint's Gateway: ``Accepted`` (the spec is a valid waypoint) and ``Programmed`` (its
@@ -246,6 +248,18 @@ def waypoint_pods(gw: Gateway, pods: Iterable[Pod]) -> list[Pod]:
     """The pods serving ``gw``: same namespace, labelled with its name."""
     return [p for p in pods if p.metadata.namespace == gw.metadata.namespace
             and p.metadata.labels.get(GATEWAY_NAME_LABEL) == gw.metadata.name]
+
+
+def dependants_of(gw: Gateway) -> list[dict[str, Any]]:
+    """What a waypoint Gateway owns when nobody said otherwise (default image): what
+    istiod's deployment controller would create for a Gateway applied on its own.  Empty
+    for a Gateway that is not a valid waypoint, or is being deleted."""
+    if gw.spec.get("gatewayClassName") != GATEWAY_CLASS or gw.metadata.deletion_timestamp \
+            or not gw.metadata.uid or _problems(gw) is not None:
+        return []
+    spec = WaypointSpec(namespace=gw.metadata.namespace or "default", name=gw.metadata.name,
+                        revision=gw.metadata.labels.get(REVISION_LABEL))
+    return dependants(spec, Owner(gw.metadata.name, gw.metadata.uid))
 
 
 def gateway_status(gw: Gateway, pods: Iterable[Pod], svc: Service | None,

@@ -10,8 +10,8 @@ waypoint`` (``--for``, ``--enroll-namespace``, ``--overwrite``, ``--revision``, 
 ``waypoint NS/NAME applied``); unlike istioctl, a namespace already enrolled with another
 waypoint is an error (exit 1) rather than a warning after which nothing happens.
 
-``delete`` removes the Gateway and, explicitly, what it owns (the local API server has no
-garbage collector of its own; on Kubernetes the collector would find them gone), and the
+``delete`` removes the Gateway and, explicitly, what it owns (so that nothing depends on
+a garbage collector running; on Kubernetes the collector may have been first), and the
 namespace's ``istio.io/use-waypoint`` label when it named this waypoint.  ``status`` waits
 up to ``--wait-timeout`` for the Gateway's ``Programmed`` condition and a Ready pod.
 
@@ -183,6 +183,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 return 1
             print(f"waypoint {where} is ready!")
         if args.enroll_namespace:
+            ns = await _namespace(client, spec.namespace)  # it may have changed meanwhile
             if ns.metadata.labels.get(USE_WAYPOINT_LABEL) != spec.name:
                 await _set_namespace_label(client, ns, spec.name)
             print(f'namespace {spec.namespace} labeled with "{USE_WAYPOINT_LABEL}: '
@@ -241,8 +242,13 @@ async def _waypoint_gateways(client: KubeClient, namespace: str | None) -> list[
 
 
 async def delete_waypoint(client: KubeClient, namespace: str, name: str) -> None:
-    """Delete what waypoint ``name`` owns, then its Gateway (last, so that an interrupted
-    delete can be run again)."""
+    """Delete the Gateway, then what it owns (first the Gateway: a controller that creates
+    a waypoint's missing objects must not see it without them)."""
+    try:
+        await client.delete(Gateway, name, namespace)
+    except KubeApiError as exc:
+        if exc.code != 404:
+            raise
     for kind in ("Deployment", "Service", "ServiceAccount"):
         path = by_kind(kind).object_path(name, namespace)
         try:
@@ -250,13 +256,8 @@ async def delete_waypoint(client: KubeClient, namespace: str, name: str) -> None
             if owned_by_waypoint(stored.get("metadata") or {}, name):
                 await client.request("DELETE", path)
         except KubeApiError as exc:
-            if exc.code != 404:  # already gone, e.g. collected after an earlier delete
+            if exc.code != 404:  # already collected by the owner's garbage collector
                 raise
-    try:
-        await client.delete(Gateway, name, namespace)
-    except KubeApiError as exc:
-        if exc.code != 404:
-            raise
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

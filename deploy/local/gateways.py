@@ -1,8 +1,11 @@
-"""The waypoint Gateway controller of the local cluster: status, and the owner-reference GC.
+"""The waypoint Gateway controller of the local cluster: dependants, status, owner GC.
 
-For every ``istio-waypoint`` Gateway it writes the status Istio would write (the pure
-core is :func:`deploy.waypoint_objects.gateway_status`): ``Accepted``, and ``Programmed``
-once the Gateway's Service has a cluster IP and one of its pods is Ready.
+For every ``istio-waypoint`` Gateway it creates the ServiceAccount, Deployment and
+Service that are missing (as istiod does, so ``ambientctl apply -f`` of a bare waypoint
+Gateway deploys it; it never changes existing ones, which ``ambientctl waypoint apply``
+owns), and writes the status Istio would write (the pure core is
+:func:`deploy.waypoint_objects.gateway_status`): ``Accepted``, and ``Programmed`` once the
+Gateway's Service has a cluster IP and one of its pods is Ready.
 
 Kubernetes' garbage collector deletes objects whose owner is gone; the local API server
 has none, so this controller does that job for what a waypoint owns: a Deployment,
@@ -15,13 +18,14 @@ looked up on the API server before anything is deleted, as Kubernetes' collector
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from common.errors import KubeApiError
 from common.kube import Deployment, Gateway, KubeClient, Pod, Service, ServiceAccount
 from common.kube.client import R
 from common.logging import get_logger
 from deploy.local.informer import Cache
-from deploy.waypoint_objects import GATEWAY_NAME_LABEL, gateway_status
+from deploy.waypoint_objects import GATEWAY_NAME_LABEL, dependants_of, gateway_status
 
 log = get_logger("local.gateways")
 
@@ -53,6 +57,7 @@ class GatewayController:
             if (name := pod.metadata.labels.get(GATEWAY_NAME_LABEL)) is not None:
                 serving.setdefault((pod.metadata.namespace, name), []).append(pod)
         for gw in self.gateways.values():
+            await self._create_missing(gw)
             ns = gw.metadata.namespace
             status = gateway_status(gw, serving.get((ns, gw.metadata.name), []),
                                     self.services.get(ns, gw.metadata.name), now())
@@ -69,6 +74,31 @@ class GatewayController:
         await self._collect(self.deployments)
         await self._collect(self.services)
         await self._collect(self.accounts)
+
+    async def _create_missing(self, gw: Gateway) -> None:
+        caches: dict[str, Cache[Any]] = {"ServiceAccount": self.accounts,
+                                         "Deployment": self.deployments,
+                                         "Service": self.services}
+        confirmed = False
+        for body in dependants_of(gw):
+            cache = caches[body["kind"]]
+            if cache.get(gw.metadata.namespace, gw.metadata.name) is not None:
+                continue
+            # A Gateway just deleted (``ambientctl waypoint delete`` removes it first) may
+            # linger in the cache: ask the server before bringing its objects back.
+            if not confirmed and not await self._owner_exists(
+                    gw.metadata.namespace, gw.metadata.name, gw.metadata.uid or ""):
+                return
+            confirmed = True
+            try:
+                created = await self.client.create(cache.kind.model_validate(body))
+            except KubeApiError as exc:
+                if exc.code in (404, 409):  # namespace going away, or our cache is behind
+                    continue
+                raise
+            log.info("waypoint_dependant_created", kind=body["kind"],
+                     namespace=gw.metadata.namespace, name=gw.metadata.name)
+            await cache.wait_seen(created.metadata.resource_version)
 
     async def _collect(self, cache: Cache[R]) -> None:
         live = {(g.metadata.namespace, g.metadata.name): g.metadata.uid

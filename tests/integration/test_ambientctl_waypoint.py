@@ -34,7 +34,7 @@ from deploy import ambientctl
 from deploy.ambientctl.waypoint import apply_waypoint
 from deploy.local.gateways import GatewayController
 from deploy.local.informer import Cache, Signal
-from deploy.waypoint_objects import GATEWAY_NAME_LABEL, WaypointSpec, condition_of
+from deploy.waypoint_objects import GATEWAY_NAME_LABEL, WaypointSpec, condition_of, gateway
 from tests.integration.conftest import LocalCluster, wait_for
 
 PATHS = {
@@ -279,16 +279,24 @@ async def test_gateway_controller_writes_status_and_collects_orphans(server: str
                 return names == ["stranger"]
 
             await wait_for(collected, within=10, what="dependants collected")
+
+            # A waypoint Gateway applied on its own gets its objects, as istiod would do.
+            await client.create(Gateway.model_validate(gateway(WaypointSpec(
+                namespace="shop", name="bare"))))
+
+            async def deployed() -> bool:
+                await controller.reconcile()
+                owned = [o for kind in (Deployment, Service, ServiceAccount)
+                         for o in (await client.list(kind, "shop")).items
+                         if o.metadata.name == "bare"]
+                return len(owned) == 3 and all(
+                    [r.name for r in o.metadata.owner_references] == ["bare"] for o in owned)
+
+            await wait_for(deployed, within=10, what="bare Gateway's objects created")
             nursery.cancel_scope.cancel()
 
 
 # -- on the local cluster ----------------------------------------------------------------------
-
-
-def waypoint_is_stub() -> bool:
-    done = subprocess.run([sys.executable, "-m", "waypoint", "--help"], capture_output=True,
-                          text=True, timeout=30, check=False)
-    return "not implemented yet" in done.stderr + done.stdout
 
 
 async def waypoint_pods(kube: KubeClient, namespace: str, name: str) -> list[Pod]:
@@ -300,9 +308,12 @@ async def waypoint_pods(kube: KubeClient, namespace: str, name: str) -> list[Pod
 async def test_apply_on_the_cluster_runs_the_waypoint_pod_and_delete_removes_it(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     done = await trio.to_thread.run_sync(lambda: cluster.ambientctl(
-        "waypoint", "apply", "-n", namespace, "--enroll-namespace"))
+        "waypoint", "apply", "-n", namespace, "--enroll-namespace", "--wait",
+        "--wait-timeout", "60s", timeout=90))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == f"waypoint {namespace}/waypoint applied"
+    assert done.stdout.splitlines() == [
+        f"waypoint {namespace}/waypoint applied", f"waypoint {namespace}/waypoint is ready!",
+        f'namespace {namespace} labeled with "istio.io/use-waypoint: waypoint"']
 
     async def running() -> Pod | None:
         pods = await waypoint_pods(kube, namespace, "waypoint")
@@ -336,12 +347,12 @@ async def test_apply_on_the_cluster_runs_the_waypoint_pod_and_delete_removes_it(
 
 
 @pytest.mark.netns
-async def test_deleting_the_gateway_alone_removes_the_waypoint_on_the_cluster(
+async def test_a_bare_gateway_deploys_a_waypoint_and_deleting_it_removes_all(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     name = f"wp-{uuid.uuid4().hex[:4]}"
-    done = await trio.to_thread.run_sync(lambda: cluster.ambientctl(
-        "waypoint", "apply", "-n", namespace, "--name", name))
-    assert done.returncode == 0, done.stderr
+    # What Istio's docs offer besides istioctl: apply the Gateway alone.
+    await kube.create(Gateway.model_validate(gateway(WaypointSpec(namespace=namespace,
+                                                                  name=name))))
 
     async def has_pod() -> bool:
         return bool(await waypoint_pods(kube, namespace, name))
@@ -356,15 +367,8 @@ async def test_deleting_the_gateway_alone_removes_the_waypoint_on_the_cluster(
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(reason="the waypoint process looks for its API server in-cluster (service "
-                          "account token) and ignores $AMBIENT_SERVER, which the local kubelet "
-                          "sets for pods: it exits until waypoint/__main__.py or "
-                          "common.kube.config.load_config honours it", strict=False)
 async def test_status_waits_until_the_waypoint_is_programmed(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
-    if await trio.to_thread.run_sync(waypoint_is_stub):
-        pytest.skip("the waypoint process is still a stub (its issue has not landed): "
-                    "no pod can become Ready")
     done = await trio.to_thread.run_sync(lambda: cluster.ambientctl(
         "waypoint", "apply", "-n", namespace))
     assert done.returncode == 0, done.stderr

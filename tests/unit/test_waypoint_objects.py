@@ -24,6 +24,7 @@ from deploy.waypoint_objects import (
     Owner,
     WaypointSpec,
     condition_of,
+    dependants_of,
     gateway,
     gateway_status,
     owned_by_waypoint,
@@ -159,6 +160,23 @@ def test_translator_sees_the_waypoint_with_the_account_identity() -> None:
     waypoint = snap.waypoints_by_ref[WaypointRef("shop", "reviews-wp")]
     assert str(waypoint.identity) == "spiffe://cluster.local/ns/shop/sa/reviews-wp"
     assert waypoint.traffic_type.value == "service"
+
+
+def test_a_bare_waypoint_gateway_gets_its_default_dependants() -> None:
+    body = gateway(WaypointSpec(namespace="shop", name="reviews-wp", revision="canary"))
+    body["metadata"]["uid"] = OWNER.uid
+    made = dependants_of(Gateway.model_validate(body))
+    assert made == waypoint_objects(
+        WaypointSpec(namespace="shop", name="reviews-wp", revision="canary"), OWNER)[1:]
+    ingress = copy.deepcopy(body)
+    ingress["spec"]["gatewayClassName"] = "istio"
+    invalid = copy.deepcopy(body)
+    invalid["spec"]["listeners"][0]["protocol"] = "HTTP"
+    leaving = copy.deepcopy(body)
+    leaving["metadata"]["deletionTimestamp"] = NOW
+    unsaved = gateway(SPEC)
+    for other in (ingress, invalid, leaving, unsaved):
+        assert dependants_of(Gateway.model_validate(other)) == []
 
 
 # -- status ------------------------------------------------------------------------------
