@@ -4,10 +4,11 @@ For each pod on its node the kubelet runs one task: allocate an address from the
 pod CIDR, create the pod's namespace and veth (:mod:`.network`), start every container
 (:class:`~.runtime.ContainerRunner`), and write ``status`` back (phase, podIP, hostIP,
 conditions, containerStatuses with restartCount).  A pod is Ready once each container's
-first port accepts a TCP connection made from the node's namespace (containers without
-ports are ready when started).  When the pod disappears from the API the task is
-cancelled and its cleanup, shielded, stops the processes, deletes the namespace (the
-veth and route go with it) and frees the address.
+first port accepts a TCP connection made from the node's namespace (the echo app without
+declared ports is probed on 8080; other containers without ports are ready when started).
+When the pod disappears from the API the task is cancelled and its cleanup, shielded,
+stops the processes, deletes the namespace (the veth and route go with it) and frees the
+address.
 """
 
 from __future__ import annotations
