@@ -10,7 +10,6 @@ is the per-connection check (dict hits), so a re-check costs one per live connec
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -52,9 +51,7 @@ class LiveConnections:
     def discard(self, connection: LiveConnection) -> None:
         self._connections.discard(connection)
 
-    def recheck(self, snapshot: Snapshot,
-                on_closed: Callable[[LiveConnection], None] | None = None
-                ) -> list[LiveConnection]:
+    def recheck(self, snapshot: Snapshot) -> list[LiveConnection]:
         """Cancel the connections ``snapshot`` no longer allows; return them."""
         closed = []
         for conn in list(self._connections):
@@ -71,6 +68,4 @@ class LiveConnections:
                 _log.info("live connection closed by policy", pod=f"{local.namespace}/"
                           f"{local.name}", peer=str(conn.peer), src=conn.source_ip,
                           dst_port=conn.dst_port, reason=outcome.reason)
-                if on_closed is not None:
-                    on_closed(conn)
         return closed
