@@ -50,12 +50,33 @@ def main(argv: list[str] | None = None) -> int:
     log_level.install()
     try:
         trio.run(main_async, options, log_level)
-    except MeshError as exc:
-        print(f"ztunnel: {exc}", file=sys.stderr)
+    except (MeshError, BaseExceptionGroup) as exc:
+        errors = _mesh_errors(exc)
+        if not errors:
+            raise
+        for error in errors:
+            print(f"ztunnel: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _mesh_errors(exc: BaseException) -> list[MeshError]:
+    """The MeshErrors in ``exc`` (a start-up failure arrives wrapped in nursery groups)."""
+    if isinstance(exc, MeshError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found = [e for sub in exc.exceptions for e in _mesh_errors(sub)]
+        leaves = sum(1 for _ in _leaves(exc))
+        return found if len(found) == leaves else []
+    return []
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 if __name__ == "__main__":

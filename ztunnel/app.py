@@ -29,6 +29,7 @@ import trio
 from common.admin import AdminServer, LogLevel, Request, Response, listen_tcp
 from common.ca import CertificateAuthority
 from common.discovery import Discovery, SnapshotHolder
+from common.errors import ConfigError
 from common.kube import KubeClient
 from common.kube.config import load_config
 from common.logging import get_logger
@@ -110,9 +111,14 @@ class Ztunnel:
 
     def _listen(self, host: str, port: int) -> socket.socket:
         netns = self.options.node_netns
-        if netns is None:
-            return listen_tcp(host, port)
-        return call_in_netns(netns, lambda: listen_tcp(host, port))
+        try:
+            if netns is None:
+                return listen_tcp(host, port)
+            return call_in_netns(netns, lambda: listen_tcp(host, port))
+        except OSError as exc:
+            where = f" in {netns}" if netns else ""
+            raise ConfigError(f"cannot listen on {host}:{port}{where}: {exc.strerror} (is "
+                              f"another ztunnel running for this node?)") from exc
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -112,3 +112,17 @@ def test_log_level_changes_at_run_time(capsys: pytest.CaptureFixture[str]) -> No
         assert "shown-line" in err and "now-shown-line" in err
     finally:
         structlog.reset_defaults()
+
+
+def test_main_reports_a_start_up_error_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
+    from ztunnel.__main__ import main
+    try:
+        assert main(["--node", "n", "--ca-dir", str(tmp_path / "missing")]) == 1
+    finally:
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    assert err.startswith("ztunnel: cannot read the CA from")
+    assert "Traceback" not in err
