@@ -137,6 +137,7 @@ class H2Protocol:
         self._partial = bytearray()  # a frame header, or a whole non-DATA frame, in progress
         self._frame_len = -1  # length of the non-DATA frame being collected, -1 if none
         self._expect_continuation = False
+        self._header_block = 0  # bytes of the header block being received
         # DATA frame in progress: stream, payload bytes still to come, padding after them.
         self._data_stream = 0
         self._data_left = 0
@@ -350,6 +351,14 @@ class H2Protocol:
             # h2 checks the length and everything else of non-DATA frames itself.
             self._frame_len = 9 + length
             if ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+                # A header block is buffered whole before HPACK sees it: bound it, or
+                # endless CONTINUATION frames (CVE-2024-27316 pattern) grow memory.
+                self._header_block = length if ftype != _CONTINUATION else (
+                    self._header_block + length)
+                if self._header_block > MAX_HEADER_LIST_SIZE:
+                    self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                               f"header block over {MAX_HEADER_LIST_SIZE} bytes "
+                               "(CONTINUATION flood?)")
                 self._expect_continuation = not flags & _FLAG_END_HEADERS
             if len(self._partial) == self._frame_len:
                 self._complete_frame(events)

@@ -324,3 +324,11 @@ def test_any_frames_any_cuts_deliver_the_same_bytes(sizes: list[int], pads: list
     events.extend(server.receive_data(wire[position:]))
     assert _data(events, stream_id) == expected
     assert sum(isinstance(e, h2.events.StreamEnded) for e in events) == 1
+
+
+def test_continuation_flood_is_refused() -> None:
+    _client, server = _handshake()
+    headers = struct.pack(">HBBBL", 0, 1, 0x1, 0, 1) + b"\x82"  # HEADERS, no END_HEADERS
+    continuation = struct.pack(">HBBBL", 16_000 >> 8, 16_000 & 0xFF, 0x9, 0, 1) + bytes(16_000)
+    with pytest.raises(ProtocolError, match="CONTINUATION"):
+        server.receive_data(headers + continuation * 8)
