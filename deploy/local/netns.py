@@ -2,35 +2,30 @@
 
 Namespaces are named files under ``/run/netns`` (``ip netns`` convention), so any tool
 (``ip -n``, ``nsenter``) can find them.  To open a socket inside a namespace without
-moving the whole process, :func:`in_netns` runs a function on a fresh helper thread
-that first calls ``setns(2)``: a socket keeps the namespace it was created in for its
-whole life, so the caller can use it from the trio thread afterwards, while every other
-thread stays in the host namespace.  A new thread per call (never a pooled one) keeps
-the setns from leaking into unrelated work.  ztunnel uses the same helper to open its
-listeners inside pod namespaces.
+moving the whole process, :func:`in_netns` calls a function with the current thread
+inside the namespace (:mod:`common.netns`, which returns the thread home afterwards):
+a socket keeps the namespace it was created in for its whole life, so the caller can use
+it from the trio thread afterwards.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import subprocess
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
+from common.errors import ConfigError
+from common.netns import call_in_netns
 from deploy.local.errors import NetnsError
 
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def netns_path(name: str) -> Path:
@@ -109,35 +104,12 @@ def pids_by_netns(inodes: set[int]) -> dict[int, list[int]]:
     return found
 
 
-def setns_current_thread(name: str) -> None:
-    """Move the calling thread (only) into the namespace ``name``."""
-    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise NetnsError(f"setns into {name} failed: {os.strerror(err)} (are we root?)")
-    finally:
-        os.close(fd)
-
-
 def in_netns(name: str, func: Callable[[], T]) -> T:
-    """Call ``func`` on a fresh thread inside namespace ``name`` and return its result."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            setns_current_thread(name)
-            result.append(func())
-        except BaseException as exc:  # handed to the caller's thread below
-            error.append(exc)
-
-    thread = threading.Thread(target=body, name=f"netns-{name}", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
+    """Call ``func`` inside namespace ``name`` (on this thread, which then returns home)."""
+    try:
+        return call_in_netns(str(netns_path(name)), func)
+    except ConfigError as exc:
+        raise NetnsError(str(exc)) from exc
 
 
 def socket_in(name: str, family: int = socket.AF_INET,
