@@ -26,7 +26,7 @@ import dataclasses
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 import yaml
@@ -64,6 +64,8 @@ DEFAULT_WAIT = 90.0
 POLL_INTERVAL = 0.25
 _GATEWAY_CRDS = ("https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.2.1/"
                  "standard-install.yaml")
+# A create that lost a race is retried as an update this many times.
+_CREATE_RACES = 2
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -129,11 +131,25 @@ def dry_run_yaml(spec: WaypointSpec) -> str:
     return yaml.safe_dump_all(waypoint_objects(spec), sort_keys=False)
 
 
+async def apply_object(client: KubeClient, body: dict[str, Any]) -> str:
+    """``ambientctl apply`` of one object: created, configured or unchanged."""
+    rt = by_kind(body["kind"])
+    for _ in range(_CREATE_RACES):
+        try:
+            return await _apply_one(client, rt, body)
+        except KubeApiError as exc:
+            # Created by someone else between our read and our create (the local cluster's
+            # controller creates a new waypoint Gateway's objects too): merge into theirs.
+            if exc.code != 409:
+                raise
+    return await _apply_one(client, rt, body)
+
+
 async def apply_waypoint(client: KubeClient, spec: WaypointSpec) -> bool:
     """Write the four objects; True when any of them was created or changed."""
     changed = False
     try:
-        outcome = await _apply_one(client, by_kind("Gateway"), gateway(spec))
+        outcome = await apply_object(client, gateway(spec))
     except KubeApiError as exc:
         if exc.code == 404:
             raise ConfigError(f"the server has no Gateway API (gateway.networking.k8s.io/v1): "
@@ -144,8 +160,7 @@ async def apply_waypoint(client: KubeClient, spec: WaypointSpec) -> bool:
     stored = await client.get(Gateway, spec.name, spec.namespace)
     owner = Owner(spec.name, stored.metadata.uid or "")
     for body in dependants(spec, owner):
-        outcome = await _apply_one(client, by_kind(body["kind"]), body)
-        changed |= outcome != "unchanged"
+        changed |= await apply_object(client, body) != "unchanged"
     return changed
 
 

@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from common.api.gateway import GatewaySpec
 from common.errors import ConfigError
-from common.kube import Deployment, Gateway, Namespace, Pod, Service, ServiceAccount, by_kind
+from common.kube import (
+    Deployment,
+    Gateway,
+    KubeClient,
+    KubeConfig,
+    Namespace,
+    Pod,
+    Service,
+    ServiceAccount,
+    by_kind,
+)
 from common.kube.objects import Container
 from common.model import WaypointRef
 from common.translate import translate
-from deploy.ambientctl.waypoint import client_config, dry_run_yaml, list_rows, parse_duration
+from deploy.ambientctl.waypoint import (
+    apply_object,
+    client_config,
+    dry_run_yaml,
+    list_rows,
+    parse_duration,
+)
 from deploy.local.apiserver.validation import check_object
 from deploy.local.runtime import container_argv
 from deploy.waypoint_objects import (
@@ -324,3 +342,27 @@ def test_dependants_validate_against_kubernetes_schemas() -> None:
     bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
+
+
+async def test_apply_merges_into_an_object_created_between_read_and_create() -> None:
+    """The local cluster's controller may create a new waypoint's Service first."""
+    body = by_kind_of(waypoint_objects(SPEC, OWNER))["Service"]
+    theirs = {**copy.deepcopy(body), "metadata": {**body["metadata"], "resourceVersion": "7"}}
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if request.method == "GET":
+            if calls.count("GET") == 1:
+                return httpx.Response(404, json={"kind": "Status", "code": 404,
+                                                 "reason": "NotFound"})
+            return httpx.Response(200, json=theirs)
+        if request.method == "POST":
+            return httpx.Response(409, json={"kind": "Status", "code": 409,
+                                             "reason": "AlreadyExists"})
+        return httpx.Response(200, json=json.loads(request.content))
+
+    config = KubeConfig.for_server("http://apiserver.invalid")
+    async with KubeClient(config, transport=httpx.MockTransport(answer)) as client:
+        assert await apply_object(client, body) == "configured"
+    assert calls == ["GET", "POST", "GET", "PUT"]
