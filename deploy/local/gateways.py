@@ -35,7 +35,7 @@ def now() -> str:
 
 
 class GatewayController:
-    """Waypoint Gateways' status, and deletion of what a deleted Gateway owned."""
+    """Waypoint Gateways' missing objects and status; deletion of what a deleted one owned."""
 
     def __init__(self, client: KubeClient, gateways: Cache[Gateway], pods: Cache[Pod],
                  services: Cache[Service], deployments: Cache[Deployment],
