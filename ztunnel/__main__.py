@@ -12,6 +12,7 @@ from common.admin import LogLevel
 from common.errors import MeshError
 from common.logging import configure
 from ztunnel.app import Options, main_async
+from ztunnel.dns.server import default_upstreams, parse_upstream
 
 
 def parse(argv: list[str]) -> tuple[Options, str, bool]:
@@ -30,13 +31,21 @@ def parse(argv: list[str]) -> tuple[Options, str, bool]:
     p.add_argument("--admin-port", type=int, default=15000)
     p.add_argument("--metrics-port", type=int, default=15020)
     p.add_argument("--readiness-port", type=int, default=15021)
+    p.add_argument("--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
+                   help="where the in-pod DNS proxy forwards names it does not answer "
+                   "(repeatable; default: the nameservers of this host's resolv.conf)")
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
     a = p.parse_args(argv)
+    try:
+        upstreams = (tuple(parse_upstream(u) for u in a.dns_upstream) if a.dns_upstream
+                     else default_upstreams())
+    except ValueError as exc:
+        p.error(f"--dns-upstream: {exc}")
     options = Options(node=a.node, server=a.server, ca_dir=a.ca_dir, node_netns=a.node_netns,
                       trust_domain=a.trust_domain, drain_seconds=a.drain_seconds,
                       admin_port=a.admin_port, metrics_port=a.metrics_port,
-                      readiness_port=a.readiness_port)
+                      readiness_port=a.readiness_port, dns_upstreams=upstreams)
     return options, a.log_level, a.log_json
 
 

@@ -38,6 +38,8 @@ from common.model import Snapshot
 from common.netns import call_in_netns
 from ztunnel.certs import NodeIssuer
 from ztunnel.csr_server import serve_waypoint_csr
+from ztunnel.dns.resolver import DnsConfig
+from ztunnel.dns.server import DnsService
 from ztunnel.inpod.agent import InpodAgent
 from ztunnel.proxy.pod import PodHook
 from ztunnel.proxy.state import ProxyConfig, ProxyState
@@ -59,6 +61,7 @@ class Options:
     metrics_port: int = 15020
     readiness_port: int = 15021
     bind_host: str = "0.0.0.0"
+    dns_upstreams: tuple[tuple[str, int], ...] = ()
 
 
 class Ztunnel:
@@ -192,19 +195,20 @@ async def run_until_signal(ztunnel: Ztunnel, client: KubeClient | None) -> None:
         nursery.cancel_scope.cancel()
 
 
-def pod_hooks() -> list[PodHook]:
+def pod_hooks(options: Options) -> list[PodHook]:
     """The per-pod services started beside the proxy listeners of every enrolled pod.
 
-    This is where the DNS proxy (15053, udp and tcp) and the SOCKS5 listener
-    (127.0.0.1:15080) plug in: each is a :data:`~ztunnel.proxy.pod.PodHook`.  Until the
-    DNS proxy is here, a captured pod's DNS (redirected to 15053) gets no answer.
+    Each is a :data:`~ztunnel.proxy.pod.PodHook`: the DNS proxy (15053, udp and tcp,
+    forwarding what it does not answer itself to ``--dns-upstream``); the SOCKS5 listener
+    (127.0.0.1:15080) plugs in here too.
     """
-    return []
+    dns = DnsService(DnsConfig(upstreams=options.dns_upstreams))
+    return [dns.serve_pod]
 
 
 async def main_async(options: Options, log_level: LogLevel) -> None:
     """The process: CA from ``--ca-dir``, API client from ``--server``, run until a signal."""
     ca = CertificateAuthority.load(options.ca_dir, trust_domain=options.trust_domain)
     async with KubeClient(load_config(options.server)) as client:
-        await run_until_signal(Ztunnel(options, ca, log_level=log_level, hooks=pod_hooks()),
-                               client)
+        await run_until_signal(Ztunnel(options, ca, log_level=log_level,
+                                       hooks=pod_hooks(options)), client)

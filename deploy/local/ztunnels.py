@@ -23,7 +23,7 @@ import trio
 
 from common.ca import CertificateAuthority
 from common.logging import get_logger
-from deploy.local import netns
+from deploy.local import netns, network
 
 log = get_logger("local.ztunnels")
 
@@ -45,7 +45,9 @@ def ensure_ca(state_dir: Path) -> Path:
 
 def ztunnel_argv(node: str, server: str, ca_dir: Path, node_netns: str) -> list[str]:
     return [sys.executable, "-m", "ztunnel", "--node", node, "--server", server,
-            "--ca-dir", str(ca_dir), "--node-netns", node_netns, "--drain-seconds", "2"]
+            "--ca-dir", str(ca_dir), "--node-netns", node_netns, "--drain-seconds", "2",
+            # The in-pod DNS proxy forwards to the cluster DNS, as the pods' resolv.conf does.
+            "--dns-upstream", network.DNS_VIP]
 
 
 def _open_log(path: Path) -> int:
