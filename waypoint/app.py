@@ -52,6 +52,7 @@ from waypoint.clusters import (
     static_endpoints,
 )
 from waypoint.h1_shell import H1Timeouts
+from waypoint.h2_upstream import ProtocolTransport
 from waypoint.listener import PassThrough, serve_stream
 from waypoint.mirror import Mirrorer
 from waypoint.proxy import PeerInfo, Proxy, RouterState
@@ -167,7 +168,7 @@ class Waypoint:
     def __init__(self, options: Options, *, transport: Transport | None = None,
                  rng: random.Random | None = None) -> None:
         self.options = options
-        self.transport: Transport = transport or TcpTransport()
+        self.transport: Transport = ProtocolTransport(transport or TcpTransport())
         self.clusters = Clusters(self.transport)
         self.metrics = RequestMetrics()
         self.proxy = Proxy(RouterState(RouteTable(by_destination={}, clusters={}),
@@ -305,7 +306,7 @@ class Waypoint:
                         authority=(f"[{endpoint.ip}]:{endpoint.port}" if ":" in endpoint.ip
                                    else f"{endpoint.ip}:{endpoint.port}"))
 
-            transport = MeshTransport(hbone)
+            transport = ProtocolTransport(MeshTransport(hbone))
             self.transport = transport
             self.clusters.transport = transport
             self.proxy.mirror = Mirrorer(nursery)

@@ -28,6 +28,7 @@ from common.metrics import workload_name
 from common.model import Snapshot
 from common.relay import relay
 from waypoint.h1_shell import H1Timeouts, serve_h1
+from waypoint.h2_shell import serve_h2
 from waypoint.proxy import PeerInfo, Proxy
 from waypoint.upstream import STREAM_ERRORS, EndpointInfo, Transport
 
@@ -55,7 +56,7 @@ async def refuse_h2(stream: trio.abc.Stream, proxy: Proxy, peer: PeerInfo,
 
 #: Called with the stream, the proxy, the peer and the bytes read so far (the preface
 #: and whatever followed it) for an HTTP/2 prior-knowledge connection.
-h2_handler: H2Handler = refuse_h2
+h2_handler: H2Handler = serve_h2
 
 
 class Detected:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Protocol
@@ -43,6 +43,7 @@ from common.identity import SpiffeId
 from common.logging import get_logger
 from waypoint import telemetry
 from waypoint.clusters import UNKNOWN, Clusters, ClusterState
+from waypoint.grpc import grpc_status
 from waypoint.http import Data, EndOfMessage, Headers, RequestHead, ResponseHead, hop_by_hop_names
 from waypoint.mirror import Mirrorer
 from waypoint.resilience import (
@@ -109,6 +110,12 @@ class Downstream(Protocol):
     Writes are buffered: :meth:`start_response`, :meth:`write_data` and
     :meth:`write_end` queue bytes, :meth:`flush` sends them.  The pipeline flushes
     before every wait on the upstream, so a small response leaves in one write.
+
+    A shell may also offer ``nursery`` (a ``trio.Nursery`` that outlives the
+    request): the pipeline then sends a streamed request body from a task of it
+    while the response comes back (full duplex, as streaming gRPC needs); and
+    ``body_ready()``: whether body (or its end) is at hand, so the pipeline buffers
+    for retries only what already arrived instead of waiting for a streaming client.
     """
 
     @property
@@ -211,6 +218,8 @@ class Proxy:
         self.rng = rng or random.Random()
         self.access_log = access_log
         self.body_buffer = body_buffer
+        # Connections whose request body is still being sent by a _pump_body task.
+        self._pumping: set[int] = set()
 
     async def handle(self, head: RequestHead, down: Downstream, peer: PeerInfo) -> None:
         """Answer one request; raises only when the downstream connection must close."""
@@ -346,7 +355,13 @@ class Proxy:
             return [], True
         chunks: list[bytes | memoryview] = []
         size = 0
+        # A full-duplex shell says whether more body is at hand: a streaming client may
+        # be waiting for the response before it sends more, so do not wait for it.
+        ready: Callable[[], bool] | None = getattr(down, "body_ready", None)
         while size <= self.body_buffer:
+            if ready is not None and not ready():
+                log.bytes_in = size
+                return chunks, False
             piece = await down.receive_body()
             if piece is None:
                 log.bytes_in = size
@@ -529,9 +544,16 @@ class Proxy:
                     out.append(writer.end())
                 await conn.stream.send_all(b"".join(out))
                 if not complete:
-                    while (more := await down.receive_body()) is not None:
-                        await conn.stream.send_all(b"".join(writer.data(more)))
-                    await conn.stream.send_all(writer.end())
+                    nursery: trio.Nursery | None = getattr(down, "nursery", None)
+                    if nursery is not None:
+                        # Full duplex (streaming gRPC): the rest of the body goes up
+                        # while the response comes down.
+                        self._pumping.add(id(conn))
+                        nursery.start_soon(self._pump_body, down, conn)
+                    else:
+                        while (more := await down.receive_body()) is not None:
+                            await conn.stream.send_all(b"".join(writer.data(more)))
+                        await conn.stream.send_all(writer.end())
                 sent_all = True
                 while True:
                     event = await conn.next_event()
@@ -540,7 +562,9 @@ class Proxy:
                             continue
                         overloaded = any(n == b"x-envoy-overloaded" for n, _ in event.headers)
                         return (TryOutcome(OutcomeKind.RESPONSE, status=event.status,
-                                           overloaded=overloaded), conn, event)
+                                           overloaded=overloaded,
+                                           grpc_status=grpc_status(event.headers)),
+                                conn, event)
                     raise Http1Error(f"upstream sent {type(event).__name__} before a "
                                      f"response head", 502)
             except _EXCHANGE_ERRORS as exc:
@@ -554,6 +578,19 @@ class Proxy:
                 await pool.release(conn, reusable=False)
                 raise
         raise AssertionError("unreachable")
+
+    async def _pump_body(self, down: Downstream, conn: UpstreamConnection) -> None:
+        """Send the rest of a streamed request body; a failure shows on the response side
+        (a connection still sending when its response ended is not reused)."""
+        writer = conn.writer
+        try:
+            while (more := await down.receive_body()) is not None:
+                await conn.stream.send_all(b"".join(writer.data(more)))
+            await conn.stream.send_all(writer.end())
+        except _EXCHANGE_ERRORS as exc:
+            _log.debug("request body not sent whole", upstream=conn.host.address, reason=str(exc))
+        finally:
+            self._pumping.discard(id(conn))
 
     async def _discard_response(self, cstate: ClusterState, conn: UpstreamConnection,
                                 deadline: float | None) -> None:
@@ -572,7 +609,7 @@ class Proxy:
                         break
             except _EXCHANGE_ERRORS:
                 reusable = False
-        await cstate.pool.release(conn, reusable)
+        await cstate.pool.release(conn, reusable and id(conn) not in self._pumping)
 
     async def _respond(self, conn: UpstreamConnection, response: ResponseHead,
                        cstate: ClusterState, decision: RouteDecision, down: Downstream,
@@ -623,7 +660,7 @@ class Proxy:
                     break
         finally:
             log.bytes_out = total
-            await cstate.pool.release(conn, reusable=ok)
+            await cstate.pool.release(conn, reusable=ok and id(conn) not in self._pumping)
         await down.flush()
 
     # --- telemetry -----------------------------------------------------------------

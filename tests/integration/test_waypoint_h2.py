@@ -1,0 +1,236 @@
+"""HTTP/2 and gRPC through a bench-mode waypoint, over real loopback sockets.
+
+An h2c prior-knowledge client (the ``h2`` library on a TCP socket) talks to the
+waypoint's listener (protocol detection -> HTTP/2 shell -> pipeline -> HTTP/2
+upstream) in front of the echo app (h2c) and a gRPC-shaped backend written here.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+from deploy.local import echo
+from tests.integration.h2_support import (
+    GrpcBackend,
+    GrpcStream,
+    H2Client,
+    connect,
+    frame,
+    unframe,
+)
+from waypoint.app import Options, Waypoint, bench_config_from
+from waypoint.listener import serve_stream
+from waypoint.proxy import PeerInfo
+from waypoint.upstream import RawSocketStream, tune
+
+GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+async def grpc_handler(s: GrpcStream) -> None:
+    path = s.path
+    if path == b"/test.Echo/Unary":
+        msg = await s.message()
+        rest = await s.message()
+        assert rest is None
+        await s.respond_headers()
+        await s.send(b"echo:" + (msg or b""))
+        await s.finish(0)
+    elif path == b"/test.Echo/Bidi":
+        await s.respond_headers()
+        while (msg := await s.message()) is not None:
+            await s.send(b"pong:" + msg)
+        await s.finish(0, b"bye")
+    elif path == b"/test.Echo/Big":
+        total = bytearray()
+        while (piece := await s.receive.receive()) is not None:
+            total += piece
+        await s.respond_headers()
+        # Echo the whole body back as the response body.
+        for i in range(0, len(total), 65536):
+            await s.send_raw(bytes(total[i:i + 65536]))
+        await s.finish(0)
+    else:
+        s.conn.send_headers(s.id, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                   (b"grpc-status", b"12")], end_stream=True)
+        await s.server.flush(s.conn)
+
+
+@dataclass
+class Mesh:
+    waypoint: Waypoint
+    port: int
+    grpc: GrpcBackend
+
+
+def _config(echo_port: int, grpc_port: int, dead_port: int) -> dict[str, Any]:
+    return {
+        "namespace": "default",
+        "services": [
+            {"name": "echo", "ports": [80],
+             "endpoints": [{"address": f"127.0.0.1:{echo_port}", "labels": {"version": "v1"}}]},
+            {"name": "grpc", "ports": [80],
+             "endpoints": [{"address": f"127.0.0.1:{grpc_port}"}]},
+            {"name": "dead", "ports": [80],
+             "endpoints": [{"address": f"127.0.0.1:{dead_port}"}]},
+        ],
+        "objects": [{
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "grpc"},
+            "spec": {"hosts": ["grpc"], "http": [
+                {"match": [{"headers": {"x-fault": {"exact": "abort"}}}],
+                 "fault": {"abort": {"grpcStatus": "RESOURCE_EXHAUSTED",
+                                     "percentage": {"value": 100}}},
+                 "route": [{"destination": {"host": "grpc"}}]},
+                {"route": [{"destination": {"host": "grpc"}}]}]},
+        }, {
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "dead"},
+            "spec": {"hosts": ["dead"], "http": [
+                {"route": [{"destination": {"host": "dead"}}], "retries": {"attempts": 0}}]},
+        }],
+    }
+
+
+def _dead_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+async def _listen(nursery: trio.Nursery, waypoint: Waypoint) -> int:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.setblocking(False)
+
+    async def accept_loop() -> None:
+        with listener:
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    continue
+                tune(sock)
+                nursery.start_soon(serve_stream, RawSocketStream(sock), waypoint.proxy,
+                                   PeerInfo(source_ip="127.0.0.1"), None)
+
+    nursery.start_soon(accept_loop)
+    port: int = listener.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+async def mesh(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Mesh]:
+    monkeypatch.setattr(echo, "_log", lambda *args: None)
+    async with trio.open_nursery() as nursery:
+        server = echo.Server(echo.Identity(pod="echo", namespace="default", version="v1"))
+        echo_port = (await nursery.start(echo.serve, [0], server, "127.0.0.1"))[0]
+        backend = GrpcBackend(grpc_handler)
+        grpc_port = await nursery.start(backend.serve)
+        waypoint = Waypoint(Options(name="waypoint", namespace="default", access_log=False))
+        await waypoint.apply_bench(bench_config_from(_config(echo_port, grpc_port,
+                                                             _dead_port())))
+        port = await _listen(nursery, waypoint)
+        yield Mesh(waypoint, port, backend)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def client(mesh: Mesh) -> AsyncIterator[H2Client]:
+    async with trio.open_nursery() as nursery:
+        c = H2Client(await connect(mesh.port))
+        await c.start(nursery)
+        yield c
+        nursery.cancel_scope.cancel()
+
+
+async def test_h2c_get_reaches_echo_over_h2(client: H2Client) -> None:
+    reply = await client.request("GET", "/hello?x=1", [(b"x-test", b"a")])
+    assert reply.status == 200
+    import json
+    doc = json.loads(bytes(reply.body))
+    assert doc["path"] == "/hello" and doc["query"] == "x=1"
+    assert doc["proto"].startswith("HTTP/2")
+    assert doc["headers"]["x-test"] == "a"
+    assert reply.header(b"x-envoy-upstream-service-time") is not None
+
+
+async def test_grpc_unary_with_trailers(client: H2Client) -> None:
+    reply = await client.request("POST", "/test.Echo/Unary", GRPC, frame(b"hi"),
+                                 authority="grpc")
+    assert reply.status == 200
+    assert unframe(bytes(reply.body)) == [b"echo:hi"]
+    assert dict(reply.trailers)[b"grpc-status"] == b"0"
+
+
+async def test_grpc_bidi_streaming_interleaves(client: H2Client) -> None:
+    sid = client.open("POST", "/test.Echo/Bidi", GRPC, authority="grpc", end=False)
+    await client.flush()
+    reply = client.replies[sid]
+    for i in range(5):
+        await client.send(sid, frame(b"ping%d" % i))
+        # The answer to each message arrives before the next one is sent.
+        want = i + 1
+        await client.wait(lambda: len(unframe(bytes(reply.body))) == want)
+    await client.send(sid, b"", end=True)
+    await client.wait(lambda: reply.ended)
+    assert unframe(bytes(reply.body)) == [b"pong:ping%d" % i for i in range(5)]
+    assert dict(reply.trailers)[b"grpc-status"] == b"0"
+    assert dict(reply.trailers)[b"grpc-message"] == b"bye"
+
+
+async def test_no_route_is_grpc_unimplemented(client: H2Client) -> None:
+    reply = await client.request("POST", "/x.Y/Z", GRPC, frame(b""), authority="nowhere")
+    assert reply.status == 200
+    assert reply.header(b"grpc-status") == b"12"
+    assert reply.body == b"" and reply.trailers == []
+
+
+async def test_upstream_unavailable_is_grpc_unavailable(client: H2Client) -> None:
+    reply = await client.request("POST", "/x.Y/Z", GRPC, frame(b""), authority="dead")
+    assert reply.status == 200
+    assert reply.header(b"grpc-status") == b"14"
+    assert reply.header(b"grpc-message") is not None
+
+
+async def test_fault_abort_grpc_status(client: H2Client) -> None:
+    reply = await client.request("POST", "/test.Echo/Unary", [*GRPC, (b"x-fault", b"abort")],
+                                 frame(b"hi"), authority="grpc")
+    assert reply.status == 200
+    assert reply.header(b"grpc-status") == b"8"
+
+
+async def test_no_route_plain_h2_is_404(client: H2Client) -> None:
+    reply = await client.request("GET", "/", authority="nowhere")
+    assert reply.status == 404
+
+
+async def test_rapid_reset_flood_gets_goaway_and_others_unaffected(mesh: Mesh,
+                                                                   client: H2Client) -> None:
+    async with trio.open_nursery() as nursery:
+        attacker = H2Client(await connect(mesh.port))
+        await attacker.start(nursery)
+        for _ in range(400):
+            if attacker.closed or attacker.terminated is not None:
+                break
+            sid = attacker.open("GET", "/slow", authority="echo")
+            attacker.h2.reset_stream(sid)
+            try:
+                await attacker.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+        await attacker.wait(lambda: attacker.terminated is not None or attacker.closed)
+        assert attacker.terminated is not None
+        assert attacker.terminated.error_code == 0xB  # ENHANCE_YOUR_CALM
+        nursery.cancel_scope.cancel()
+    reply = await client.request("GET", "/after")
+    assert reply.status == 200
