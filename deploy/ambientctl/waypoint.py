@@ -16,7 +16,11 @@ namespace's ``istio.io/use-waypoint`` label when it named this waypoint.  ``stat
 up to ``--wait-timeout`` for the Gateway's ``Programmed`` condition and a Ready pod.
 
 The server is ``--kubeconfig``/``--context`` when given (a real cluster), else as for
-``ambientctl get``: ``--server``, ``$AMBIENT_SERVER``, the local cluster.
+``ambientctl get``: ``--server``, ``$AMBIENT_SERVER``, the local cluster.  A server that
+serves RBAC is a Kubernetes: there ``apply`` also binds the waypoint's ServiceAccount to
+the ``pyambient-waypoint`` ClusterRole that ``ambientctl install`` created (see
+:func:`deploy.install.waypoint_rbac`; ``delete`` removes the binding), and the default
+image is the one the install deploys rather than the local cluster's ``ambient/waypoint``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import yaml
 
 from common.errors import ConfigError, KubeApiError
 from common.kube import Gateway, KubeClient, KubeConfig, Namespace, Pod, load_config
-from common.kube.resources import by_kind
+from common.kube.resources import ResourceType, by_kind
+from deploy import install
 from deploy.ambientctl.objects import _apply_one, format_table, resolve_server
 from deploy.waypoint_objects import (
     DATAPLANE_MODE_LABEL,
@@ -66,6 +71,9 @@ _GATEWAY_CRDS = ("https://github.com/kubernetes-sigs/gateway-api/releases/downlo
                  "standard-install.yaml")
 # A create that lost a race is retried as an update this many times.
 _CREATE_RACES = 2
+_RBAC_API = "/apis/rbac.authorization.k8s.io/v1"
+_BINDING = ResourceType(kind="ClusterRoleBinding", group="rbac.authorization.k8s.io",
+                        version="v1", plural="clusterrolebindings", namespaced=False)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -119,21 +127,40 @@ async def _set_namespace_label(client: KubeClient, ns: Namespace, value: str | N
 # -- apply ------------------------------------------------------------------------------------
 
 
-def spec_from(args: argparse.Namespace, namespace: str) -> WaypointSpec:
+def spec_from(args: argparse.Namespace, namespace: str, *, kubernetes: bool) -> WaypointSpec:
+    """The waypoint asked for; without ``--image`` the image is the local cluster's, or on
+    Kubernetes the one ``ambientctl install`` deploys."""
+    image = args.image or (install.DEFAULT_IMAGE if kubernetes else DEFAULT_IMAGE)
     spec = WaypointSpec(namespace=namespace, name=args.name, traffic_type=args.traffic_type,
-                        revision=args.revision, image=args.image)
+                        revision=args.revision, image=image)
     spec.check()
     return spec
 
 
-def dry_run_yaml(spec: WaypointSpec) -> str:
-    """The four objects as multi-document YAML (no owner references: no uid exists yet)."""
-    return yaml.safe_dump_all(waypoint_objects(spec), sort_keys=False)
+def dry_run_yaml(spec: WaypointSpec, *, kubernetes: bool) -> str:
+    """The objects as multi-document YAML (no owner references: no uid exists yet); on
+    Kubernetes also the ClusterRoleBinding."""
+    objects = waypoint_objects(spec)
+    if kubernetes:
+        objects.append(install.waypoint_rbac(spec.namespace, spec.name))
+    return yaml.safe_dump_all(objects, sort_keys=False)
 
 
-async def apply_object(client: KubeClient, body: dict[str, Any]) -> str:
+async def serves_rbac(client: KubeClient) -> bool:
+    """Whether the server is a Kubernetes with RBAC (the local API server has none)."""
+    try:
+        await client.request("GET", _RBAC_API)
+    except KubeApiError as exc:
+        if exc.code == 404:
+            return False
+        raise
+    return True
+
+
+async def apply_object(client: KubeClient, body: dict[str, Any],
+                       rt: ResourceType | None = None) -> str:
     """``ambientctl apply`` of one object: created, configured or unchanged."""
-    rt = by_kind(body["kind"])
+    rt = rt or by_kind(body["kind"])
     for _ in range(_CREATE_RACES):
         try:
             return await _apply_one(client, rt, body)
@@ -145,8 +172,9 @@ async def apply_object(client: KubeClient, body: dict[str, Any]) -> str:
     return await _apply_one(client, rt, body)
 
 
-async def apply_waypoint(client: KubeClient, spec: WaypointSpec) -> bool:
-    """Write the four objects; True when any of them was created or changed."""
+async def apply_waypoint(client: KubeClient, spec: WaypointSpec, *, kubernetes: bool) -> bool:
+    """Write the four objects (on Kubernetes also the ClusterRoleBinding that lets the
+    waypoint read the mesh's objects); True when any was created or changed."""
     changed = False
     try:
         outcome = await apply_object(client, gateway(spec))
@@ -161,19 +189,26 @@ async def apply_waypoint(client: KubeClient, spec: WaypointSpec) -> bool:
     owner = Owner(spec.name, stored.metadata.uid or "")
     for body in dependants(spec, owner):
         changed |= await apply_object(client, body) != "unchanged"
+    if kubernetes:
+        # Cluster-scoped, so it cannot be owned by the Gateway: delete removes it by name.
+        binding = install.waypoint_rbac(spec.namespace, spec.name)
+        changed |= await apply_object(client, binding, _BINDING) != "unchanged"
     return changed
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     if args.dry_run:
-        namespace = args.namespace or "default"
-        if args.kubeconfig or args.context:
-            namespace = client_config(args).namespace
-        sys.stdout.write(dry_run_yaml(spec_from(args, namespace)))
+        # No server is asked: a kubeconfig says the target is Kubernetes.
+        kubernetes = bool(args.kubeconfig or args.context)
+        namespace = client_config(args).namespace if kubernetes else \
+            args.namespace or "default"
+        spec = spec_from(args, namespace, kubernetes=kubernetes)
+        sys.stdout.write(dry_run_yaml(spec, kubernetes=kubernetes))
         return 0
 
     async def work(client: KubeClient) -> int:
-        spec = spec_from(args, args.namespace)
+        kubernetes = await serves_rbac(client)
+        spec = spec_from(args, args.namespace, kubernetes=kubernetes)
         where = f"{spec.namespace}/{spec.name}"
         ns = await _namespace(client, spec.namespace)
         if args.enroll_namespace:
@@ -187,7 +222,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 print(f"warning: namespace {spec.namespace} is not enrolled in ambient; "
                       f"consider `ambientctl label namespace {spec.namespace} "
                       f"{DATAPLANE_MODE_LABEL}=ambient`", file=sys.stderr)
-        changed = await apply_waypoint(client, spec)
+        changed = await apply_waypoint(client, spec, kubernetes=kubernetes)
         print(f"waypoint {where} applied{'' if changed else ' (unchanged)'}", flush=True)
         if args.wait:
             _, ready, detail = await wait_ready(client, spec.namespace, spec.name,
@@ -264,8 +299,12 @@ async def delete_waypoint(client: KubeClient, namespace: str, name: str) -> None
     except KubeApiError as exc:
         if exc.code != 404:
             raise
-    for kind in ("Deployment", "Service", "ServiceAccount"):
-        path = by_kind(kind).object_path(name, namespace)
+    paths = [by_kind(kind).object_path(name, namespace)
+             for kind in ("Deployment", "Service", "ServiceAccount")]
+    if await serves_rbac(client):
+        paths.append(_BINDING.object_path(
+            install.waypoint_rbac(namespace, name)["metadata"]["name"]))
+    for path in paths:
         try:
             stored = await client.request("GET", path)
             if owned_by_waypoint(stored.get("metadata") or {}, name):
@@ -417,8 +456,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     apply.add_argument("--overwrite", action="store_true",
                        help="with --enroll-namespace: replace another waypoint's label")
     apply.add_argument("-r", "--revision", help="label the waypoint with istio.io/rev")
-    apply.add_argument("--image", default=DEFAULT_IMAGE,
-                       help=f"container image (default {DEFAULT_IMAGE}, the local cluster's)")
+    apply.add_argument("--image", help=f"container image (default {DEFAULT_IMAGE} on the "
+                       f"local cluster, {install.DEFAULT_IMAGE} on Kubernetes)")
     apply.add_argument("--dry-run", action="store_true",
                        help="print the objects as YAML and change nothing")
     apply.add_argument("-w", "--wait", action="store_true",

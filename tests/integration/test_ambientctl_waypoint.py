@@ -31,7 +31,7 @@ from common.kube import (
     ServiceAccount,
 )
 from deploy import ambientctl
-from deploy.ambientctl.waypoint import apply_waypoint
+from deploy.ambientctl.waypoint import apply_waypoint, serves_rbac
 from deploy.local.gateways import GatewayController
 from deploy.local.informer import Cache, Signal
 from deploy.waypoint_objects import GATEWAY_NAME_LABEL, WaypointSpec, condition_of, gateway
@@ -237,7 +237,8 @@ def test_status_without_a_controller_times_out_and_says_why(
 
 async def test_gateway_controller_writes_status_and_collects_orphans(server: str) -> None:
     async with KubeClient(KubeConfig.for_server(server)) as client:
-        await apply_waypoint(client, WaypointSpec(namespace="shop"))
+        assert not await serves_rbac(client)  # the local API server is not a Kubernetes
+        await apply_waypoint(client, WaypointSpec(namespace="shop"), kubernetes=False)
         # What the cluster's other controllers and kubelet would write.
         await client.patch(Service, "waypoint", {"spec": {"clusterIP": "10.96.0.9"}}, "shop")
         created = await client.create(Pod.model_validate({

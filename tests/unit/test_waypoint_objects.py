@@ -28,12 +28,17 @@ from common.kube import (
 from common.kube.objects import Container
 from common.model import WaypointRef
 from common.translate import translate
+from deploy import install
 from deploy.ambientctl.waypoint import (
     apply_object,
+    apply_waypoint,
     client_config,
+    delete_waypoint,
     dry_run_yaml,
     list_rows,
     parse_duration,
+    serves_rbac,
+    spec_from,
 )
 from deploy.local.apiserver.validation import check_object
 from deploy.local.runtime import container_argv
@@ -166,9 +171,15 @@ def test_check_names_the_flag_in_error(spec: WaypointSpec, message: str) -> None
 
 
 def test_dry_run_yaml_parses_to_the_four_kinds() -> None:
-    docs = list(yaml.safe_load_all(dry_run_yaml(WaypointSpec(namespace="a", traffic_type="all"))))
+    spec = WaypointSpec(namespace="a", traffic_type="all")
+    docs = list(yaml.safe_load_all(dry_run_yaml(spec, kubernetes=False)))
     assert [d["kind"] for d in docs] == ["Gateway", "ServiceAccount", "Deployment", "Service"]
     assert docs[0]["metadata"]["labels"] == {"istio.io/waypoint-for": "all"}
+    # For Kubernetes, also the binding that lets the waypoint's account read the mesh.
+    docs = list(yaml.safe_load_all(dry_run_yaml(spec, kubernetes=True)))
+    assert docs[-1]["kind"] == "ClusterRoleBinding"
+    assert docs[-1]["subjects"] == [{"kind": "ServiceAccount", "name": "waypoint",
+                                     "namespace": "a"}]
 
 
 def test_translator_sees_the_waypoint_with_the_account_identity() -> None:
@@ -366,3 +377,56 @@ async def test_apply_merges_into_an_object_created_between_read_and_create() -> 
     async with KubeClient(config, transport=httpx.MockTransport(answer)) as client:
         assert await apply_object(client, body) == "configured"
     assert calls == ["GET", "POST", "GET", "PUT"]
+
+
+class FakeKubernetes:
+    """Just enough of a Kubernetes API server (with RBAC) for apply and delete."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.version = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "GET" and path == "/apis/rbac.authorization.k8s.io/v1":
+            return httpx.Response(200, json={"kind": "APIResourceList", "resources": []})
+        if request.method == "POST":
+            body = json.loads(request.content)
+            path = f"{path}/{body['metadata']['name']}"
+            if path in self.objects:
+                return self.status(409, "AlreadyExists")
+            body["metadata"]["uid"] = f"uid-{len(self.objects)}"
+        if request.method in ("POST", "PUT"):
+            body = json.loads(request.content)
+            self.version += 1
+            body["metadata"]["resourceVersion"] = str(self.version)
+            self.objects[path] = body
+            return httpx.Response(200, json=body)
+        if path not in self.objects:
+            return self.status(404, "NotFound")
+        if request.method == "DELETE":
+            return httpx.Response(200, json=self.objects.pop(path))
+        return httpx.Response(200, json=self.objects[path])
+
+    @staticmethod
+    def status(code: int, reason: str) -> httpx.Response:
+        return httpx.Response(code, json={"kind": "Status", "code": code, "reason": reason})
+
+
+async def test_on_kubernetes_apply_binds_the_account_and_delete_unbinds_it() -> None:
+    fake = FakeKubernetes()
+    config = KubeConfig.for_server("https://kubernetes.invalid")
+    binding = ("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/"
+               "pyambient-waypoint-shop-reviews-wp")
+    async with KubeClient(config, transport=httpx.MockTransport(fake)) as client:
+        kubernetes = await serves_rbac(client)
+        args = argparse.Namespace(name="reviews-wp", traffic_type=None, revision=None,
+                                  image=None)
+        spec = spec_from(args, "shop", kubernetes=kubernetes)
+        assert spec.image == install.DEFAULT_IMAGE
+        assert await apply_waypoint(client, spec, kubernetes=kubernetes)
+        assert not await apply_waypoint(client, spec, kubernetes=kubernetes)
+        assert fake.objects[binding]["roleRef"]["name"] == "pyambient-waypoint"
+        assert len(fake.objects) == 5
+        await delete_waypoint(client, "shop", "reviews-wp")
+        assert fake.objects == {}
