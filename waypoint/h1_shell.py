@@ -11,8 +11,10 @@ answered strictly in order; bytes of a pipelined next request stay in the parser
 until the current response is complete.
 
 Deadlines, all on one cancel scope moved forward as the connection progresses:
-``idle_timeout`` between requests, ``header_timeout`` from a head's first byte to
-its end (slowloris), ``stream_idle_timeout`` while a request is in progress.  Bad
+``idle`` between requests, ``header`` from a head's first byte to its end when the
+head arrives in pieces (slowloris), and at least ``stream_idle`` for each request in
+progress.  The scope is moved lazily (only when less than half of ``idle`` is left),
+so a busy keep-alive connection touches it about once per ``idle / 2``.  Bad
 input is answered with the parser's status hint (400, 413, 414, 431, 501, 505) and
 ``Connection: close``.  A request whose body the pipeline did not read (a local
 answer) has a small remaining body drained; otherwise the connection closes.
@@ -184,18 +186,21 @@ class H1Connection:
         timeouts = self.timeouts
         proxy = self.proxy
         peer = self.peer
-        scope.deadline = trio.current_time() + (timeouts.header if parser.buffered
-                                                else timeouts.idle)
+        now = trio.current_time()
+        scope.deadline = now + (timeouts.header if parser.buffered else timeouts.idle)
+        bounded_head = bool(parser.buffered)
         while True:
             event = parser.next_event()
             if event is NEED_DATA:
-                idle = parser.buffered == 0
+                if parser.buffered and not bounded_head:
+                    # A head arrived in pieces: it must complete within the header timeout.
+                    bounded_head = True
+                    scope.deadline = min(scope.deadline,
+                                         trio.current_time() + timeouts.header)
                 data = await self.stream.receive_some(READ_SIZE)
                 if not data:
                     parser.feed_eof()
                     continue
-                if idle:
-                    scope.deadline = trio.current_time() + timeouts.header
                 parser.feed(data)
                 continue
             if not isinstance(event, RequestHead):
@@ -206,7 +211,13 @@ class H1Connection:
             self._body_done = False
             self._continue_sent = False
             self._started = False
-            scope.deadline = trio.current_time() + timeouts.stream_idle
+            # Deadlines move lazily: setting one costs more than the rest of a small
+            # request's bookkeeping, so the scope is only touched when the deadline is
+            # about to be too close (or was tightened for a partial head).
+            now = trio.current_time()
+            if bounded_head or scope.deadline - now < timeouts.stream_idle:
+                scope.deadline = now + max(timeouts.stream_idle, timeouts.idle / 2)
+                bounded_head = False
             await proxy.handle(event, self, peer)
             await self.flush()
             if not self._body_done and not self._close_after:
@@ -214,8 +225,11 @@ class H1Connection:
             if self._close_after or self.writer.must_close or not event.keep_alive:
                 return
             self._head = None
-            scope.deadline = trio.current_time() + (timeouts.header if parser.buffered
-                                                    else timeouts.idle)
+            if parser.buffered:  # a pipelined request is partly here already
+                bounded_head = True
+                scope.deadline = trio.current_time() + timeouts.header
+            elif scope.deadline - trio.current_time() < timeouts.idle / 2:
+                scope.deadline = trio.current_time() + timeouts.idle
 
     async def _drain(self) -> None:
         drained = 0

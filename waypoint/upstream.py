@@ -75,7 +75,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
     (shielded, so data already taken is never lost to a cancellation).
     """
 
-    __slots__ = ("_calls", "_closed", "socket")
+    __slots__ = ("_calls", "_closed", "_drained", "socket")
 
     _YIELD_EVERY = 16
 
@@ -83,6 +83,10 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         self.socket = sock
         self._closed = False
         self._calls = 0
+        # The last read did not fill its buffer: the socket is most likely empty now, so
+        # the next read waits for readiness first instead of paying a failing recv (a
+        # syscall and an exception) -- the usual case for request/response traffic.
+        self._drained = False
 
     async def _fair(self) -> None:
         self._calls += 1
@@ -93,6 +97,10 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         sock = self.socket
         size = max_bytes or READ_SIZE
+        waited = False
+        if self._drained:
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
@@ -100,11 +108,15 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 data = sock.recv(size)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
-                self._calls = 0
+                waited = True
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            await self._fair()
+            self._drained = len(data) < size
+            if waited:
+                self._calls = 0
+            else:
+                await self._fair()
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -299,7 +311,8 @@ class ConnectionPool:
         if reusable and conn.reusable and not self.breaker.connection_exhausted(conn.served):
             conn.idle_since = trio.current_time()
             self._idle.setdefault(conn.host.address, []).append(conn)
-            self._released.unpark()
+            if self._released:
+                self._released.unpark()
             return
         await self._discard(conn)
 

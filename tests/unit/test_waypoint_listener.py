@@ -70,7 +70,9 @@ async def test_http2_preface_goes_to_the_h2_hook(nursery: trio.Nursery,
     assert got and got[0].startswith(listener.H2_PREFACE)
 
 
-async def test_http2_without_a_shell_gets_goaway(nursery: trio.Nursery) -> None:
+async def test_http2_refusal_hook_sends_goaway(nursery: trio.Nursery,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener, "h2_handler", listener.refuse_h2)
     h = await Harness(nursery, {"services": [service("echo", A)]}, {A: FakeBackend("a")}).start()
     client, server = trio.testing.memory_stream_pair()
     nursery.start_soon(serve_stream, server, h.waypoint.proxy, PeerInfo(source_ip="10.0.0.9"),

@@ -380,3 +380,17 @@ async def test_bad_request_gets_the_parser_status(nursery: trio.Nursery) -> None
         while b"\r\n\r\n" not in data:
             data += await client.stream.receive_some(65536)
     assert data.startswith(b"HTTP/1.1 431")
+
+
+async def test_new_config_applies_to_the_next_request_on_a_live_connection(
+        nursery: trio.Nursery) -> None:
+    v1, v2 = FakeBackend("v1"), FakeBackend("v2")
+    services = [service("echo", A), service("other", B)]
+    h = await harness(nursery, [], {A: v1, B: v2}, services)
+    client = h.client()
+    assert (await client.request("/")).headers["x-backend"] == "v1"
+    updated = Harness(nursery, {"services": services, "objects": [
+        vs("echo", [{"route": [{"destination": {"host": "other"}}]}])]}, {})
+    await h.waypoint.apply_bench(updated.config)
+    assert (await client.request("/")).headers["x-backend"] == "v2"  # same connection
+    assert v1.connections == 1 and v2.connections == 1
