@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from ztunnel.proxy.pod import EnrolledPod
     from ztunnel.proxy.state import ProxyState
 
-__all__ = ["DnsMetrics", "DnsService", "default_upstreams", "parse_upstream", "serve_dns"]
+__all__ = ["DnsMetrics", "DnsService", "default_upstreams", "parse_upstream",
+           "pod_socket_factory", "serve_dns"]
 
 _log = get_logger("ztunnel.dns")
 
@@ -164,6 +165,7 @@ class _PodDns:
         try:
             async with stream, trio.open_nursery() as nursery:
                 while True:
+                    data = None
                     with trio.move_on_after(self.config.tcp_idle_timeout):
                         data = await self._read_message(stream)
                     if data is None:  # EOF, idle timeout, or a broken frame
@@ -253,10 +255,7 @@ class DnsService:
                             "loopback from inside the pod: pass --dns-upstream with the "
                             "cluster DNS address", upstreams=self.config.upstreams)
 
-        def open_socket(family: socket.AddressFamily, kind: socket.SocketKind
-                        ) -> socket.socket:
-            return pod.netns.run(lambda: marked_socket(family, kind))
-
+        open_socket = pod_socket_factory(pod)
         try:
             async with trio.open_nursery() as nursery:
                 for udp, tcp in pairs:
@@ -266,6 +265,15 @@ class DnsService:
         finally:
             for sock in sockets:
                 sock.close()
+
+
+def pod_socket_factory(pod: EnrolledPod) -> SocketFactory:
+    """Sockets created inside ``pod``'s namespace with ztunnel's mark (not captured)."""
+
+    def open_socket(family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
+        return pod.netns.run(partial(marked_socket, family, kind))
+
+    return open_socket
 
 
 def _udp_listener(host: str, port: int) -> socket.socket:
