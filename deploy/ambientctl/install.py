@@ -166,40 +166,42 @@ async def wait_for_ztunnel(client: KubeClient, within: float) -> tuple[bool, str
     return last
 
 
+async def install(client: KubeClient, objects: list[dict[str, Any]], *, crds: bool,
+                  wait_timeout: float) -> int:
+    """Apply the CRDs (when asked), check they are served, apply ``objects``, wait."""
+    if crds:
+        for what, url in CRD_SOURCES:
+            print(f"applying {what} from {url}", flush=True)
+            for doc in await download_crds([url]):
+                await server_side_apply(client, doc)
+    missing = await missing_api_groups(client)
+    if missing:
+        raise ConfigError(
+            f"the cluster does not serve {', '.join(missing)}: install the CRDs the mesh "
+            "reads first (`ambientctl install --crds`, or `kubectl apply --server-side "
+            "-k deploy/k8s/crds`)")
+    for obj in objects:
+        await server_side_apply(client, obj)
+        print(f"{display(obj)} serverside-applied", flush=True)
+    if wait_timeout <= 0:
+        return 0
+    ready, detail = await wait_for_ztunnel(client, wait_timeout)
+    if not ready:
+        print(f"error: ztunnel not ready after {wait_timeout:g}s: {detail} (see "
+              f"`kubectl -n {NAMESPACE} describe daemonset {ZTUNNEL}` and `kubectl -n "
+              f"{NAMESPACE} logs -l app={ZTUNNEL} --all-containers`)", file=sys.stderr)
+        return 1
+    print(f"ztunnel is ready on every node ({detail})")
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
-    options = InstallOptions(image=args.image, log_level=args.log_level)
-    objects = install_objects(options)
+    objects = install_objects(InstallOptions(image=args.image, log_level=args.log_level))
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
         return 0
-
-    async def work(client: KubeClient) -> int:
-        if args.crds:
-            for what, url in CRD_SOURCES:
-                print(f"applying {what} from {url}", flush=True)
-                for doc in await download_crds([url]):
-                    await server_side_apply(client, doc)
-        missing = await missing_api_groups(client)
-        if missing:
-            raise ConfigError(
-                f"the cluster does not serve {', '.join(missing)}: install the CRDs the mesh "
-                "reads first (`ambientctl install --crds`, or `kubectl apply --server-side "
-                "-k deploy/k8s/crds`)")
-        for obj in objects:
-            await server_side_apply(client, obj)
-            print(f"{display(obj)} serverside-applied", flush=True)
-        if args.wait_timeout <= 0:
-            return 0
-        ready, detail = await wait_for_ztunnel(client, args.wait_timeout)
-        if not ready:
-            print(f"error: ztunnel not ready after {args.wait_timeout:g}s: {detail} (see "
-                  f"`kubectl -n {NAMESPACE} describe daemonset {ZTUNNEL}` and `kubectl -n "
-                  f"{NAMESPACE} logs -l app={ZTUNNEL} --all-containers`)", file=sys.stderr)
-            return 1
-        print(f"ztunnel is ready on every node ({detail})")
-        return 0
-
-    return _run(args, work)
+    return _run(args, lambda client: install(client, objects, crds=args.crds,
+                                             wait_timeout=args.wait_timeout))
 
 
 # -- uninstall --------------------------------------------------------------------------------
@@ -233,6 +235,22 @@ async def _delete(client: KubeClient, obj: dict[str, Any]) -> bool:
     return True
 
 
+async def uninstall(client: KubeClient, objects: list[dict[str, Any]], *,
+                    force: bool) -> int:
+    """Delete ``objects`` (in :func:`removal_order`) and the waypoints' bindings."""
+    enrolled = (await client.list(Namespace, label_selector=ENROLLED_SELECTOR)).items
+    if enrolled and not force:
+        names = ", ".join(sorted(n.metadata.name for n in enrolled))
+        raise ConfigError(
+            f"namespaces still enrolled: {names}; their pods' traffic would go to a "
+            "ztunnel that is gone. Remove the label first (kubectl label namespace NAME "
+            "istio.io/dataplane-mode-), or pass --force")
+    for obj in objects[:-1] + await waypoint_bindings(client) + objects[-1:]:
+        gone = await _delete(client, obj)
+        print(f"{display(obj)} {'deleted' if gone else 'was not there'}", flush=True)
+    return 0
+
+
 def cmd_uninstall(args: argparse.Namespace) -> int:
     objects = removal_order(install_objects())
     if args.dry_run:
@@ -240,18 +258,4 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
             print(f"{display(obj)} would be deleted")
         print("and every ClusterRoleBinding labelled " + _PART_OF_SELECTOR)
         return 0
-
-    async def work(client: KubeClient) -> int:
-        enrolled = (await client.list(Namespace, label_selector=ENROLLED_SELECTOR)).items
-        if enrolled and not args.force:
-            names = ", ".join(sorted(n.metadata.name for n in enrolled))
-            raise ConfigError(
-                f"namespaces still enrolled: {names}; their pods' traffic would go to a "
-                "ztunnel that is gone. Remove the label first (kubectl label namespace NAME "
-                "istio.io/dataplane-mode-), or pass --force")
-        for obj in objects[:-1] + await waypoint_bindings(client) + objects[-1:]:
-            gone = await _delete(client, obj)
-            print(f"{display(obj)} {'deleted' if gone else 'was not there'}", flush=True)
-        return 0
-
-    return _run(args, work)
+    return _run(args, lambda client: uninstall(client, objects, force=args.force))
