@@ -249,7 +249,7 @@ class Proxy:
             if decision.outcome is not Outcome.FORWARD:
                 await self._route_answer(down, decision, log)
                 return
-            if routes is not None and state.policies is not None:
+            if routes is not None and len(state.policies):
                 policies = state.policies.for_target(state.gateway, state.service_ref(routes))
                 if policies is not EMPTY_POLICY_SET and not self._authorized(
                         state, routes, request, peer, port, target):

@@ -184,6 +184,17 @@ async def test_bookinfo_routing_through_the_waypoint(
             logs += await _sh(cluster, "logs", "-n", namespace, pod.metadata.name)
         return marker in logs
     await wait_for(mirrored, 20, interval=0.5, what="mirrored requests in the v2 pods' logs")
+    # Istio's metrics on the waypoint's 15020, with the source workload known.
+    pods = (await kube.list(Pod, namespace)).items
+    waypoint = next(p.metadata.name for p in pods if p.metadata.name.startswith("waypoint-"))
+    metrics = await _sh(cluster, "exec", "-n", namespace, waypoint, "--",
+                        "curl", "-s", "localhost:15020/metrics")
+    line = next(ln for ln in metrics.splitlines()
+                if ln.startswith("istio_requests_total{") and 'destination_version="v2"' in ln
+                and 'response_code="200"' in ln)
+    assert 'reporter="waypoint"' in line and 'destination_service_name="reviews"' in line
+    assert 'source_workload="client"' in line
+    assert float(line.rsplit(" ", 1)[1]) >= 20
 
 
 async def test_l7_deny_by_path_and_method_and_l4_service_without_waypoint(
