@@ -41,6 +41,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _IPV6_TRANSPARENT = 75  # linux/in6.h; Python's socket module does not export it
+_IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h (also applies to IPv6 sockets)
 
 
 def _setns(fd: int) -> None:
@@ -115,6 +116,10 @@ class PodNetns:
                               else socket.IP_TRANSPARENT)
                     sock.setsockopt(level, option, 1)
                 if source is not None:
+                    # Let connect() pick the port knowing the whole 4-tuple, instead of
+                    # bind() picking one blind (under churn that can land on a 4-tuple
+                    # still in TIME_WAIT, and also exhausts ports per source sooner).
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
                     sock.bind((source, 0))
             except BaseException:
                 sock.close()
