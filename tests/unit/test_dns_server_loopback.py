@@ -7,7 +7,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -18,8 +18,6 @@ from ztunnel.dns.resolver import DnsConfig, Resolver
 from ztunnel.dns.server import DnsMetrics, default_upstreams, parse_upstream, serve_dns
 from ztunnel.dns.upstream import receive_exactly
 from ztunnel.dns.wire import (
-    FLAG_QR,
-    FLAG_RA,
     FLAG_TC,
     RCODE_FORMERR,
     RCODE_NOERROR,
@@ -27,73 +25,14 @@ from ztunnel.dns.wire import (
     RCODE_SERVFAIL,
     TYPE_A,
     Message,
-    address_record,
-    build,
-    name_text,
     parse,
-    soa_record,
 )
 
-from .dns_helpers import query_bytes, service, snapshot
+from .dns_helpers import FakeUpstream, query_bytes, service, snapshot
 from .ztunnel_helpers import workload
 
 SNAP = snapshot([service("echo", "default", ["10.96.1.1"])])
 CLIENT: Workload = workload("client", namespace="default", ip="10.9.9.9")
-
-
-@dataclass
-class FakeUpstream:
-    """A tiny authoritative-for-everything server: ``big*`` has 60 A records (truncated over
-    UDP), ``nx*`` is NXDOMAIN, ``slow*`` never answers; everything else one A record."""
-
-    udp: trio.socket.SocketType
-    tcp: trio.socket.SocketType
-    asked: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.udp.getsockname()[1])
-
-    def respond(self, data: bytes, protocol: str) -> bytes | None:
-        q = parse(data)
-        question = q.questions[0]
-        name = name_text(question.name)
-        self.asked.append((name, protocol))
-        if name.startswith("slow"):
-            return None
-        flags = FLAG_QR | FLAG_RA | (q.flags & 0x0100)
-        if name.startswith("nx"):
-            return build(Message(q.id, flags | RCODE_NXDOMAIN, q.questions,
-                                 authorities=(soa_record(question.name[-1:], 60, 20),)))
-        count = 60 if name.startswith("big") else 1
-        answers = tuple(address_record(question.name, f"192.0.2.{i + 1}", 120)
-                        for i in range(count))
-        wire = build(Message(q.id, flags, q.questions, answers))
-        if protocol == "udp" and len(wire) > 512:
-            wire = build(Message(q.id, flags | FLAG_TC, q.questions))
-        return wire
-
-    async def serve(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._serve_udp)
-            while True:
-                conn, _ = await self.tcp.accept()
-                nursery.start_soon(self._serve_tcp, conn)
-
-    async def _serve_udp(self) -> None:
-        while True:
-            data, peer = await self.udp.recvfrom(65535)
-            reply = self.respond(data, "udp")
-            if reply is not None:
-                await self.udp.sendto(reply, peer)
-
-    async def _serve_tcp(self, conn: trio.socket.SocketType) -> None:
-        stream = trio.SocketStream(conn)
-        async with stream:
-            (length,) = struct.unpack("!H", await receive_exactly(stream, 2))
-            reply = self.respond(await receive_exactly(stream, length), "tcp")
-            if reply is not None:
-                await stream.send_all(struct.pack("!H", len(reply)) + reply)
 
 
 @dataclass

@@ -227,7 +227,7 @@ class DnsService:
         return self._shared(state)[0]
 
     async def serve_pod(self, pod: EnrolledPod) -> None:
-        """Listen on 15053 (udp and tcp) in ``pod``'s namespace until cancelled.
+        """Listen on loopback 15053 (udp and tcp) in ``pod``'s namespace until cancelled.
 
         A failure to open the listeners is logged and leaves the pod's other listeners
         alone (its DNS then times out rather than bypassing the proxy).
@@ -235,7 +235,11 @@ class DnsService:
         resolver, metrics = self._shared(pod.state)
         client = pod.current()
         port = self.config.port
-        hosts = ["0.0.0.0"] + (["::"] if any(":" in ip for ip in client.ips) else [])
+        # The capture rules redirect the pod's own port-53 traffic, and nftables maps a
+        # locally generated packet's redirect to the loopback address.  A UDP socket bound
+        # to the wildcard would answer from the pod's IP, which conntrack does not map back
+        # to the original server address, and the stub would drop the reply.
+        hosts = ["127.0.0.1"] + (["::1"] if any(":" in ip for ip in client.ips) else [])
         sockets: list[socket.socket] = []
         try:
             pairs = []
