@@ -349,7 +349,11 @@ def socks5_pod_hook(resolver_for: Callable[[ProxyState], Resolver], *,
             pod.listen_ports["socks5"] = listener.getsockname()[1]
             await serve_socks5(listener, pod_outbound(pod), client, resolve=resolve,
                                on_refused=partial(pod.state.metrics.refusal, "socks5"))
+        except Exception as exc:
+            # Stops this pod's SOCKS5 listener only, never the pod's proxy listeners.
+            pod.log.error("SOCKS5 listener failed", error=repr(exc), exc_info=exc)
         finally:
+            pod.listen_ports.pop("socks5", None)
             listener.close()
 
     return hook

@@ -14,6 +14,7 @@ A query the resolver chokes on costs that query only (logged, no answer).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -44,6 +45,8 @@ __all__ = ["DnsMetrics", "DnsService", "default_upstreams", "parse_upstream",
 _log = get_logger("ztunnel.dns")
 
 _TCP_PIPELINE = 16
+_TRANSIENT_UDP_ERRORS = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                   errno.EINTR, errno.ENOBUFS, errno.ENOMEM))
 DNS_PORT = 53
 
 
@@ -122,7 +125,10 @@ class _PodDns:
             while True:
                 try:
                     data, peer = await sock.recvfrom(MAX_MESSAGE)
-                except OSError as exc:  # e.g. a queued ICMP error; the socket still works
+                except OSError as exc:
+                    if exc.errno not in _TRANSIENT_UDP_ERRORS:
+                        raise
+                    # A queued ICMP error for an earlier reply; the socket still works.
                     self.log.debug("DNS udp receive failed", error=str(exc))
                     continue
                 try:
@@ -266,7 +272,12 @@ class DnsService:
                     await nursery.start(partial(serve_dns, udp, tcp, resolver, client,
                                                 open_socket=open_socket, metrics=metrics))
                 pod.listen_ports["dns"] = port
+        except Exception as exc:
+            # A bug or an unforeseen OS error stops the DNS proxy of this pod, never the
+            # pod's proxy listeners (hooks share their nursery).
+            pod.log.error("DNS proxy failed", error=repr(exc), exc_info=exc)
         finally:
+            pod.listen_ports.pop("dns", None)
             for sock in sockets:
                 sock.close()
 
