@@ -1,0 +1,19 @@
+"""Case 2: one bulk download (1 GiB, 256 MiB with --quick) from nginx through the tunnel."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from bench.harness import SYSTEMS, CaseResult, Context, Target, alternate, row, run_curl
+
+CASE = "l4_bulk"
+
+
+def run(ctx: Context) -> list[CaseResult]:
+    env = ctx.l4()
+    size = env.bulk_size
+    samples = alternate(
+        {name: partial(run_curl, env.targets[name].url("/bulk"), size,
+                       netns=env.targets[name].netns) for name in SYSTEMS}, ctx.rounds, ctx.log)
+    return [row(CASE, f"L4 bulk, one {size >> 20} MiB download (curl)", "MB/s", samples,
+                target=Target(kind="ratio", op=">=", threshold=0.8))]
