@@ -14,7 +14,12 @@ Then runs ``wrk -t1 -c16 -d<seconds>s --latency`` against Envoy and the waypoint
 alternately (A B A B ..., ``--rounds`` rounds), and once per round directly against
 nginx, and prints the median req/s, p50 and p99 of each with the ratios.
 
-Run: ``.venv/bin/python bench/l7.py [--seconds 10] [--rounds 3]``.
+``--pin`` runs the proxy under test (Envoy or the waypoint) on CPU 1 and nginx and wrk
+on CPU 0 (``taskset``), the same for both proxies: on a 2-core machine this keeps the
+load generator's and the backend's wake-ups from preempting the proxy mid-request,
+which otherwise costs the slower proxy disproportionately.
+
+Run: ``.venv/bin/python bench/l7.py [--seconds 10] [--rounds 3] [--pin]``.
 """
 
 from __future__ import annotations
@@ -68,9 +73,13 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, deadline: flo
     raise SystemExit(f"{what} did not listen on {port} within {deadline} s")
 
 
+PIN_LOAD: list[str] = []
+PIN_PROXY: list[str] = []
+
+
 def wrk(url: str, seconds: int) -> tuple[float, float, float]:
-    out = subprocess.run(["/usr/bin/wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([*PIN_LOAD, "/usr/bin/wrk", "-t1", "-c16", f"-d{seconds}s",
+                          "--latency", url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     if "Non-2xx" in out:
         print(f"  warning: non-2xx responses from {url}", file=sys.stderr)
@@ -85,7 +94,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pin", action="store_true",
+                        help="proxies on CPU 1, nginx and wrk on CPU 0")
     args = parser.parse_args()
+    if args.pin:
+        PIN_LOAD[:] = ["taskset", "-c", "0"]
+        PIN_PROXY[:] = ["taskset", "-c", "1"]
     backend, envoy_port, admin_port, waypoint_port = (free_port() for _ in range(4))
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="bench-l7-") as tmp:
@@ -98,15 +112,15 @@ def main() -> int:
             WAYPOINT_TEMPLATE.read_text().replace("@BACKEND@", f"127.0.0.1:{backend}"))
         env = {**os.environ, "PYAMBIENT_LOG": "warning"}
         try:
-            procs.append(subprocess.Popen(["/usr/sbin/nginx", "-c", str(d / "nginx.conf"),
-                                           "-p", tmp]))
+            procs.append(subprocess.Popen([*PIN_LOAD, "/usr/sbin/nginx", "-c",
+                                           str(d / "nginx.conf"), "-p", tmp]))
             wait_port(backend, procs[-1], "nginx")
-            procs.append(subprocess.Popen([str(REPO / ".venv/bin/envoy"), "-c",
+            procs.append(subprocess.Popen([*PIN_PROXY, str(REPO / ".venv/bin/envoy"), "-c",
                                            str(d / "envoy.yaml"), "--concurrency", "1",
                                            "-l", "error"], stdout=subprocess.DEVNULL))
             wait_port(envoy_port, procs[-1], "envoy")
             procs.append(subprocess.Popen(
-                [str(REPO / ".venv/bin/python"), "-m", "waypoint", "--name", "bench",
+                [*PIN_PROXY, str(REPO / ".venv/bin/python"), "-m", "waypoint", "--name", "bench",
                  "--namespace", "bench", "--bench-config", str(d / "waypoint.yaml"),
                  "--bench-listen", f"127.0.0.1:{waypoint_port}", "--no-access-log"],
                 cwd=REPO, env=env))
