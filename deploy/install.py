@@ -202,7 +202,9 @@ def daemonset(options: InstallOptions) -> dict[str, Any]:
         "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": False,
                             "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "ca", "mountPath": CA_DIR}],
+        # /tmp: generating a CA writes it to a private temporary directory first.
+        "volumeMounts": [{"name": "ca", "mountPath": CA_DIR},
+                         {"name": "tmp", "mountPath": "/tmp"}],
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"},
                       "limits": {"memory": "128Mi"}},
     }

@@ -52,6 +52,7 @@ POLL_INTERVAL = 1.0
 ENROLLED_SELECTOR = "istio.io/dataplane-mode=ambient"
 _PART_OF_SELECTOR = ",".join(f"{k}={v}" for k, v in PART_OF.items())
 _CRD_DOWNLOAD_TIMEOUT = 60.0
+CRD_ESTABLISH_TIMEOUT = 60.0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -167,14 +168,22 @@ async def wait_for_ztunnel(client: KubeClient, within: float) -> tuple[bool, str
 
 
 async def install(client: KubeClient, objects: list[dict[str, Any]], *, crds: bool,
-                  wait_timeout: float) -> int:
-    """Apply the CRDs (when asked), check they are served, apply ``objects``, wait."""
+                  wait_timeout: float,
+                  download: httpx.AsyncBaseTransport | None = None) -> int:
+    """Apply the CRDs (when asked; ``download`` is the transport that fetches them),
+    check they are served, apply ``objects``, wait for ztunnel."""
     if crds:
         for what, url in CRD_SOURCES:
             print(f"applying {what} from {url}", flush=True)
-            for doc in await download_crds([url]):
+            for doc in await download_crds([url], download):
                 await server_side_apply(client, doc)
     missing = await missing_api_groups(client)
+    if missing and crds:
+        # New CRDs are served once Established, a moment after they were created.
+        with trio.move_on_after(CRD_ESTABLISH_TIMEOUT):
+            while missing:
+                await trio.sleep(POLL_INTERVAL)
+                missing = await missing_api_groups(client)
     if missing:
         raise ConfigError(
             f"the cluster does not serve {', '.join(missing)}: install the CRDs the mesh "

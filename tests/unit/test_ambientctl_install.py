@@ -19,7 +19,7 @@ from deploy.ambientctl.install import (
     uninstall,
     wait_for_ztunnel,
 )
-from deploy.install import install_objects, object_path, waypoint_rbac
+from deploy.install import CRD_SOURCES, install_objects, object_path, waypoint_rbac
 
 DS_PATH = "/apis/apps/v1/namespaces/ambient-system/daemonsets/ztunnel"
 
@@ -41,11 +41,14 @@ class FakeApi:
         self.existing = existing
         self.applied: list[tuple[str, dict[str, Any], httpx.Request]] = []
         self.deleted: list[str] = []
+        self.discovery_calls = 0
+        self.served_after = 0  # discovery calls answered 404 before the groups appear
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if request.method == "GET" and path.startswith("/apis/") and path.count("/") == 3:
-            if path[len("/apis/"):] in self.groups:
+            self.discovery_calls += 1
+            if path[len("/apis/"):] in self.groups and self.discovery_calls > self.served_after:
                 return httpx.Response(200, json={"kind": "APIResourceList"})
             return _status(404, "NotFound", "the server could not find the requested resource")
         if request.method == "PATCH":
@@ -102,6 +105,29 @@ async def test_install_without_the_crds_applies_nothing_and_says_how() -> None:
         with pytest.raises(ConfigError, match=r"networking\.istio\.io/v1.*--crds"):
             await install(client, install_objects(), crds=False, wait_timeout=0)
     assert api.applied == []
+
+
+async def test_crds_are_applied_and_waited_for_until_served(
+        autojump_clock: trio.abc.Clock) -> None:
+    api = FakeApi()
+    api.served_after = 7  # two polls after the CRDs were applied
+    crd = ("apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n"
+           "metadata: {name: gateways.gateway.networking.k8s.io}\n")
+    fetched: list[str] = []
+
+    def downloads(request: httpx.Request) -> httpx.Response:
+        fetched.append(str(request.url))
+        return httpx.Response(200, text=crd)
+
+    async with _client(api) as client:
+        assert await install(client, install_objects(), crds=True, wait_timeout=0,
+                             download=httpx.MockTransport(downloads)) == 0
+    assert fetched == [url for _, url in CRD_SOURCES]
+    crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/" \
+               "gateways.gateway.networking.k8s.io"
+    assert [p for p, _, _ in api.applied[:2]] == [crd_path, crd_path]
+    assert len(api.applied) == 2 + len(install_objects())
+    assert api.discovery_calls > api.served_after
 
 
 async def test_wait_follows_the_daemonset_until_every_node_is_ready() -> None:
