@@ -116,3 +116,25 @@ async def test_silent_client_is_passed_through_after_the_detection_timeout() -> 
         assert (kind, data) == (Detected.TCP, b"")
         assert trio.current_time() - clock_start >= 0.05
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("forwarded", "source"), [
+    ('for="10.0.0.7:41000"', "10.0.0.7"),
+    ('for="[fd00::7]:41000"', "fd00::7"),
+    ("for=10.0.0.8", "10.0.0.8"),
+])
+def test_hbone_peer_takes_the_client_from_forwarded(forwarded: str, source: str) -> None:
+    from common.hbone.request import parse_request
+    from common.identity import SpiffeId
+    from common.model import empty_snapshot
+    from waypoint.listener import HboneInbound
+
+    identity = SpiffeId("cluster.local", "default", "sleep")
+    request = parse_request(1, [(b":method", b"CONNECT"), (b":authority", b"10.96.0.3:9080"),
+                                (b"forwarded", forwarded.encode())],
+                            peer_identity=identity, peer_address=("10.244.1.1", 50000))
+    inbound = HboneInbound(None, empty_snapshot, None)  # type: ignore[arg-type]
+    peer = inbound.peer_for(request)
+    assert peer.source_ip == source
+    assert (peer.destination, peer.port, peer.identity) == ("10.96.0.3", 9080, identity)
+    assert peer.source_namespace == "default"
