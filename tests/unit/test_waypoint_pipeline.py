@@ -394,3 +394,32 @@ async def test_new_config_applies_to_the_next_request_on_a_live_connection(
     await h.waypoint.apply_bench(updated.config)
     assert (await client.request("/")).headers["x-backend"] == "v2"  # same connection
     assert v1.connections == 1 and v2.connections == 1
+
+
+async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -> None:
+    backend = FakeBackend("a", lambda seen: Answer(body=seen.head.target))
+    h = await harness(nursery, [], {A: backend})
+    client = h.client()
+    await client.stream.send_all(b"GET /first HTTP/1.1\r\nhost: echo\r\n\r\n"
+                                 b"GET /second HTTP/1.1\r\nhost: echo\r\n\r\n")
+    data = b""
+    with trio.fail_after(2):
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"/second"):
+            data += await client.stream.receive_some(65536)
+    assert data.index(b"/first") < data.index(b"/second")
+
+
+async def test_slow_header_gets_408_at_the_header_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        h = await harness(nursery, [], {A: FakeBackend("a")})
+        client = h.client()
+        start = trio.current_time()
+        await client.stream.send_all(b"GET / HTTP/1.1\r\nhost: ec")
+        data = b""
+        with trio.fail_after(120):
+            while b"\r\n\r\n" not in data:
+                data += await client.stream.receive_some(65536)
+        assert data.startswith(b"HTTP/1.1 408")
+        assert trio.current_time() - start == pytest.approx(30.0, abs=0.1)
+        nursery.cancel_scope.cancel()
