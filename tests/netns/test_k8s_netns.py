@@ -12,7 +12,13 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from ztunnel.inpod.k8s_netns import candidates, find_pod_netns, pod_netns_index, resolve_pod_netns
+from ztunnel.inpod.k8s_netns import (
+    PodNetnsResolver,
+    candidates,
+    find_pod_netns,
+    pod_netns_index,
+    resolve_pod_netns,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -122,3 +128,27 @@ async def test_resolve_runs_off_the_trio_thread(pods: Pods) -> None:
     ip, path = next(iter(pods.paths.items()))
     with trio.fail_after(10):
         assert await resolve_pod_netns(ip, netns_dirs=[pods.directory], scan_proc=False) == path
+
+
+async def test_resolver_scans_once_for_many_pods_and_reuses_answers(pods: Pods) -> None:
+    resolver = PodNetnsResolver([pods.directory], scan_proc=False)
+    asked = {f"uid-{i}": [ip] for i, ip in enumerate(pods.paths)}
+    asked["uid-elsewhere"] = ["203.0.113.254"]  # a pod on another node
+    with trio.fail_after(10):
+        found = await resolver.resolve(asked)
+        assert found == {f"uid-{i}": path for i, path in enumerate(pods.paths.values())}
+        assert resolver.scans == 1
+        del asked["uid-elsewhere"]
+        assert await resolver.resolve(asked) == found
+        assert resolver.scans == 1  # every answer reused, nothing scanned
+
+
+async def test_resolver_looks_again_when_the_namespace_file_is_gone(pods: Pods) -> None:
+    resolver = PodNetnsResolver([pods.directory], scan_proc=False)
+    ip, path = next(iter(pods.paths.items()))
+    with trio.fail_after(10):
+        assert await resolver.resolve({"uid-a": [ip]}) == {"uid-a": path}
+        await trio.run_process(["umount", path])
+        await trio.Path(path).unlink()  # the runtime removed the sandbox
+        assert await resolver.resolve({"uid-a": [ip]}) == {}
+    assert resolver.scans == 2

@@ -17,7 +17,8 @@ namespace is never returned: a pod whose IP is the node's is a host-network pod,
 is never captured.
 
 Everything here blocks (``setns`` on the calling thread): from trio, use
-:func:`resolve_pod_netns`, which runs it on a worker thread.
+:func:`resolve_pod_netns` (one pod) or :class:`PodNetnsResolver` (the node agent: all
+of a node's pods with one scan, answers kept while valid), which run on a worker thread.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import trio
 
@@ -60,9 +61,10 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def addr_dump_request(seq: int = 1) -> bytes:
-    """The netlink message asking for every address of every interface (both families)."""
-    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+def addr_dump_request(seq: int = 1, family: int = socket.AF_UNSPEC) -> bytes:
+    """The netlink message asking for every address of every interface (of ``family``;
+    both with ``AF_UNSPEC``)."""
+    body = _IFADDRMSG.pack(family, 0, 0, 0, 0)
     return _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), _RTM_GETADDR,
                               _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body
 
@@ -106,11 +108,11 @@ def _addresses(family: int, attrs: bytes) -> Iterator[str]:
         offset += _align(length)
 
 
-def current_addresses() -> set[str]:
-    """Every IP address of the calling thread's network namespace (netlink dump)."""
+def current_addresses(family: int = socket.AF_UNSPEC) -> set[str]:
+    """Every IP address (of ``family``) of the calling thread's network namespace."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.bind((0, 0))
-        sock.sendall(addr_dump_request())
+        sock.sendall(addr_dump_request(family=family))
         found: set[str] = set()
         for _ in range(_MAX_DUMP_MESSAGES):
             part, done = parse_addr_messages(sock.recv(_RECV_SIZE))
@@ -120,9 +122,9 @@ def current_addresses() -> set[str]:
     raise ConfigError("netlink address dump did not finish")
 
 
-def netns_addresses(path: str) -> set[str]:
-    """Every IP address of the network namespace at ``path``."""
-    return call_in_netns(path, current_addresses)
+def netns_addresses(path: str, family: int = socket.AF_UNSPEC) -> set[str]:
+    """Every IP address (of ``family``) of the network namespace at ``path``."""
+    return call_in_netns(path, lambda: current_addresses(family))
 
 
 def _pod_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -182,9 +184,10 @@ def find_pod_netns(pod_ip: str, *, netns_dirs: Iterable[str] = NETNS_DIRS,
     if not _pod_address(address):
         return None  # every namespace has these: they name no pod
     wanted = str(address)
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     for path in candidates(netns_dirs, scan_proc):
         try:
-            addresses = netns_addresses(path)
+            addresses = netns_addresses(path, family)
         except (ConfigError, OSError) as exc:
             # A pod torn down while we looked, or a namespace we may not enter.
             _log.debug("netns skipped", netns=path, reason=str(exc))
@@ -217,4 +220,60 @@ def pod_netns_index(netns_dirs: Iterable[str] = NETNS_DIRS, scan_proc: bool = Fa
     return index
 
 
-__all__ = ["NETNS_DIRS", "find_pod_netns", "pod_netns_index", "resolve_pod_netns"]
+class PodNetnsResolver:
+    """The node agent's lookup: pod uid -> the path of its namespace on this node.
+
+    ``await resolve({uid: pod_ips})`` for this node's pods that have no ``netns`` yet
+    (on Kubernetes: all of them).  An answer is kept while its path exists (the runtime
+    removes a pod's netns file with its sandbox; a ``/proc`` path goes with its
+    process) and the pod keeps its IPs; the pods not known are looked up together with
+    one scan of every namespace (one netlink dump each) on a worker thread, so a
+    reconcile that meets many new pods costs one scan, not one per pod.  Pods not asked
+    for again are forgotten.  A pod whose namespace is not found yet (its IP not
+    configured yet, or on another node) is simply absent from the answer: ask again on
+    the next snapshot.
+    """
+
+    def __init__(self, netns_dirs: Iterable[str] = NETNS_DIRS, scan_proc: bool = True) -> None:
+        self.netns_dirs = tuple(netns_dirs)
+        self.scan_proc = scan_proc
+        self.scans = 0
+        self._known: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    async def resolve(self, pods: Mapping[str, Sequence[str]]) -> dict[str, str]:
+        """uid -> namespace path for each of ``pods`` (uid -> its IPs) found on this node.
+
+        Runs on a worker thread (stat, setns, netlink); one call at a time.
+        """
+        wanted = {uid: tuple(_canonical(ip) for ip in ips) for uid, ips in pods.items()}
+        return await trio.to_thread.run_sync(self._resolve, wanted)
+
+    def _resolve(self, wanted: dict[str, tuple[str, ...]]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        unknown: dict[str, tuple[str, ...]] = {}
+        for uid, ips in wanted.items():
+            path = self._known.get((uid, ips))
+            if path is not None and os.path.exists(path):
+                found[uid] = path
+            elif ips:
+                unknown[uid] = ips
+        if unknown:
+            self.scans += 1
+            index = pod_netns_index(self.netns_dirs, self.scan_proc)
+            for uid, ips in unknown.items():
+                path = next((index[ip] for ip in ips if ip in index), None)
+                if path is not None:
+                    found[uid] = path
+        self._known = {(uid, wanted[uid]): path for uid, path in found.items()}
+        return found
+
+
+def _canonical(ip: str) -> str:
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip
+
+
+__all__ = ["NETNS_DIRS", "PodNetnsResolver", "find_pod_netns", "pod_netns_index",
+           "resolve_pod_netns"]
