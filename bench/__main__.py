@@ -77,7 +77,7 @@ def markdown_table(results: Sequence[CaseResult]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="1 round, 3 s loads, 256 MiB bulk, fewer connections (< 2 min)")
+                        help="1 round, 2 s loads, 256 MiB bulk, fewer connections (< 2 min)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--rounds", type=int, help="A/B rounds (default 3, 1 with --quick)")
     parser.add_argument("--seconds", type=float, help="per load run (default 10, 3 with --quick)")
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pyambient-bench-") as tmp:
         work = Path(tmp)
         ctx = Context(quick=args.quick, rounds=args.rounds or (1 if args.quick else 3),
-                      seconds=args.seconds or (3.0 if args.quick else 10.0), work=work,
+                      seconds=args.seconds or (2.0 if args.quick else 10.0), work=work,
                       log=lambda line: print(line, flush=True))
         try:
             for name in args.cases:
