@@ -27,7 +27,8 @@ that boundary handle only the kinds below::
     │   ├── ConnectTimeoutError  no answer within the connect timeout
     │   ├── TunnelRejectedError  the HBONE peer answered non-200 (``status`` holds it)
     │   ├── DnsUpstreamError     the upstream DNS server gave no usable answer in time
-    │   └── NameResolutionError  a host name has no address (NXDOMAIN, no A/AAAA, SERVFAIL)
+    │   ├── NameResolutionError  a host name has no address (NXDOMAIN, no A/AAAA, SERVFAIL)
+    │   └── RateLimitStoreError  the global rate-limit store (Redis) gave no usable answer
     ├── PolicyDeniedError        authorization said no
     └── KubeApiError             the Kubernetes API answered a failure ``Status`` (``code``)
         ├── ResourceExpiredError   410: the resourceVersion was compacted away; list again
@@ -179,3 +180,7 @@ class DnsUpstreamError(UpstreamError):
 
 class NameResolutionError(UpstreamError):
     """A host name resolved to no address (NXDOMAIN, no A/AAAA records, or upstream failure)."""
+
+
+class RateLimitStoreError(UpstreamError):
+    """The global rate-limit store (Redis) could not be reached or answered an error."""

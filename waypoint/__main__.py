@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="bench mode: plain HTTP, static routes and endpoints from this YAML")
     parser.add_argument("--bench-listen", default="127.0.0.1:18080",
                         help="bench mode: address to serve plain HTTP on")
+    parser.add_argument("--ratelimit-redis", default=os.environ.get("RATELIMIT_REDIS"),
+                        help="HOST:PORT of the Redis holding global rate-limit counters "
+                        "(default: $RATELIMIT_REDIS; without it global limits fail by their "
+                        "failMode)")
     parser.add_argument("--log-level", default=None)
     args = parser.parse_args(argv)
     configure(args.log_level)
@@ -44,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    hbone_port=args.hbone_port, metrics_port=args.metrics_port,
                    ready_port=args.ready_port, admin_port=args.admin_port,
                    drain_seconds=args.drain_seconds, access_log=not args.no_access_log,
-                   bench_config=args.bench_config, bench_listen=_address(args.bench_listen))
+                   bench_config=args.bench_config, bench_listen=_address(args.bench_listen),
+                   ratelimit_redis=(_address(args.ratelimit_redis) if args.ratelimit_redis
+                                    else None))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,8 @@ from waypoint.h2_upstream import ProtocolTransport
 from waypoint.listener import PassThrough, serve_stream
 from waypoint.mirror import Mirrorer
 from waypoint.proxy import PeerInfo, Proxy, RouterState
+from waypoint.ratelimit import RateLimitCollector, RateLimiter, RateLimitPolicy, RedisClient
+from waypoint.ratelimit.limiter import ObjectKey, dict_objects, kube_objects, policies_from
 from waypoint.resilience import Locality
 from waypoint.routing.catalog import ApiObject, ServiceInfo, ServicePortInfo
 from waypoint.routing.model import RouteTable
@@ -82,6 +84,7 @@ class Options:
     access_log: bool = True
     bench_config: Path | None = None
     bench_listen: tuple[str, int] = ("127.0.0.1", 18080)
+    ratelimit_redis: tuple[str, int] | None = None
 
     @property
     def identity(self) -> SpiffeId:
@@ -105,6 +108,7 @@ class BenchConfig:
     port: int | None = None
     namespace: str = "default"
     issues: tuple[str, ...] = field(default=())
+    ratelimits: Mapping[ObjectKey, RateLimitPolicy] = field(default_factory=dict)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -141,12 +145,14 @@ def bench_config_from(doc: Mapping[str, Any]) -> BenchConfig:
                                  name=meta["name"], spec=obj.get("spec", {}),
                                  creation_timestamp=meta.get("creationTimestamp", "")))
     table = translate(services, objects, home_namespace=namespace)
+    ratelimits, ratelimit_issues = policies_from(dict_objects(doc.get("objects", []), namespace))
     destination: str | None = None
     port: int | None = None
     if doc.get("destination"):
         destination, port = _address(doc["destination"])
     return BenchConfig(table=table, endpoints=endpoints, destination=destination, port=port,
-                       namespace=namespace, issues=tuple(str(i) for i in table.issues))
+                       namespace=namespace, ratelimits=ratelimits,
+                       issues=(*(str(i) for i in table.issues), *ratelimit_issues))
 
 
 def load_bench_config(path: Path) -> BenchConfig:
@@ -174,6 +180,10 @@ class Waypoint:
         self.proxy = Proxy(RouterState(RouteTable(by_destination={}, clusters={}),
                                        self.clusters, options.gateway),
                            metrics=self.metrics, rng=rng, access_log=options.access_log)
+        redis = (RedisClient(*options.ratelimit_redis) if options.ratelimit_redis is not None
+                 else None)
+        self.rate_limiter = RateLimiter(redis)
+        self.proxy.rate_limiter = self.rate_limiter
         self.ready = False
         self.timeouts = H1Timeouts()
         self._drain_scopes: list[trio.CancelScope] = []
@@ -182,6 +192,7 @@ class Waypoint:
         """Serve ``config``'s routes and endpoints (atomically for new requests)."""
         source: EndpointSource = static_endpoints(config.endpoints)
         await self.clusters.update(config.table, source)
+        self.rate_limiter.update(dict(config.ratelimits))
         self.proxy.state = RouterState(config.table, self.clusters, self.options.gateway)
 
     async def serve_plain(self, listener: socket.socket, *, destination: str | None = None,
@@ -243,6 +254,11 @@ class Waypoint:
                 return snapshot_endpoints(snap, cluster)
 
             await self.clusters.update(table, source)
+            ratelimits, issues = policies_from(kube_objects(
+                (*snap.http_routes, *snap.virtual_services)))
+            for issue in issues:
+                _log.warning("rate-limit annotation ignored", issue=issue)
+            self.rate_limiter.update(ratelimits)
             self.proxy.state = RouterState(table, self.clusters, gateway,
                                            snap.waypoint_policies)
             self.ready = True
@@ -255,6 +271,7 @@ class Waypoint:
             from prometheus_client import CollectorRegistry, generate_latest
             registry = CollectorRegistry()
             self.metrics.register(registry)
+            registry.register(RateLimitCollector(self.rate_limiter))
             return Response(200, generate_latest(registry),
                             "text/plain; version=0.0.4; charset=utf-8")
 

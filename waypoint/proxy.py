@@ -7,6 +7,7 @@ then runs, in order::
 
     route match (404 NR / 500 / redirect / direct response)
     -> L7 authorization (403 "RBAC: access denied")
+    -> rate limits of the route's object (429 RL; :mod:`waypoint.ratelimit`)
     -> fault injection (delay inside the route timeout, flag DI; abort, flag FI)
     -> circuit breaker admission (503 x-envoy-overloaded, flag UO)
     -> tries: pick a host, take a pooled connection, send, read the response head,
@@ -46,6 +47,7 @@ from waypoint.clusters import UNKNOWN, Clusters, ClusterState
 from waypoint.grpc import grpc_status
 from waypoint.http import Data, EndOfMessage, Headers, RequestHead, ResponseHead, hop_by_hop_names
 from waypoint.mirror import Mirrorer
+from waypoint.ratelimit import RateLimiter
 from waypoint.resilience import (
     OVERFLOW_HEADERS,
     Deadlines,
@@ -218,6 +220,7 @@ class Proxy:
         self.rng = rng or random.Random()
         self.access_log = access_log
         self.body_buffer = body_buffer
+        self.rate_limiter: RateLimiter | None = None
         # Connections whose request body is still being sent by a _pump_body task.
         self._pumping: set[int] = set()
 
@@ -254,6 +257,16 @@ class Proxy:
                 if policies is not EMPTY_POLICY_SET and not self._authorized(
                         state, routes, request, peer, port, target):
                     await self._local(down, log, 403, RBAC_DENIED_BODY)
+                    return
+            limiter = self.rate_limiter
+            if limiter is not None and limiter.policies and decision.rule is not None:
+                src = decision.rule.source
+                limited = await limiter.check(src.kind, src.namespace, src.name, headers,
+                                              target, None if peer.identity is None
+                                              else peer.principal, peer.source_ip)
+                if limited is not None:
+                    await self._local(down, log, limited.status, limited.body, limited.headers,
+                                      flag=limited.flag)
                     return
             await self._forward(head, down, peer, request, decision, log, started)
         finally:
