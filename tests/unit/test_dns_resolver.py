@@ -293,3 +293,16 @@ async def test_addresses_for_socks5_cluster_first_then_upstream() -> None:
         await resolver.addresses("nope.example", "default", host_socket)
     with pytest.raises(NameResolutionError):
         await resolver.addresses("bad..name", "default", host_socket)
+
+
+async def test_answer_nowait_needs_no_task_for_local_and_cached_answers() -> None:
+    resolver, up, _ = make()
+    local = resolver.answer_nowait(query_bytes("echo", TYPE_A), "default", udp=True)
+    assert isinstance(local, tuple) and local[1] is Outcome.LOCAL
+    pending = resolver.answer_nowait(query_bytes("example.com", TYPE_A), "default", udp=True)
+    assert isinstance(pending, Message)
+    _, outcome = await resolver.answer_upstream(pending, "default", host_socket, udp=True)
+    assert outcome is Outcome.FORWARDED
+    cached = resolver.answer_nowait(query_bytes("example.com", TYPE_A), "default", udp=True)
+    assert isinstance(cached, tuple) and cached[1] is Outcome.CACHED
+    assert len(up.asked) == 1

@@ -128,14 +128,16 @@ class Resolver:
         self._entries_source: object = None
         self._entries = EMPTY_SERVICE_ENTRIES
 
-    # -- the wire-level entry point --------------------------------------------------------
+    # -- the wire-level entry points ------------------------------------------------------
 
-    async def answer(self, data: bytes, client_namespace: str, open_socket: SocketFactory,
-                     *, udp: bool) -> tuple[bytes | None, Outcome]:
-        """Response bytes for request bytes (None: drop them), and how it was answered.
+    def answer_nowait(self, data: bytes, client_namespace: str, *, udp: bool
+                      ) -> tuple[bytes | None, Outcome] | Message:
+        """Response bytes (None: drop them) and outcome, if no upstream query is needed.
 
-        Over UDP the response fits the client's announced size or comes back truncated (TC),
-        so the client retries over TCP.
+        Otherwise the parsed query, for :meth:`answer_upstream`.  Most queries (cluster
+        names, search-path junk, cache hits) end here without a task or a socket.  Over
+        UDP the response fits the client's announced size or comes back truncated (TC), so
+        the client retries over TCP.
         """
         try:
             query = parse(data)
@@ -144,14 +146,31 @@ class Resolver:
             return formerr_for(data), Outcome.MALFORMED
         if query.is_response:
             return None, Outcome.MALFORMED
+        done = self.resolve_nowait(query, client_namespace)
+        if done is None:
+            return query
+        return _encode(done[0], query, udp), done[1]
+
+    async def answer_upstream(self, query: Message, client_namespace: str,
+                              open_socket: SocketFactory, *, udp: bool
+                              ) -> tuple[bytes, Outcome]:
+        """The rest of :meth:`answer_nowait` for a query it handed back."""
         response, outcome = await self.resolve(query, client_namespace, open_socket)
-        return build(response, limit=udp_limit(query) if udp else MAX_MESSAGE), outcome
+        return _encode(response, query, udp), outcome
 
-    # -- the message-level entry point -----------------------------------------------------
+    async def answer(self, data: bytes, client_namespace: str, open_socket: SocketFactory,
+                     *, udp: bool) -> tuple[bytes | None, Outcome]:
+        """Response bytes for request bytes (None: drop them), and how it was answered."""
+        done = self.answer_nowait(data, client_namespace, udp=udp)
+        if isinstance(done, Message):
+            return await self.answer_upstream(done, client_namespace, open_socket, udp=udp)
+        return done
 
-    async def resolve(self, query: Message, client_namespace: str,
-                      open_socket: SocketFactory) -> tuple[Message, Outcome]:
-        """The response to ``query`` from a pod in ``client_namespace``."""
+    # -- the message-level entry points ----------------------------------------------------
+
+    def resolve_nowait(self, query: Message, client_namespace: str
+                       ) -> tuple[Message, Outcome] | None:
+        """The response to ``query`` from the snapshot or the cache; None: ask upstream."""
         if query.opcode != OPCODE_QUERY:
             return _reply(query, RCODE_NOTIMP), Outcome.MALFORMED
         q = query.question
@@ -165,12 +184,24 @@ class Resolver:
                 return self._negative(query, snapshot, RCODE_NXDOMAIN), Outcome.LOCAL
             if isinstance(found, Hit) and q.qtype in (TYPE_A, TYPE_AAAA):
                 return self._addresses(query, q, snapshot, found), Outcome.LOCAL
+        cached = self.cache.get(q.key)
+        if cached is not None:
+            return _from_upstream(query, cached), Outcome.CACHED
+        return None
+
+    async def resolve(self, query: Message, client_namespace: str,
+                      open_socket: SocketFactory) -> tuple[Message, Outcome]:
+        """The response to ``query`` from a pod in ``client_namespace``."""
+        done = self.resolve_nowait(query, client_namespace)
+        if done is not None:
+            return done
+        q = query.question
+        assert q is not None  # resolve_nowait answers FORMERR otherwise
         upstream, outcome = await self._upstream_answer(q, bool(query.flags & FLAG_RD),
                                                         open_socket)
         if upstream is None:
             return _reply(query, RCODE_SERVFAIL), outcome
-        return _reply(query, upstream.rcode, upstream.answers, upstream.authorities,
-                      tuple(r for r in upstream.additionals if r.rtype != TYPE_OPT)), outcome
+        return _from_upstream(query, upstream), outcome
 
     # -- for the SOCKS5 listener -----------------------------------------------------------
 
@@ -281,6 +312,15 @@ def _reply(query: Message, rcode: int, answers: tuple[Record, ...] = (),
     if query.edns_payload() is not None:
         additionals = (*additionals, opt_record(_OUR_EDNS_PAYLOAD))
     return Message(query.id, flags, query.questions, answers, authorities, additionals)
+
+
+def _from_upstream(query: Message, upstream: Message) -> Message:
+    return _reply(query, upstream.rcode, upstream.answers, upstream.authorities,
+                  tuple(r for r in upstream.additionals if r.rtype != TYPE_OPT))
+
+
+def _encode(response: Message, query: Message, udp: bool) -> bytes:
+    return build(response, limit=udp_limit(query) if udp else MAX_MESSAGE)
 
 
 def _address_of(record: Record) -> str:

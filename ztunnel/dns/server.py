@@ -31,7 +31,7 @@ from common.logging import get_logger
 from common.model import Workload
 from ztunnel.dns.resolver import DnsConfig, Outcome, Resolver
 from ztunnel.dns.upstream import SocketFactory, host_socket, marked_socket, receive_exactly
-from ztunnel.dns.wire import MAX_MESSAGE
+from ztunnel.dns.wire import MAX_MESSAGE, Message
 from ztunnel.inpod.rules import ZTUNNEL_MARK
 from ztunnel.proxy.dial import accept, family_of
 
@@ -106,10 +106,23 @@ class _PodDns:
         self.tcp_slots = trio.Semaphore(self.config.tcp_max_connections)
         self.log = _log.bind(pod=pod)
 
-    async def _answer(self, data: bytes, protocol: str) -> bytes | None:
+    def _answer_nowait(self, data: bytes, protocol: str) -> bytes | Message | None:
+        """Response bytes, None (no answer), or the parsed query when upstream must answer."""
         try:
-            response, outcome = await self.resolver.answer(
-                data, self.namespace, self.open_socket, udp=protocol == "udp")
+            done = self.resolver.answer_nowait(data, self.namespace, udp=protocol == "udp")
+        except Exception as exc:
+            self.log.error("DNS query failed unexpectedly", error=repr(exc), exc_info=exc)
+            self.metrics.count(protocol, Outcome.FAILED)
+            return None
+        if isinstance(done, Message):
+            return done
+        self.metrics.count(protocol, done[1])
+        return done[0]
+
+    async def _answer_upstream(self, query: Message, protocol: str) -> bytes | None:
+        try:
+            response, outcome = await self.resolver.answer_upstream(
+                query, self.namespace, self.open_socket, udp=protocol == "udp")
         except Exception as exc:
             self.log.error("DNS query failed unexpectedly", error=repr(exc), exc_info=exc)
             self.metrics.count(protocol, Outcome.FAILED)
@@ -131,22 +144,30 @@ class _PodDns:
                     # A queued ICMP error for an earlier reply; the socket still works.
                     self.log.debug("DNS udp receive failed", error=str(exc))
                     continue
-                try:
-                    self.pending.acquire_nowait()
-                except trio.WouldBlock:
-                    self.metrics.count("udp", "dropped")
-                    continue
-                nursery.start_soon(self._udp_query, sock, data, peer)
+                done = self._answer_nowait(data, "udp")
+                if isinstance(done, Message):
+                    try:
+                        self.pending.acquire_nowait()
+                    except trio.WouldBlock:
+                        self.metrics.count("udp", "dropped")
+                        continue
+                    nursery.start_soon(self._udp_upstream, sock, done, peer)
+                elif done is not None:
+                    await self._send(sock, done, peer)
 
-    async def _udp_query(self, sock: trio.socket.SocketType, data: bytes,
-                         peer: tuple[str, int]) -> None:
+    async def _send(self, sock: trio.socket.SocketType, response: bytes,
+                    peer: tuple[str, int]) -> None:
         try:
-            response = await self._answer(data, "udp")
+            await sock.sendto(response, peer)
+        except OSError as exc:
+            self.log.debug("DNS udp send failed", peer=peer, error=str(exc))
+
+    async def _udp_upstream(self, sock: trio.socket.SocketType, query: Message,
+                            peer: tuple[str, int]) -> None:
+        try:
+            response = await self._answer_upstream(query, "udp")
             if response is not None:
-                try:
-                    await sock.sendto(response, peer)
-                except OSError as exc:
-                    self.log.debug("DNS udp send failed", peer=peer, error=str(exc))
+                await self._send(sock, response, peer)
         finally:
             self.pending.release()
 
@@ -196,7 +217,12 @@ class _PodDns:
     async def _tcp_query(self, stream: trio.SocketStream, send_lock: trio.Lock,
                          in_flight: trio.Semaphore, data: bytes) -> None:
         try:
-            response = await self._answer(data, "tcp")
+            done = self._answer_nowait(data, "tcp")
+            if isinstance(done, Message):
+                async with self.pending:
+                    response = await self._answer_upstream(done, "tcp")
+            else:
+                response = done
             if response is not None:
                 async with send_lock:
                     await stream.send_all(struct.pack("!H", len(response)) + response)

@@ -16,7 +16,7 @@ kept as opaque bytes, so unknown record types pass through a proxy untouched.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass, replace
 
@@ -317,9 +317,10 @@ def _build(message: Message) -> bytes:
 
 
 def address_record(name: Name, address: str, ttl: int) -> Record:
-    """An A or AAAA record, by the address' family."""
-    ip = ipaddress.ip_address(address)
-    return Record(name, TYPE_A if ip.version == 4 else TYPE_AAAA, CLASS_IN, ttl, ip.packed)
+    """An A or AAAA record, by the address' family (OSError for a malformed address)."""
+    if ":" in address:
+        return Record(name, TYPE_AAAA, CLASS_IN, ttl, socket.inet_pton(socket.AF_INET6, address))
+    return Record(name, TYPE_A, CLASS_IN, ttl, socket.inet_pton(socket.AF_INET, address))
 
 
 def soa_record(zone: Name, ttl: int, minimum: int) -> Record:
