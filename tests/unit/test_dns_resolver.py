@@ -306,3 +306,11 @@ async def test_answer_nowait_needs_no_task_for_local_and_cached_answers() -> Non
     cached = resolver.answer_nowait(query_bytes("example.com", TYPE_A), "default", udp=True)
     assert isinstance(cached, tuple) and cached[1] is Outcome.CACHED
     assert len(up.asked) == 1
+
+
+async def test_without_any_upstream_forwarded_names_get_servfail() -> None:
+    resolver = Resolver(lambda: SNAP, DnsConfig(upstreams=()))
+    msg, outcome = await resolver.resolve(query("example.com", TYPE_A), "default", host_socket)
+    assert msg.rcode == RCODE_SERVFAIL and outcome is Outcome.FAILED
+    msg, outcome = await resolver.resolve(query("echo", TYPE_A), "default", host_socket)
+    assert ips(msg) == ["10.96.1.1"]

@@ -286,6 +286,9 @@ class DnsService:
                 sock.close()
             pod.log.error("DNS proxy not started", port=port, error=str(exc))
             return
+        if not self.config.upstreams:
+            pod.log.warning("DNS proxy has no upstream: names outside the mesh get SERVFAIL "
+                            "(pass --dns-upstream)")
         if any(ipaddress.ip_address(ip).is_loopback for ip, _ in self.config.upstreams):
             pod.log.warning("DNS upstream is a loopback address, which is the pod's own "
                             "loopback from inside the pod: pass --dns-upstream with the "

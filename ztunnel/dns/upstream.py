@@ -79,8 +79,6 @@ class UpstreamDns:
 
     def __init__(self, servers: Sequence[tuple[str, int]], *, timeout: float = 2.0,
                  attempts: int = 2) -> None:
-        if not servers:
-            raise ValueError("at least one upstream DNS server is needed")
         self.servers = tuple(servers)
         self.timeout = timeout
         self.attempts = max(attempts, 1)
@@ -88,6 +86,10 @@ class UpstreamDns:
     async def query(self, question: Question, open_socket: SocketFactory,
                     *, recursion_desired: bool = True) -> Message:
         """The upstream's answer to ``question``; DnsUpstreamError when none came in time."""
+        if not self.servers:
+            raise DnsUpstreamError(
+                "no upstream DNS server is configured: pass --dns-upstream (the cluster DNS "
+                "address), or give the node a nameserver in /etc/resolv.conf")
         errors = []
         for attempt in range(self.attempts):
             server = self.servers[attempt % len(self.servers)]
