@@ -9,10 +9,22 @@
   (ztunnel's copy buffers do the same).  A direction that keeps filling 256 KiB
   reads for 4 MiB is bulk and moves to 1 MiB reads: in Python the cost is per read,
   not per byte, and this cut the CPU per GiB of an HBONE pair by about 30 %
-  (bench/hbone_pair.py).  The buffer is transient (one read in flight), never pinned.
+  (bench/hbone_pair.py).  Below 256 KiB the buffer is transient (one read in
+  flight), never pinned.  From 256 KiB on, a source with ``receive_into`` is read
+  into one buffer of the direction's own, reused: a fresh 1 MiB ``bytes`` per read
+  cost an allocation and page faults each time.  That buffer lives as long as the
+  direction (an idle connection that once moved bulk keeps it, as ztunnel's grown
+  buffers do).
+* Tunnel to socket: when the source is an HBONE stream and the sink can write
+  synchronously (``try_send``: :class:`common.tcp.TcpStream`), the sink is handed
+  to the stream (``set_direct_sink``), so the HBONE reader task writes what arrives
+  straight into the socket and this task only wakes for what the socket could
+  not take at once.  Use :class:`common.tcp.TcpStream` for plain TCP ends to get it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -24,6 +36,9 @@ _log = get_logger("relay")
 # (read size, bytes that must have flowed through the direction before growing to it)
 _SIZES = ((1024, 0), (16 * 1024, 4 * 1024), (256 * 1024, 256 * 1024),
           (1024 * 1024, 4 * 1024 * 1024))
+
+# From this read size on, a direction reads into a buffer of its own (see above).
+_REUSE_FROM = 256 * 1024
 
 # What a stream raises when its peer went away; from trio streams, TLS or HBONE streams.
 _GONE: tuple[type[BaseException], ...] = (
@@ -40,22 +55,51 @@ async def _send_eof(stream: trio.abc.Stream) -> None:
 
 async def _copy(source: trio.abc.Stream, sink: trio.abc.Stream, counter: list[int],
                 index: int) -> None:
-    level = 0
-    size = _SIZES[0][0]
+    # Duck-typed (an HBONE stream into a socket that can write synchronously), so that
+    # this module need not import the HBONE package, which uses it.
+    direct = getattr(source, "set_direct_sink", None)
+    if not callable(getattr(sink, "try_send", None)):
+        direct = None
+    if direct is not None:
+        direct(sink)
+    try:
+        # An HBONE stream's bytes are already in memory (bounded by its window): small
+        # reads would only cut them into pieces.
+        await _pump(source, sink, counter, index,
+                    level=len(_SIZES) - 1 if hasattr(source, "set_direct_sink") else 0)
+    finally:
+        if direct is not None:
+            direct(None)
+            counter[index] += getattr(source, "direct_bytes", 0)
+    await _send_eof(sink)
+
+
+async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream, counter: list[int],
+                index: int, *, level: int) -> None:
+    size = _SIZES[level][0]
     total = 0
     receive = source.receive_some
+    receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
+        source, "receive_into", None)
+    buffer: memoryview | None = None
     send = sink.send_all
     while True:
-        data = await receive(size)
+        data: bytes | bytearray | memoryview
+        if buffer is not None and receive_into is not None:
+            # send_all returns once the bytes are out, so the buffer is free again.
+            data = buffer[:await receive_into(buffer)]
+        else:
+            data = await receive(size)
         if not data:
-            break
+            return
         await send(data)
         total += len(data)
         counter[index] = total
         if level + 1 < len(_SIZES) and total >= _SIZES[level + 1][1] and len(data) == size:
             level += 1
             size = _SIZES[level][0]
-    await _send_eof(sink)
+            if receive_into is not None and size >= _REUSE_FROM:
+                buffer = memoryview(bytearray(size))
 
 
 async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *, label: str = "") -> tuple[int, int]:

@@ -471,6 +471,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._eof_received = False
         self._send_broken: TransportError | None = None
         self._receive_error: TransportError | None = None
+        self._drained = False  # the last read ended on "want read" (see _receive)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -514,6 +515,29 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise self._send_broken from exc
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the socket takes now, without waiting; returns the byte count.
+
+        TLS rule: when this returns less than ``len(data)``, OpenSSL may hold part of
+        a record of the rest, so the next ``try_send``/``send_all`` must start with
+        ``data[returned:]`` (it may be longer).  Raises as :meth:`send_all` does.
+        """
+        with self._send_guard:
+            self._check_can_send()
+            view = memoryview(data)
+            if view.itemsize != 1 or view.ndim != 1:
+                view = view.cast("B")
+            total = 0
+            try:
+                while total < len(view):
+                    total += self.socket.send(view[total:] if total else view)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass
+            except (ssl.SSLError, OSError) as exc:
+                self._send_broken = _stream_error(exc)
+                raise self._send_broken from exc
+            return total
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
@@ -592,6 +616,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return 0
             waited = False
+            if self._drained:
+                # The last read ended on "want read": OpenSSL holds no complete record
+                # and the socket was empty, so a read now would most likely fail (a
+                # syscall and an exception per message of request/response traffic).
+                self._drained = False
+                waited = True
+                await _wait(self.socket, readable=True)
             while (n := read()) < 0:
                 waited = True
                 await _wait(self.socket, readable=n == _WANT_READ)
@@ -607,14 +638,19 @@ class TLSStream(trio.abc.HalfCloseableStream):
         the next call.
         """
         total = 0
-        while total < len(buf):
+        size = len(buf)
+        # The SSL object itself: SSLSocket.recv_into adds two Python calls per record
+        # (16 KiB at most) and checks that do not apply to a stream that is open.
+        read = self.socket._sslobj.read  # type: ignore[attr-defined]
+        while total < size:
             try:
-                n = self.socket.recv_into(buf[total:])
+                n = read(size - total, buf[total:] if total else buf)
             except ssl.SSLZeroReturnError:
                 # The peer's close_notify.  The ssl module returns 0 for it only while
                 # we have not sent ours; after our send_eof it raises this instead.
                 n = 0
             except ssl.SSLWantReadError:
+                self._drained = total > 0
                 return total or _WANT_READ
             except ssl.SSLWantWriteError:
                 return total or _WANT_WRITE

@@ -15,7 +15,6 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import socket
 import ssl
@@ -35,6 +34,7 @@ from common.hbone.server import HboneServer, forward_tcp, tls_handshake
 from common.identity import SpiffeId
 from common.logging import configure, get_logger
 from common.relay import relay
+from common.tcp import TcpStream
 
 TRUST_DOMAIN = "cluster.local"
 CLIENT_ID = SpiffeId(TRUST_DOMAIN, "default", "client")
@@ -89,10 +89,8 @@ async def run_client(listen: str, hbone: str, authority: str, cert_dir: Path) ->
         return context
 
     async with HbonePool(tls_connector(context_for)) as pool:
-        async def handle(downstream: trio.SocketStream) -> None:
-            async with downstream:
-                downstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = downstream.socket.getpeername()
+        async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
+            async with TcpStream(sock) as downstream:
                 try:
                     tunnel = await pool.connect(cert.identity, dest, expected=expected,
                                                 authority=authority,
@@ -103,10 +101,21 @@ async def run_client(listen: str, hbone: str, authority: str, cert_dir: Path) ->
                 async with tunnel:
                     await relay(downstream, tunnel, label=authority)
 
-        host, port = parse_authority(listen)
+        listener = _listen(listen)
+        listener.setblocking(False)
+        print(f"ready {listen}", flush=True)
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(trio.serve_tcp, handle, port, host=host))
-            print(f"ready {listen}", flush=True)
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                try:
+                    sock, peer = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:  # EMFILE and friends: keep serving the others
+                    _log.warning("accept failed", reason=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(handle, sock, peer)
 
 
 def _free_port() -> int:

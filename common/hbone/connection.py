@@ -11,6 +11,15 @@ plus the protocol's own frames, and writes them in order.  A stream's ``send_all
 returns when its bytes went out, so an application can never queue more than the
 one buffer it passed in.
 
+Fast path for sends: when the writer is idle (not writing, nothing left over from a
+previous write), :meth:`HboneStream.send_all` frames its bytes and writes them to the
+transport in its own task, through the transport's synchronous ``try_send`` (our
+TLSStream has one), and returns without waking the writer: a task switch to the
+writer and one back per message was most of a small request's cost.  Whatever the
+socket does not take at once is left to the writer as a backlog, written before
+anything else, and the sender then waits for it like any other send.  The fast path
+never waits while it holds the transport, so the writer can never find it busy.
+
 The connection ends when the transport reaches EOF or fails, on a protocol error
 (GOAWAY already queued and flushed), or when we close it after a GOAWAY once its
 last stream finished.  Every stream still open then fails with
@@ -45,6 +54,9 @@ _SEND_BATCH = 1024 * 1024
 # larger payloads go out by reference, uncopied.
 _COALESCE_BELOW = 64 * 1024
 _TLS_RECORD = 16 * 1024  # the largest TLS record payload
+# A task whose sends all complete at once never yields; this often it does anyway
+# (shielded), so one busy stream cannot starve the other tasks.
+_YIELD_EVERY = 16
 
 # Errors that mean "the transport is gone", from trio streams or A's TLSStream.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -86,6 +98,13 @@ class HboneConnection:
         self.streams: dict[int, HboneStream] = {}
         self._sends: dict[int, _PendingSend] = {}
         self._written: list[_PendingSend] = []
+        # Fast path state: the transport's synchronous send, bytes a fast send left
+        # unwritten (the writer writes them first), and whether the writer is writing.
+        self._try_send: Callable[[bytes | memoryview], int] | None = getattr(
+            transport, "try_send", None)
+        self._backlog: list[bytes | memoryview] = []
+        self._writing = False
+        self._fast_sends = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._senders = trio.lowlevel.ParkingLot()
         self._idle_lot = trio.lowlevel.ParkingLot()  # unparked whenever the stream set changes
@@ -245,8 +264,17 @@ class HboneConnection:
     async def _send(self, stream: HboneStream, view: memoryview) -> None:
         if self.closed:
             raise StreamResetError("the HBONE connection is closed")
-        pending = _PendingSend(stream, view)
-        self._sends[stream.stream_id] = pending
+        written = self._send_now(stream, view)
+        if written is True:
+            await self._after_fast_send()
+            return
+        if written is False:
+            # Framed and partly written: the writer finishes it from the backlog.
+            pending = _PendingSend(stream, view, pos=len(view))
+            self._written.append(pending)
+        else:
+            pending = _PendingSend(stream, view)
+            self._sends[stream.stream_id] = pending
         self._wake_writer()
         try:
             while not pending.done:
@@ -266,6 +294,39 @@ class HboneConnection:
         if pending.error is not None:
             raise pending.error
 
+    def _send_now(self, stream: HboneStream, view: memoryview) -> bool | None:
+        """The fast path: frame ``view`` and write it from the caller's task.
+
+        Returns ``True`` when all of it was written, ``False`` when it was framed but
+        the rest waits in the backlog for the writer, ``None`` when the fast path does
+        not apply (nothing was done).  A transport error is not raised here: the
+        unwritten bytes go to the backlog and the writer meets the error itself and
+        ends the connection the one usual way.
+        """
+        try_send = self._try_send
+        if (try_send is None or self._writing or self._backlog or self._stopping
+                or len(view) > self.protocol.send_window(stream.stream_id)):
+            return None
+        self.protocol.send_data(stream.stream_id, view)
+        chunks = _coalesce(self.protocol.data_to_send())
+        for index, chunk in enumerate(chunks):
+            try:
+                sent = try_send(chunk)
+            except TRANSPORT_ERRORS:
+                sent = 0
+            if sent < len(chunk):
+                # TLS rule: a retried write starts with the same bytes; the backlog does.
+                self._backlog = [memoryview(chunk)[sent:], *chunks[index + 1:]]
+                return False
+        return True
+
+    async def _after_fast_send(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._fast_sends += 1
+        if self._fast_sends >= _YIELD_EVERY:
+            self._fast_sends = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def _wait_send_window(self, stream: HboneStream) -> None:
         while (not self.closed and stream._error is None
                and self.protocol.send_window(stream.stream_id) <= 0):
@@ -276,9 +337,10 @@ class HboneConnection:
         text = f"HBONE connection lost: {cause}" if cause else "HBONE connection closed"
         for stream in list(self.streams.values()):
             stream._on_error(StreamResetError(text, retryable=stream.status is None))
-        for pending in self._sends.values():
+        for pending in [*self._sends.values(), *self._written]:
             pending.error = StreamResetError(text)
         self._sends.clear()
+        self._written.clear()
         self.streams.clear()
         self._senders.unpark_all()
         self._idle_lot.unpark_all()
@@ -307,7 +369,9 @@ class HboneConnection:
                     if not (self.draining or self.goaway_received) or self.streams:
                         self.log.debug("hbone peer closed the connection")
                     return
-                for event in protocol.receive_data(data):
+                # Lent views of the read buffer: a stream copies only what it queues,
+                # and the read buffer is not reused before the events are dispatched.
+                for event in protocol.receive_data(data, lend=True):
                     self._dispatch(event)
                 if protocol.has_output():
                     self._wake_writer()
@@ -394,7 +458,11 @@ class HboneConnection:
             while True:
                 pieces = self._collect()
                 if pieces:
-                    await self._write(pieces)
+                    self._writing = True
+                    try:
+                        await self._write(pieces)
+                    finally:
+                        self._writing = False
                     for pending in self._written:
                         pending.done = True
                     if self._written:
@@ -430,28 +498,41 @@ class HboneConnection:
             if pending.pos == len(pending.view):
                 del self._sends[stream_id]
                 self._written.append(pending)
-        return protocol.data_to_send()
+        pieces = protocol.data_to_send()
+        if self._backlog:
+            pieces[:0] = self._backlog
+            self._backlog = []
+        return pieces
 
     async def _write(self, pieces: list[bytes | memoryview]) -> None:
         send = self.transport.send_all
-        small: list[bytes | memoryview] = []
-        for piece in pieces:
-            if len(piece) < _COALESCE_BELOW:
-                small.append(piece)
-                continue
-            if small:
-                # Frame headers and control frames ride in front of the payload's first
-                # TLS record (a 16 KiB copy) instead of costing a record and a write
-                # of their own.
-                size = sum(len(p) for p in small)
-                head = max(_TLS_RECORD - size, 0)
-                small.append(piece[:head])
-                await send(b"".join(small))
-                small = []
-                piece = piece[head:]
-            await send(piece)
+        for chunk in _coalesce(pieces):
+            await send(chunk)
+
+
+def _coalesce(pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Group frames into writes: small pieces joined (one TLS record run, one syscall),
+    large payloads by reference, uncopied."""
+    chunks: list[bytes | memoryview] = []
+    small: list[bytes | memoryview] = []
+    for piece in pieces:
+        if len(piece) < _COALESCE_BELOW:
+            small.append(piece)
+            continue
         if small:
-            await send(small[0] if len(small) == 1 else b"".join(small))
+            # Frame headers and control frames ride in front of the payload's first
+            # TLS record (a 16 KiB copy) instead of costing a record and a write of
+            # their own.
+            size = sum(len(p) for p in small)
+            head = max(_TLS_RECORD - size, 0)
+            small.append(piece[:head])
+            chunks.append(b"".join(small))
+            small = []
+            piece = piece[head:]
+        chunks.append(piece)
+    if small:
+        chunks.append(small[0] if len(small) == 1 else b"".join(small))
+    return chunks
 
 
 def _status(headers: list[tuple[bytes, bytes]]) -> int:

@@ -67,6 +67,11 @@ _CONNECTION_CREDIT_THRESHOLD = CONNECTION_WINDOW // 4
 # behaved client cancels a stream now and then; thousands per second is an attack.
 RESET_BURST = 200
 RESET_RATE_PER_SECOND = 100.0
+# CVE-2019-9512/9515 (PING and SETTINGS floods): each such frame owes the peer an ACK.
+# A peer that floods and never reads leaves those ACKs queued here, 17 bytes of our
+# memory per 17 bytes it sends, without end.  A writer that keeps up collects them
+# (data_to_send) long before this many pile up; only a peer that stops reading does not.
+MAX_OWED_ACKS = 10_000
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as (hi16, lo8), type, flags, stream
@@ -86,7 +91,7 @@ class DataChunk:
     """Payload bytes received on ``stream_id`` (a piece of one DATA frame, padding removed)."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # a view only when receive_data was asked to lend them
 
 
 Event = DataChunk | h2.events.Event
@@ -144,6 +149,7 @@ class H2Protocol:
         self._pad_left = 0
         self._data_flags = 0
         self._data_deliver = False
+        self._lend = False  # the current receive_data call lends payload views
 
         self._receiving: set[int] = set()  # streams whose peer side is open and registered
         self._conn_window = CONNECTION_WINDOW
@@ -155,6 +161,7 @@ class H2Protocol:
         self._reset_stamp = clock()
         self.closed = False  # h2 is done: an error GOAWAY went out or came in
         self.goaway_sent = False
+        self._owed_acks = 0  # PING/SETTINGS ACKs queued since the writer last collected
 
     # -- output ---------------------------------------------------------------------------
 
@@ -162,6 +169,7 @@ class H2Protocol:
         """Everything queued for the peer, in order; the caller writes it all."""
         self._flush_h2()
         out, self._out = self._out, []
+        self._owed_acks = 0
         return out
 
     def has_output(self) -> bool:
@@ -299,13 +307,17 @@ class H2Protocol:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview, *,
+                     lend: bool = False) -> list[Event]:
         """Feed bytes read from the peer; return what happened, in order.
 
         ``data`` may be a view of a buffer the caller reuses: payload handed out in
         :class:`DataChunk` is copied, except when ``data`` is immutable ``bytes`` made
-        entirely of payload, which is handed on as is.
+        entirely of payload, which is handed on as is.  With ``lend`` payload is
+        handed out as views of ``data``, uncopied: valid only until the caller reuses
+        its buffer, so whoever keeps one must copy it (most are written onward at once).
         """
+        self._lend = lend
         events: list[Event] = []
         view = memoryview(data)
         pos = 0
@@ -413,8 +425,13 @@ class H2Protocol:
         if self._data_left:
             take = min(self._data_left, end - pos)
             if self._data_deliver:
-                chunk = (data if take == end and isinstance(data, bytes)
-                         else view[pos:pos + take].tobytes())
+                chunk: bytes | memoryview
+                if take == end and isinstance(data, bytes):
+                    chunk = data
+                elif self._lend:
+                    chunk = view[pos:pos + take]
+                else:
+                    chunk = view[pos:pos + take].tobytes()
                 events.append(DataChunk(stream_id=self._data_stream, data=chunk))
             pos += take
             self._data_left -= take
@@ -493,6 +510,12 @@ class H2Protocol:
                 self._start_receiving(event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
                 self._stop_receiving(event.stream_id)
+            elif isinstance(event, h2.events.PingReceived | h2.events.RemoteSettingsChanged):
+                self._owed_acks += 1
+                if self._owed_acks > MAX_OWED_ACKS:
+                    self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                               f"peer sent over {MAX_OWED_ACKS} PING/SETTINGS frames without "
+                               "reading our ACKs (control-frame flood, CVE-2019-9512/9515)")
             elif isinstance(event, h2.events.StreamReset):
                 self._stop_receiving(event.stream_id)
                 if event.remote_reset:

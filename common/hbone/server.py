@@ -31,6 +31,7 @@ from common.hbone.stream import HboneStream
 from common.identity import SpiffeId
 from common.logging import get_logger
 from common.relay import relay
+from common.tcp import open_tcp
 
 _log = get_logger("hbone.server")
 
@@ -221,11 +222,10 @@ async def forward_tcp(request: ConnectRequest, responder: Responder, *,
     """A handler that connects to ``:authority`` over plain TCP and relays (demo, tests)."""
     try:
         with trio.fail_after(connect_timeout):
-            upstream = await trio.open_tcp_stream(request.host, request.port)
+            upstream = await open_tcp(request.host, request.port)
     except (OSError, trio.TooSlowError) as exc:
         responder.reject(503, f"upstream {request.authority} unreachable: {exc or 'timeout'}")
         return
     async with upstream:
-        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = responder.accept()
         await relay(stream, upstream, label=request.authority)

@@ -5,6 +5,15 @@ the peer (WINDOW_UPDATE) on the *next* call, that is once the consumer has writt
 them onward and come back for more.  The peer can never have more than our stream
 window (4 MiB) queued here, whatever the speed difference between the two ends.
 
+Direct delivery: a consumer that copies everything it reads into a plain socket (the
+relay) may register that socket with :meth:`HboneStream.set_direct_sink`.  While the
+consumer is parked in :meth:`receive_some` with nothing queued, the connection's
+reader task then writes received DATA straight into the sink (non-blocking) and
+credits the peer at once: the bytes were written onward, and the consumer task is
+never woken for them, which saved two task switches per message.  Whatever the
+sink does not take at once (it would block, or it failed) is queued as usual, in
+order, and the consumer's own ``send_all`` waits for the socket or reports its error.
+
 Half-close: :meth:`send_eof` sends END_STREAM; reading continues until the peer's
 END_STREAM (``b""``).  :meth:`aclose` ends gracefully when the peer already ended,
 otherwise resets the stream (CANCEL), like closing a TCP socket with the peer
@@ -14,7 +23,7 @@ still sending.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -39,6 +48,20 @@ class StreamResetError(StreamBrokenError):
         self.retryable = retryable
 
 
+class DirectSink(Protocol):
+    """A byte sink that can take bytes synchronously (e.g. :class:`common.tcp.TcpStream`)."""
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what can be written now without waiting; return the byte count."""
+        ...
+
+
+# What a failing sink raises from try_send: the bytes are then queued, and the
+# consumer's send_all to the same sink raises the error where it can be handled.
+_SINK_ERRORS: tuple[type[BaseException], ...] = (
+    trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError)
+
+
 class HboneStream(trio.abc.HalfCloseableStream):
     """A bidirectional byte stream tunneled through HBONE, with independent half-close."""
 
@@ -57,6 +80,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._response = trio.Event()
         self._receiving = False
         self._sending = False
+        self._sink: DirectSink | None = None
+        self.direct_bytes = 0  # received bytes the reader task wrote into the sink itself
 
     # -- what the connection calls --------------------------------------------------------
 
@@ -64,8 +89,23 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.status = status
         self._response.set()
 
-    def _on_data(self, data: bytes | bytearray) -> None:
-        self._queue.append(data)
+    def _on_data(self, data: bytes | memoryview) -> None:
+        """Bytes received; a view is valid only during this call (copied if queued)."""
+        sink = self._sink
+        # Only while the consumer waits with nothing queued: anything else would
+        # overtake bytes it holds or has queued.
+        if sink is not None and self._receiving and not self._queue:
+            try:
+                sent = sink.try_send(data)
+            except _SINK_ERRORS:
+                sent = 0
+            if sent:
+                self.direct_bytes += sent
+                self.connection._acknowledge(self.stream_id, sent)
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self._queue.append(bytes(data) if isinstance(data, memoryview) else data)
         self._queued += len(data)
         self._readers.unpark_all()
 
@@ -79,6 +119,14 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._error = error
         self._readers.unpark_all()
         self._response.set()
+
+    def set_direct_sink(self, sink: DirectSink | None) -> None:
+        """Let the reader task write received bytes into ``sink`` itself (see module doc).
+
+        The caller must be the one consumer, copying everything :meth:`receive_some`
+        returns into ``sink`` with ``send_all``; ``None`` ends direct delivery.
+        """
+        self._sink = sink
 
     @property
     def buffered(self) -> int:
