@@ -8,6 +8,8 @@ import ipaddress
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.errors import DnsUpstreamError, NameResolutionError
 from ztunnel.dns.resolver import DnsConfig, Outcome, Resolver
@@ -314,3 +316,18 @@ async def test_without_any_upstream_forwarded_names_get_servfail() -> None:
     assert msg.rcode == RCODE_SERVFAIL and outcome is Outcome.FAILED
     msg, outcome = await resolver.resolve(query("echo", TYPE_A), "default", host_socket)
     assert ips(msg) == ["10.96.1.1"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120) | st.builds(
+    lambda q, at, junk: q[:at] + junk + q[at + len(junk):],
+    st.sampled_from([query_bytes("echo", TYPE_A), query_bytes("example.com", TYPE_AAAA),
+                     query_bytes("x.echo.default.svc.cluster.local", TYPE_A, edns=4096)]),
+    st.integers(min_value=0, max_value=40), st.binary(min_size=1, max_size=3)))
+def test_any_bytes_get_an_answer_a_drop_or_an_upstream_query_never_an_exception(
+        data: bytes) -> None:
+    resolver = Resolver(lambda: SNAP, DnsConfig(upstreams=()), clock=lambda: 0.0)
+    done = resolver.answer_nowait(data, "default", udp=True)
+    if isinstance(done, tuple) and done[0] is not None:
+        reply = parse(done[0])
+        assert reply.is_response and len(done[0]) <= 512

@@ -6,6 +6,8 @@ import errno
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.errors import (
     ConnectRefusedError,
@@ -142,3 +144,18 @@ def test_reply_code_reads_the_os_error_behind_a_refused_connect(err: int, code: 
         raise ConnectRefusedError("x") from OSError(err, "x")
     except ConnectRefusedError as exc:
         assert reply_code(exc) == code
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=8))
+def test_arbitrary_client_bytes_end_in_a_request_or_a_socks5_error(chunks: list[bytes]) -> None:
+    hs = ServerHandshake()
+    for chunk in chunks:
+        try:
+            out = hs.receive_data(chunk)
+        except Socks5Error:
+            return
+        assert out in (b"", b"\x05\x00")
+        if hs.done:
+            assert hs.request is not None
+            return
