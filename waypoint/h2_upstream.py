@@ -194,7 +194,9 @@ class H2ClientConnection:
             window = min(conn.local_flow_control_window(ex.id), conn.max_outbound_frame_size)
             if window <= 0:
                 await self.send_pending()
-                await self.pump(ex)
+                # Re-check after the await: another reader may have taken the update.
+                if conn.local_flow_control_window(ex.id) <= 0:
+                    await self.pump(ex)
                 continue
             n = min(window, len(view))
             conn.send_data(ex.id, view[:n].tobytes())

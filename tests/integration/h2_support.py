@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -137,7 +138,8 @@ class H2Client:
             if window <= 0:
                 await self.flush()
                 async with self.changed:
-                    await self.changed.wait()
+                    if self.h2.local_flow_control_window(sid) <= 0:
+                        await self.changed.wait()
                 continue
             n = min(window, len(view))
             self.h2.send_data(sid, view[:n].tobytes())
@@ -176,7 +178,7 @@ class GrpcStream:
         self.id = sid
         self.headers = headers
         self.inbox: trio.MemorySendChannel[bytes | None]
-        self.inbox, self.receive = trio.open_memory_channel[bytes | None](1000)
+        self.inbox, self.receive = trio.open_memory_channel[bytes | None](math.inf)
         self._buffer = b""
 
     @property

@@ -219,11 +219,12 @@ async def test_rapid_reset_flood_gets_goaway_and_others_unaffected(mesh: Mesh,
     async with trio.open_nursery() as nursery:
         attacker = H2Client(await connect(mesh.port))
         await attacker.start(nursery)
-        for _ in range(400):
+        for _ in range(20):  # batches of 50 open+reset pairs, as an attacker sends them
             if attacker.closed or attacker.terminated is not None:
                 break
-            sid = attacker.open("GET", "/slow", authority="echo")
-            attacker.h2.reset_stream(sid)
+            for _ in range(50):
+                sid = attacker.open("GET", "/slow", authority="echo")
+                attacker.h2.reset_stream(sid)
             try:
                 await attacker.flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -234,3 +235,67 @@ async def test_rapid_reset_flood_gets_goaway_and_others_unaffected(mesh: Mesh,
         nursery.cancel_scope.cancel()
     reply = await client.request("GET", "/after")
     assert reply.status == 200
+
+
+async def test_16mib_body_with_slow_reader_is_intact_and_bounded(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import h2.events
+
+    from waypoint import h2_shell, h2_upstream
+    servers: list[h2_shell.H2ServerConnection] = []
+    clients: list[h2_upstream.H2ClientConnection] = []
+    for cls, seen in ((h2_shell.H2ServerConnection, servers),
+                      (h2_upstream.H2ClientConnection, clients)):
+        original = cls.__init__
+
+        def record(self: Any, *args: Any, _orig: Any = original, _seen: Any = seen,
+                   **kwargs: Any) -> None:
+            _orig(self, *args, **kwargs)
+            _seen.append(self)
+        monkeypatch.setattr(cls, "__init__", record)
+
+    def held() -> int:
+        """Body bytes the waypoint holds in its own queues right now."""
+        total = sum(s.buffered for c in servers for s in c.streams.values())
+        for c in clients:
+            for ex in c.exchanges.values():
+                total += sum(len(e.data) for e in ex.events
+                             if isinstance(e, h2.events.DataReceived))
+        return total
+
+    body = bytes(range(256)) * (16 * 1024 * 1024 // 256)
+    peak = 0
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            c = H2Client(await connect(mesh.port), auto_ack=False)
+            await c.start(nursery)
+            sid = c.open("POST", "/test.Echo/Big", GRPC, authority="grpc", end=False)
+            await c.flush()
+            reply = c.replies[sid]
+
+            async def sample() -> None:
+                nonlocal peak
+                while True:
+                    peak = max(peak, held())
+                    await trio.sleep(0.002)
+
+            nursery.start_soon(sample)
+            await c.send(sid, frame(body), end=True)
+            # A slow reader: credit at most 128 KiB per millisecond.
+            acked = 0
+            while not reply.ended:
+                if len(reply.body) > acked:
+                    step = min(len(reply.body) - acked, 128 * 1024)
+                    c.h2.acknowledge_received_data(step, sid)
+                    acked += step
+                    await c.flush()
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    received = unframe(bytes(reply.body))
+    assert len(received) == 1
+    assert hashlib.sha256(received[0]).digest() == hashlib.sha256(body).digest()
+    assert dict(reply.trailers)[b"grpc-status"] == b"0"
+    # Each queue is bounded by one stream window (1 MiB), whatever the body size.
+    assert peak <= 2 * 1024 * 1024, peak
