@@ -181,3 +181,73 @@ async def test_captured_dns_is_answered_by_the_proxy_and_socks5_reaches_a_servic
         "destination_service": "web.default.svc.cluster.local",
         "destination_principal": "unknown", "security_policy": "unknown",
         "response_flags": "-"}) == 1
+
+
+async def socks5_connect(pod: PodNs, dst: tuple[str, int]) -> tuple[trio.SocketStream, int]:
+    """A SOCKS5 CONNECT by IPv4 from inside ``pod``; the stream and the reply code."""
+    sock = _socket_in(pod, socket.SOCK_STREAM)
+    await sock.connect(("127.0.0.1", 15080))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(b"\x05\x01\x00")
+    assert await receive_exactly(stream, 2) == b"\x05\x00"
+    await stream.send_all(b"\x05\x01\x00\x01" + socket.inet_aton(dst[0]) +
+                          struct.pack("!H", dst[1]))
+    head = await receive_exactly(stream, 10)
+    return stream, head[1]
+
+
+async def test_socks5_to_a_meshed_pod_goes_over_hbone_and_policy_denial_is_reply_2(
+        pods: dict[str, PodNs]) -> None:
+    ca = CertificateAuthority.generate("cluster.local")
+    client = workload(pods["client"], name="sleep", namespace="client", sa="sleep",
+                      node="node1")
+    server = workload(pods["server"], name="echo", namespace="server", sa="echo", node="node2")
+    holder = SnapshotHolder()
+    agents = {}
+    states = {}
+    for node in ("node1", "node2"):
+        issuer = NodeIssuer(ca, node, lambda: holder.current)
+        states[node] = ProxyState(node, holder, issuer.store(),
+                                  config=ProxyConfig(connect_timeout=2.0))
+        dns = DnsService(DnsConfig(upstreams=()))
+        agents[node] = InpodAgent(states[node], hooks=[socks5_pod_hook(dns.resolver_for)])
+    app = EchoApp(pods["server"])
+    deny = ("server", "deny-client", {"action": "DENY", "rules": [
+        {"from": [{"source": {"namespaces": ["client"]}}]}]})
+
+    async def publish(snap: Snapshot) -> None:
+        async with trio.open_nursery() as publishing:  # until every node reconciled it
+            for agent in agents.values():
+                publishing.start_soon(agent.wait_reconciled)
+            await trio.lowlevel.checkpoint()
+            holder.publish(snap)
+        await trio.testing.wait_all_tasks_blocked()  # the hooks opened their listeners
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            for agent in agents.values():
+                await nursery.start(agent.run)
+            await publish(snapshot(1, [client, server]))
+            stream, code = await socks5_connect(pods["client"], (pods["server"].ip, 8080))
+            async with stream:
+                assert code == 0
+                greeting = f"from {pods['client'].ip}\n".encode()
+                assert await receive_exactly(stream, len(greeting)) == greeting
+                await stream.send_all(b"over hbone")
+                assert await receive_exactly(stream, 10) == b"over hbone"
+            await publish(snapshot(2, [client, server], authz=[deny]))
+            stream, code = await socks5_connect(pods["client"], (pods["server"].ip, 8080))
+            async with stream:
+                assert code == 2  # connection not allowed by ruleset
+            nursery.cancel_scope.cancel()
+    assert app.peers == [pods["client"].ip]
+    opened = states["node1"].metrics.registry.get_sample_value(
+        "istio_tcp_connections_opened_total", {
+            "reporter": "source", "source_workload": "sleep", "destination_workload": "echo",
+            "source_workload_namespace": "client", "destination_workload_namespace": "server",
+            "source_principal": "spiffe://cluster.local/ns/client/sa/sleep",
+            "destination_service": "unknown",
+            "destination_principal": "spiffe://cluster.local/ns/server/sa/echo",
+            "security_policy": "mutual_tls", "response_flags": "-"})
+    assert opened == 1
