@@ -331,3 +331,26 @@ def test_any_bytes_get_an_answer_a_drop_or_an_upstream_query_never_an_exception(
     if isinstance(done, tuple) and done[0] is not None:
         reply = parse(done[0])
         assert reply.is_response and len(done[0]) <= 512
+
+
+def _stub_sequence(name: str, namespace: str) -> list[str]:
+    """What glibc tries for ``name`` with ndots:5 and a pod's search path, in order."""
+    search = [f"{namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+    return [f"{name}.{suffix}" for suffix in search] + [name]
+
+
+async def test_a_stub_walking_the_search_path_sends_only_the_real_name_upstream() -> None:
+    resolver, up, _ = make()
+    for qtype in (TYPE_A, TYPE_AAAA):
+        for name in _stub_sequence("example.com", "default"):
+            msg, _ = await ask(resolver, name, qtype)
+            if msg.rcode != RCODE_NXDOMAIN:
+                break
+    # 8 queries from the stub; the 6 search-path expansions never left ztunnel.
+    assert up.asked == [("example.com", TYPE_A), ("example.com", TYPE_AAAA)]
+    # A cluster name is found on the first try and nothing goes upstream.
+    for name in _stub_sequence("other.prod", "default"):
+        msg, _ = await ask(resolver, name)
+        if msg.rcode != RCODE_NXDOMAIN:
+            break
+    assert ips(msg) == ["10.96.2.2"] and len(up.asked) == 2
