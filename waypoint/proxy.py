@@ -99,11 +99,21 @@ _CONSUMED = frozenset({
     b"x-envoy-attempt-count", b"expect", b"x-forwarded-proto",
 })
 _HOP_BY_HOP = hop_by_hop_names([])
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (UpstreamError, *STREAM_ERRORS)
 _EXCHANGE_ERRORS: tuple[type[BaseException], ...] = (Http1Error, *STREAM_ERRORS)
 _TRACE = frozenset({b"traceparent", b"x-b3-spanid", b"b3"})
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _TEXT = (b"content-type", b"text/plain")
+
+
+def _hop_by_hop(headers: Headers) -> frozenset[bytes]:
+    """The names to drop from ``headers``: the fixed hop-by-hop set, plus any names a
+    ``Connection`` header nominates (rare: usually it only says keep-alive or close)."""
+    for name, value in headers:
+        if name == b"connection" and value not in _PLAIN_CONNECTION:
+            return hop_by_hop_names(headers)
+    return _HOP_BY_HOP
 
 
 class Downstream(Protocol):
@@ -223,10 +233,22 @@ class Proxy:
         self.rate_limiter: RateLimiter | None = None
         # Connections whose request body is still being sent by a _pump_body task.
         self._pumping: set[int] = set()
+        # The running trio loop's clock, bound on first use: three calls cheaper per
+        # reading than trio.current_time(), read about seven times per request.
+        self._now: Callable[[], float] | None = None
+
+    def _clock(self) -> float:
+        now_fn = self._now
+        if now_fn is None:
+            now_fn = self._now = trio.lowlevel.current_clock().current_time
+        return now_fn()
 
     async def handle(self, head: RequestHead, down: Downstream, peer: PeerInfo) -> None:
         """Answer one request; raises only when the downstream connection must close."""
-        started = trio.current_time()
+        now_fn = self._now
+        if now_fn is None:
+            now_fn = self._now = trio.lowlevel.current_clock().current_time
+        started = now_fn()
         state = self.state
         log = _Log()
         headers = header_map(head.headers)
@@ -329,7 +351,7 @@ class Proxy:
         if fault is not faults.NO_FAULT:
             if fault.delay > 0:
                 log.flags.append("DI")
-                remaining = limits.remaining(trio.current_time())
+                remaining = limits.remaining(self._clock())
                 if remaining is not None and remaining <= fault.delay:
                     await trio.sleep(remaining)
                     await self._local(down, log, 504, TIMEOUT_BODY, flag="UT")
@@ -387,28 +409,27 @@ class Proxy:
     def _upstream_head(self, head: RequestHead, request: Request, decision: RouteDecision
                        ) -> tuple[RequestHead, Headers]:
         """The head sent upstream (without the per-try headers) and its header lines."""
-        drop = _HOP_BY_HOP
-        for name, _ in head.headers:
-            if name == b"connection":
-                drop = hop_by_hop_names(head.headers)
-                break
+        drop = _hop_by_hop(head.headers)
         rewrite_host = decision.authority
         pairs: Headers = []
         has_request_id = False
+        has_host = False
         trace = False
         for name, value in head.headers:
             if name in drop or name in _CONSUMED:
                 continue
-            if name == b"host" and rewrite_host is not None:
-                continue
-            if name == b"x-request-id":
+            if name == b"host":
+                if rewrite_host is not None:
+                    continue
+                has_host = True
+            elif name == b"x-request-id":
                 has_request_id = True
             elif name in _TRACE:
                 trace = True
             pairs.append((name, value))
         if rewrite_host is not None:
             pairs.append((b"host", rewrite_host.encode("latin-1")))
-        elif request.authority and not any(n == b"host" for n, _ in pairs):
+        elif request.authority and not has_host:
             pairs.append((b"host", request.authority.encode("latin-1")))
         if head.chunked:
             pairs.append((b"transfer-encoding", b"chunked"))
@@ -436,6 +457,7 @@ class Proxy:
         picker = cstate.picker
         breaker = cstate.breaker
         retry = RetryState(resilience.retries, request.headers)
+        clock = self._now if self._now is not None else trio.current_time
         hash_key = None
         ch = cstate.cluster.resilience.load_balancer.consistent_hash
         if ch is not None:
@@ -444,7 +466,7 @@ class Proxy:
         holding_retry = False
         try:
             while True:
-                now = trio.current_time()
+                now = clock()
                 if limits.expired(now):
                     await self._local(down, log, 504, TIMEOUT_BODY, flag="UT")
                     return
@@ -480,7 +502,7 @@ class Proxy:
                     if holding_retry:
                         breaker.release_retry()
                         holding_retry = False
-                    now = trio.current_time()
+                    now = clock()
                     if scope.cancelled_caught:
                         picker.report_local_failure(host, LocalFailure.TIMEOUT, now)
                         if limits.expired(now):
@@ -500,7 +522,7 @@ class Proxy:
                         holding_retry = True
                         if conn is not None:
                             await self._discard_response(cstate, conn, try_deadline)
-                        remaining = limits.remaining(trio.current_time())
+                        remaining = limits.remaining(clock())
                         wait = verdict.backoff if remaining is None else min(verdict.backoff,
                                                                              remaining)
                         if wait > 0:
@@ -633,11 +655,7 @@ class Proxy:
         (``x-envoy-upstream-service-time``).
         """
         log.status = response.status
-        drop = _HOP_BY_HOP
-        for name, _ in response.headers:
-            if name == b"connection":
-                drop = hop_by_hop_names(response.headers)
-                break
+        drop = _hop_by_hop(response.headers)
         pairs: Headers = [h for h in response.headers if h[0] not in drop]
         if response.chunked:
             pairs.append((b"transfer-encoding", b"chunked"))
@@ -679,7 +697,7 @@ class Proxy:
     # --- telemetry -----------------------------------------------------------------
 
     def _record(self, peer: PeerInfo, log: _Log, started: float, request: Request) -> None:
-        duration_ms = (trio.current_time() - started) * 1000.0
+        duration_ms = (self._clock() - started) * 1000.0
         flags = ",".join(log.flags) if log.flags else "-"
         destination = log.destination
         name = destination.split(".", 1)[0] if destination != UNKNOWN else UNKNOWN

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,15 +130,22 @@ def new_span_id() -> str:
 
 
 def new_request_id() -> bytes:
-    """A random version-4 UUID for ``x-request-id``: an identifier, not a secret, so the
-    process PRNG serves (a third of :func:`uuid.uuid4`'s cost)."""
-    raw = b"%032x" % (_getrandbits(128) & _UUID4_MASK | _UUID4_BITS)
-    return b"%s-%s-%s-%s-%s" % (raw[:8], raw[8:12], raw[12:16], raw[16:20], raw[20:])
+    """A UUID-shaped (version 4 layout) ``x-request-id``, unique per process run: a random
+    prefix drawn at start-up and a counter.  An identifier, not a secret, so uniqueness is
+    what matters; formatting one counter is several times cheaper than drawing 128 bits."""
+    global _request_counter
+    _request_counter += 1
+    return _REQUEST_PREFIX + b"%012x" % (_request_counter & 0xFFFFFFFFFFFF)
 
 
-_getrandbits = random.getrandbits
-_UUID4_MASK = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)
+def _request_prefix() -> bytes:
+    raw = os.urandom(10).hex()
+    variant = "89ab"[int(raw[15], 16) & 3]
+    return f"{raw[:8]}-{raw[8:12]}-4{raw[12:15]}-{variant}{raw[16:19]}-".encode()
+
+
+_REQUEST_PREFIX = _request_prefix()
+_request_counter = 0
 
 
 def propagate_trace(headers: list[tuple[bytes, bytes]]) -> None:
