@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -29,6 +30,8 @@ class BenchWaypoint:
     waypoint: Waypoint
     port: int
     seen: list[str] = field(default_factory=list)  # request targets the backend answered
+    # The bench document without objects: add "objects" to build another config.
+    endpoints: dict[str, Any] = field(default_factory=dict)
 
 
 @pytest.fixture
@@ -45,10 +48,11 @@ async def bench(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(echo, "_log", lambda *args: None)
     server = echo.Server(echo.Identity(pod="backend", namespace="bench"))
     ports = await nursery.start(echo.serve, [0], server, "127.0.0.1")
-    config = bench_config_from({
+    doc: dict[str, Any] = {
         "namespace": "bench", "destination": "10.96.0.1:80",
         "services": [{"name": "backend", "ports": [80], "vips": ["10.96.0.1"],
-                      "endpoints": [{"address": f"127.0.0.1:{ports[0]}"}]}]})
+                      "endpoints": [{"address": f"127.0.0.1:{ports[0]}"}]}]}
+    config = bench_config_from(doc)
     waypoint = Waypoint(Options(name="waypoint", namespace="bench", access_log=False))
     waypoint.timeouts = H1Timeouts(idle=2 * STREAM_IDLE, header=HEADER_TIMEOUT,
                                    stream_idle=STREAM_IDLE)
@@ -59,4 +63,4 @@ async def bench(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
     port = listener.getsockname()[1]
     await nursery.start(lambda task_status: waypoint.serve_plain(
         listener, destination=config.destination, port=config.port, task_status=task_status))
-    yield BenchWaypoint(waypoint, port, seen)
+    yield BenchWaypoint(waypoint, port, seen, doc)
