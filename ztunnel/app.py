@@ -43,6 +43,7 @@ from ztunnel.dns.server import DnsService
 from ztunnel.inpod.agent import InpodAgent
 from ztunnel.proxy.pod import PodHook
 from ztunnel.proxy.state import ProxyConfig, ProxyState
+from ztunnel.socks5 import socks5_pod_hook
 
 _log = get_logger("ztunnel")
 
@@ -199,11 +200,11 @@ def pod_hooks(options: Options) -> list[PodHook]:
     """The per-pod services started beside the proxy listeners of every enrolled pod.
 
     Each is a :data:`~ztunnel.proxy.pod.PodHook`: the DNS proxy (15053, udp and tcp,
-    forwarding what it does not answer itself to ``--dns-upstream``); the SOCKS5 listener
-    (127.0.0.1:15080) plugs in here too.
+    forwarding what it does not answer itself to ``--dns-upstream``) and the SOCKS5 listener
+    (127.0.0.1:15080), which resolves names through the same DNS proxy.
     """
     dns = DnsService(DnsConfig(upstreams=options.dns_upstreams))
-    return [dns.serve_pod]
+    return [dns.serve_pod, socks5_pod_hook(dns.resolver_for)]
 
 
 async def main_async(options: Options, log_level: LogLevel) -> None:
