@@ -7,58 +7,37 @@ original client's IP, ``IP_TRANSPARENT``).  Each of those sockets carries ``SO_M
 0x539, so the pod's nftables rules never capture ztunnel's own traffic.
 
 A socket keeps the namespace it was created in, so only *creation* needs the namespace.
-:mod:`common.netns` does that on a helper thread, which suits listeners (opened once).
 Per-connection sockets (a transparent connect per inbound connection) would pay a
 thread hand-off each time; :class:`PodNetns` instead keeps the namespace file open and
-switches the *calling* thread into it for the few microseconds of ``socket()`` +
-``setsockopt`` + ``bind``, then back, with no ``await`` in between, so no other task
-ever runs in the pod's namespace.  (Measured: about 20 µs per socket on the 2-core
-development machine, against about 100 µs for a thread round trip.)
+switches the *calling* thread into it (:func:`common.netns.call_in_netns_fd`) for the
+few microseconds of ``socket()`` + ``setsockopt`` + ``bind``, then back, with no
+``await`` in between, so no other task ever runs in the pod's namespace.  (Measured:
+about 20 µs per socket on the 2-core development machine, against about 100 µs for a
+thread round trip.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import trio
 
 from common.errors import ConfigError, ConnectRefusedError, ConnectTimeoutError
+from common.netns import call_in_netns_fd, open_netns
 from ztunnel.inpod.rules import ZTUNNEL_MARK
 
 T = TypeVar("T")
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _IPV6_TRANSPARENT = 75  # linux/in6.h; Python's socket module does not export it
 _IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h (also applies to IPv6 sockets)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-_local = threading.local()
-
-
-def _home_netns() -> int:
-    """This thread's own namespace, opened once per thread (an open costs ~50 µs)."""
-    fd: int | None = getattr(_local, "home", None)
-    if fd is None:
-        fd = _local.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    return fd
 
 
 def family_of(ip: str) -> socket.AddressFamily:
@@ -74,11 +53,7 @@ class PodNetns:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ConfigError(f"cannot open network namespace {path}: {exc.strerror} (is the "
-                              f"pod still running, and is this process root?)") from exc
+        self._fd: int | None = open_netns(path)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -90,16 +65,7 @@ class PodNetns:
         if self._fd is None:
             raise ConfigError(f"network namespace {self.path} was released: the pod is no "
                               f"longer enrolled")
-        home = _home_netns()
-        _setns(self._fd)
-        try:
-            return fn()
-        finally:
-            try:
-                _setns(home)
-            except OSError:  # pragma: no cover - the thread would stay in the pod
-                os.write(2, b"fatal: cannot return to the host network namespace\n")
-                os._exit(70)
+        return call_in_netns_fd(self._fd, fn)
 
     def tcp_socket(self, family: socket.AddressFamily, *, source: str | None = None,
                transparent: bool = False) -> socket.socket:
