@@ -81,3 +81,60 @@ async def test_circuit_breaking_istio_sample(
     with trio.fail_after(60):
         while not await overflows():  # noqa: ASYNC110 -- polls the cluster, bounded
             await trio.sleep(0.5)
+
+
+# One of three reviews-v1 pods answers 500 to everything (a tiny stdlib server run as the
+# container's command, as the local cluster runs any command as the pod's process).
+_FAILING_SERVER = (
+    "import http.server as h\n"
+    "class H(h.BaseHTTPRequestHandler):\n"
+    "    protocol_version = 'HTTP/1.1'\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(500)\n"
+    "        self.send_header('content-length', '0')\n"
+    "        self.end_headers()\n"
+    "    def log_message(self, *args):\n"
+    "        pass\n"
+    "h.ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()\n")
+
+
+async def test_outlier_detection_ejects_the_failing_pod_and_lets_it_back(
+        cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
+    from common.kube import Deployment
+    from tests.integration.conftest import ready_pods
+
+    mesh = await Mesh(cluster, kube, namespace).up()
+    labels = {"app": "reviews", "version": "v1", "variant": "failing"}
+    await kube.create(Deployment.model_validate({
+        "metadata": {"name": "reviews-failing", "namespace": namespace},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [{
+                     "name": "fail", "image": "python",
+                     "command": ["python", "-c", _FAILING_SERVER],
+                     "ports": [{"containerPort": 8080}]}]}}}}))
+    await ready_pods(kube, namespace, 5, within=180)
+    rule: dict[str, Any] = {
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "reviews"},
+        "spec": {"host": "reviews", "subsets": DR["spec"]["subsets"],
+                 "trafficPolicy": {
+                     "loadBalancer": {"simple": "ROUND_ROBIN"},
+                     "outlierDetection": {"consecutive5xxErrors": 5, "interval": "1s",
+                                          "baseEjectionTime": "4s",
+                                          "maxEjectionPercent": 100}}}}
+    await mesh.apply(rule, vs([{"retries": {"attempts": 0}, "route": [to("v1")]}]))
+    await mesh.until(lambda r: r.status == 500, what="the failing pod in the v1 subset")
+    client = await mesh.connect()
+    statuses = [(await mesh.get(client=client)).status for _ in range(60)]
+    # Ejected after its 5th consecutive 5xx (one more was seen while waiting above).
+    assert statuses.count(500) <= 5, statuses
+    assert set(statuses[-30:]) == {200}, statuses
+    # Back after its ejection time (4 s, returned by the next 1 s sweep): it fails again.
+    ejected_at = trio.current_time()
+
+    async def failing_again() -> bool:
+        return (await mesh.get(client=client)).status == 500
+    with trio.fail_after(20):
+        while not await failing_again():  # noqa: ASYNC110 -- polls the cluster, bounded
+            await trio.sleep(0.05)
+    assert trio.current_time() - ejected_at >= 3.0
