@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--name", required=True, help="the waypoint's Gateway name "
                         "(also its service account)")
     parser.add_argument("--namespace", required=True, help="the waypoint's namespace")
+    parser.add_argument("--mode", choices=("mesh", "ingress"), default="mesh",
+                        help="ingress: serve the ingress Gateway NAME's HTTP/HTTPS listeners "
+                        "(waypoint.ingress)")
     parser.add_argument("--server", default=os.environ.get("AMBIENT_SERVER"),
                         help="Kubernetes API server URL (default: $AMBIENT_SERVER, which the "
                         "local cluster sets in pods, else in-cluster or kubeconfig)")
@@ -40,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="HOST:PORT of the Redis holding global rate-limit counters "
                         "(default: $RATELIMIT_REDIS; without it global limits fail by their "
                         "failMode)")
+    parser.add_argument("--ratelimit-timeout", type=float, default=0.25,
+                        help="seconds a Redis call may take before the limit's failMode "
+                        "applies")
     parser.add_argument("--log-level", default=None)
     args = parser.parse_args(argv)
     configure(args.log_level)
@@ -49,8 +55,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    ready_port=args.ready_port, admin_port=args.admin_port,
                    drain_seconds=args.drain_seconds, access_log=not args.no_access_log,
                    bench_config=args.bench_config, bench_listen=_address(args.bench_listen),
+                   mode=args.mode,
                    ratelimit_redis=(_address(args.ratelimit_redis) if args.ratelimit_redis
-                                    else None))
+                                    else None),
+                   ratelimit_timeout=args.ratelimit_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = (load_bench_config(options.bench_config) if options.bench_config is not None
                  else None)
-        trio.run(run_until_signal, Waypoint(options), bench)
+        if options.mode == "ingress":
+            from waypoint.ingress import Ingress
+            trio.run(run_until_signal, Ingress(options), None)
+        else:
+            trio.run(run_until_signal, Waypoint(options), bench)
     except MeshError as exc:
         print(f"waypoint: {exc}", file=sys.stderr)
         return 1

@@ -85,6 +85,8 @@ class Options:
     bench_config: Path | None = None
     bench_listen: tuple[str, int] = ("127.0.0.1", 18080)
     ratelimit_redis: tuple[str, int] | None = None
+    ratelimit_timeout: float = 0.25
+    mode: str = "mesh"  # or "ingress" (waypoint.ingress)
 
     @property
     def identity(self) -> SpiffeId:
@@ -180,8 +182,8 @@ class Waypoint:
         self.proxy = Proxy(RouterState(RouteTable(by_destination={}, clusters={}),
                                        self.clusters, options.gateway),
                            metrics=self.metrics, rng=rng, access_log=options.access_log)
-        redis = (RedisClient(*options.ratelimit_redis) if options.ratelimit_redis is not None
-                 else None)
+        redis = (RedisClient(*options.ratelimit_redis, timeout=options.ratelimit_timeout)
+                 if options.ratelimit_redis is not None else None)
         self.rate_limiter = RateLimiter(redis)
         self.proxy.rate_limiter = self.rate_limiter
         self.ready = False
