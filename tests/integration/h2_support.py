@@ -142,10 +142,12 @@ class H2Client:
                         await self.changed.wait()
                 continue
             n = min(window, len(view))
-            self.h2.send_data(sid, view[:n].tobytes())
+            # END_STREAM rides on the last DATA frame, as real clients send it.
+            self.h2.send_data(sid, view[:n].tobytes(), end_stream=end and n == len(view))
             view = view[n:]
-            await self.flush()
-        if end:
+            if view:
+                await self.flush()
+        if end and not data:
             self.h2.end_stream(sid)
         await self.flush()
 

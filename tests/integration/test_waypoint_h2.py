@@ -57,6 +57,18 @@ async def grpc_handler(s: GrpcStream) -> None:
         for i in range(0, len(total), 65536):
             await s.send_raw(bytes(total[i:i + 65536]))
         await s.finish(0)
+    elif path == b"/test.Echo/Flaky":
+        await s.message()
+        tries = sum(1 for h in s.server.requests if dict(h)[b":path"] == path)
+        if tries % 2 == 1:
+            s.conn.send_headers(s.id, [(b":status", b"200"),
+                                       (b"content-type", b"application/grpc"),
+                                       (b"grpc-status", b"14")], end_stream=True)
+            await s.server.flush(s.conn)
+            return
+        await s.respond_headers()
+        await s.send(b"ok after %d" % tries)
+        await s.finish(0)
     else:
         s.conn.send_headers(s.id, [(b":status", b"200"), (b"content-type", b"application/grpc"),
                                    (b"grpc-status", b"12")], end_stream=True)
@@ -89,6 +101,9 @@ def _config(echo_port: int, grpc_port: int, dead_port: int) -> dict[str, Any]:
                  "fault": {"abort": {"grpcStatus": "RESOURCE_EXHAUSTED",
                                      "percentage": {"value": 100}}},
                  "route": [{"destination": {"host": "grpc"}}]},
+                {"match": [{"uri": {"prefix": "/test.Echo/Flaky"}}],
+                 "route": [{"destination": {"host": "grpc"}}],
+                 "retries": {"attempts": 2, "retryOn": "unavailable"}},
                 {"route": [{"destination": {"host": "grpc"}}]}]},
         }, {
             "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
@@ -191,6 +206,16 @@ async def test_grpc_bidi_streaming_interleaves(client: H2Client) -> None:
     assert unframe(bytes(reply.body)) == [b"pong:ping%d" % i for i in range(5)]
     assert dict(reply.trailers)[b"grpc-status"] == b"0"
     assert dict(reply.trailers)[b"grpc-message"] == b"bye"
+
+
+async def test_grpc_unavailable_is_retried_by_grpc_status(mesh: Mesh, client: H2Client) -> None:
+    reply = await client.request("POST", "/test.Echo/Flaky", GRPC, frame(b"x"), authority="grpc")
+    assert reply.status == 200
+    assert unframe(bytes(reply.body)) == [b"ok after 2"]
+    assert dict(reply.trailers)[b"grpc-status"] == b"0"
+    attempts = [dict(h).get(b"x-envoy-attempt-count") for h in mesh.grpc.requests
+                if dict(h)[b":path"] == b"/test.Echo/Flaky"]
+    assert attempts == [b"1", b"2"]
 
 
 async def test_no_route_is_grpc_unimplemented(client: H2Client) -> None:
