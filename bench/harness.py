@@ -366,6 +366,21 @@ def fill_template(name: str, **values: object) -> str:
     return text
 
 
+#: Envoy's default circuit breakers allow 1,024 connections/requests per cluster, so a
+#: reference config drops tunnels beyond that (Istio raises these limits in what it
+#: generates).  The harness raises them too, for the memory case's 10,000 connections.
+_NO_BREAKER = ("connect_timeout: 1s\n    circuit_breakers: {thresholds: [{max_connections: "
+               "1000000, max_pending_requests: 1000000, max_requests: 1000000}]}")
+
+
+def without_breakers(config: str) -> str:
+    """``config`` with each cluster's circuit-breaker limits raised (see ``_NO_BREAKER``)."""
+    raised = config.replace("connect_timeout: 1s", _NO_BREAKER)
+    if raised == config:
+        raise BenchError("no 'connect_timeout: 1s' cluster line to add circuit breakers to")
+    return raised
+
+
 def envoy_argv(config: Path, base_id: int) -> list[str]:
     return [ENVOY, "-c", str(config), "--concurrency", "1", "-l", "warning",
             "--base-id", str(base_id), "--disable-hot-restart"]
@@ -432,17 +447,17 @@ def l4_env(work: Path, bulk_size: int) -> Iterator[L4Env]:
                  ("node1", "node2")]
         certs = write_certs(work / "certs")
         server_conf = work / "envoy-hbone-server.yaml"
-        server_conf.write_text(fill_template(
+        server_conf.write_text(without_breakers(fill_template(
             "envoy-hbone-server.yaml", ADMIN_PORT=19001, HBONE_PORT=ENVOY_HBONE_PORT,
             BACKEND_PORT=BACKEND_PORT, CERT_DIR=certs,
         ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
-                  f"address: 0.0.0.0, port_value: {ENVOY_HBONE_PORT}"))
+                  f"address: 0.0.0.0, port_value: {ENVOY_HBONE_PORT}")))
         client_conf = work / "envoy-hbone-client.yaml"
-        client_conf.write_text(fill_template(
+        client_conf.write_text(without_breakers(fill_template(
             "envoy-hbone-client.yaml", ADMIN_PORT=19000, LISTEN_PORT=ENVOY_LISTEN_PORT,
             BACKEND_PORT=BACKEND_PORT, HBONE_PORT=ENVOY_HBONE_PORT, CERT_DIR=certs,
         ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
-                  f"address: {pods['d'].ip}, port_value: {ENVOY_HBONE_PORT}"))
+                  f"address: {pods['d'].ip}, port_value: {ENVOY_HBONE_PORT}")))
         server = procs.popen("envoy-hbone-server", envoy_argv(server_conf, 11),
                              netns=pods["d"].name)
         wait_tcp(pods["d"].ip, ENVOY_HBONE_PORT, what="envoy HBONE server",
@@ -484,8 +499,8 @@ def _start_l7(procs: Processes, work: Path) -> L7Env:
     nginx = start_nginx(procs, work, f"127.0.0.1:{backend}", bulk_file(work, 1),
                         name="nginx-l7")
     envoy_conf = work / "envoy-l7.yaml"
-    envoy_conf.write_text(fill_template("envoy-l7.yaml", ADMIN_PORT=admin,
-                                        LISTEN_PORT=envoy_port, BACKEND_PORT=backend))
+    envoy_conf.write_text(without_breakers(fill_template(
+        "envoy-l7.yaml", ADMIN_PORT=admin, LISTEN_PORT=envoy_port, BACKEND_PORT=backend)))
     envoy = procs.popen("envoy-l7", envoy_argv(envoy_conf, 13))
     wait_tcp("127.0.0.1", envoy_port, what="envoy L7", alive=lambda: envoy.poll() is None)
     waypoint_conf = work / "waypoint-l7.yaml"

@@ -69,8 +69,9 @@ def per_connection(pids: Sequence[int], host: str, port: int, count: int, netns:
         assert holder.stdout is not None and holder.stdin is not None
         line = holder.stdout.readline()
         if not line.startswith(b"holding"):
-            raise BenchError(f"holder for {host}:{port} failed: {line!r} "
-                             f"{holder.stderr.read()[-2000:] if holder.stderr else b''!r}")
+            assert holder.stderr is not None
+            last = holder.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise BenchError(f"holder of {count} connections to {host}:{port} failed: {last}")
         if not busy:
             time.sleep(SETTLE_SECONDS)  # a benchmark, not a test: let the proxies settle
             peak = [rss_kib(pid) for pid in pids]

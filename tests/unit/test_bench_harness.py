@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import pytest
 import trio
+import yaml
 
 from bench.harness import (
+    SHARED,
     BenchError,
     Target,
     alternate,
     duration_ms,
+    fill_template,
     median,
     parse_wrk,
     ratio,
     row,
+    without_breakers,
 )
 from bench.loadgen import LoadgenError, content_length, percentile, run_fixed_rate
 
@@ -181,3 +185,16 @@ async def test_loadgen_counts_time_waiting_behind_a_stall() -> None:
     # client would report one slow request and a p90 near zero.
     assert result.p90_ms > 50
     assert result.max_ms >= 250
+
+
+@pytest.mark.parametrize("name", ["envoy-l7.yaml", "envoy-hbone-client.yaml",
+                                  "envoy-hbone-server.yaml"])
+def test_reference_configs_fill_and_lose_their_circuit_breaker_limits(name: str) -> None:
+    if not (SHARED / name).exists():
+        pytest.skip(f"{SHARED / name} not present")
+    text = without_breakers(fill_template(name, ADMIN_PORT=1, LISTEN_PORT=2, BACKEND_PORT=3,
+                                          HBONE_PORT=4, CERT_DIR="/certs"))
+    clusters = yaml.safe_load(text)["static_resources"]["clusters"]
+    assert clusters
+    for cluster in clusters:
+        assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] >= 10_000
