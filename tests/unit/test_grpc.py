@@ -1,0 +1,61 @@
+"""waypoint.grpc: detection, Envoy's HTTP -> gRPC status table, protocol selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from waypoint import grpc
+
+
+@pytest.mark.parametrize(("status", "code"), [
+    (400, grpc.INTERNAL), (401, grpc.UNAUTHENTICATED), (403, grpc.PERMISSION_DENIED),
+    (404, grpc.UNIMPLEMENTED), (429, grpc.UNAVAILABLE), (502, grpc.UNAVAILABLE),
+    (503, grpc.UNAVAILABLE), (504, grpc.UNAVAILABLE), (500, grpc.UNKNOWN), (418, grpc.UNKNOWN),
+])
+def test_http_status_maps_like_envoy(status: int, code: int) -> None:
+    assert grpc.status_from_http(status) == code
+
+
+def test_detects_grpc_content_types_only() -> None:
+    assert grpc.is_grpc([(b"content-type", b"application/grpc")])
+    assert grpc.is_grpc([(b"content-type", b"application/grpc+proto")])
+    assert grpc.is_grpc([(b"content-type", b"Application/GRPC-web")])
+    assert not grpc.is_grpc([(b"content-type", b"application/json")])
+    assert not grpc.is_grpc([])
+
+
+def test_trailers_only_carries_mapped_status_and_encoded_message() -> None:
+    pairs = dict(grpc.trailers_only(503, b"no healthy upstream\n"))
+    assert pairs[b"content-type"] == b"application/grpc"
+    assert pairs[b"grpc-status"] == b"14"
+    assert pairs[b"grpc-message"] == b"no healthy upstream"
+    assert b"grpc-message" not in dict(grpc.trailers_only(404, b""))
+
+
+def test_message_percent_encoding() -> None:
+    assert grpc.encode_message(b"a%b\xc3\xa9\n") == b"a%25b%C3%A9%0A"
+
+
+def test_grpc_status_reads_valid_values_only() -> None:
+    assert grpc.grpc_status([(b"grpc-status", b"14")]) == 14
+    assert grpc.grpc_status([(b"grpc-status", b"x")]) is None
+    assert grpc.grpc_status([(b"content-type", b"application/grpc")]) is None
+
+
+@pytest.mark.parametrize(("name", "app", "h2"), [
+    ("grpc", None, True), ("grpc-web", None, True), ("http2-api", None, True),
+    ("http", None, False), ("grpcx", None, False), (None, "kubernetes.io/h2c", True),
+    ("http", "grpc", True), ("grpc", "http", False), (None, None, False),
+])
+def test_protocol_selection_by_port_name_and_app_protocol(
+        name: str | None, app: str | None, h2: bool) -> None:
+    assert grpc.wants_h2(name, app) is h2
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (b"1S", 1.0), (b"250m", 0.25), (b"2M", 120.0), (b"1H", 3600.0), (b"100u", 1e-4),
+    (b"5", None), (b"1X", None), (b"123456789S", None), (b"S", None),
+])
+def test_grpc_timeout_header(value: bytes, seconds: float | None) -> None:
+    got = grpc.parse_timeout(value)
+    assert got == pytest.approx(seconds) if seconds is not None else got is None
