@@ -352,6 +352,17 @@ def _dump(objects: Iterable[dict[str, Any]]) -> str:
     return _HEADER + yaml.safe_dump_all(list(objects), sort_keys=False)
 
 
+def _justify_capabilities(text: str) -> str:
+    """Each added capability's line in the YAML carries its reason as a comment."""
+    lines = []
+    for line in text.splitlines():
+        name = line.strip().removeprefix("- ")
+        if line.strip().startswith("- ") and name in CAPABILITIES:
+            line = f"{line}  # {CAPABILITIES[name]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def base_files() -> dict[str, str]:
     """File name -> content of ``deploy/k8s``."""
     options = InstallOptions()
@@ -360,7 +371,7 @@ def base_files() -> dict[str, str]:
         "namespace.yaml": _dump([namespace()]),
         "serviceaccount.yaml": _dump([service_account()]),
         "rbac.yaml": _dump(rbac()),
-        "daemonset.yaml": _dump([daemonset(options)]),
+        "daemonset.yaml": _justify_capabilities(_dump([daemonset(options)])),
     }
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
