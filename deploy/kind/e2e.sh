@@ -113,10 +113,10 @@ for ns in "$TEST_NAMESPACE" mesh-e2e-late; do
 done
 
 log "adding the waypoint of $TEST_NAMESPACE"
+# On Kubernetes this also binds the waypoint's ServiceAccount to pyambient-waypoint.
 "$PYTHON" -m deploy.ambientctl waypoint apply -n "$TEST_NAMESPACE" --name "$WAYPOINT" \
     --image "$IMAGE" --kubeconfig "$KUBECONFIG"
-"$PYTHON" -m deploy.install waypoint-rbac --namespace "$TEST_NAMESPACE" --name "$WAYPOINT" \
-    | kubectl apply -f -
+kubectl get clusterrolebinding "pyambient-waypoint-$TEST_NAMESPACE-$WAYPOINT" >/dev/null
 kubectl -n "$TEST_NAMESPACE" rollout status "deployment/$WAYPOINT" --timeout=300s
 
 log "running tests/kind"
