@@ -128,6 +128,28 @@ def test_waypoint_apply_dry_run_objects_validate(version: str,
     assert _all_problems(objects, version) == []
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_waypoint_apply_dry_run_for_kubernetes_validates(
+        version: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kind",
+        "clusters": [{"name": "kind", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "kind", "user": {"token": "t"}}],
+        "contexts": [{"name": "kind", "context": {"cluster": "kind", "user": "kind",
+                                                  "namespace": "demo"}}]}))
+    assert ambientctl(["waypoint", "apply", "--dry-run", "--kubeconfig", str(kubeconfig)]) == 0
+    objects = _docs(capsys.readouterr().out)
+    kinds = [o["kind"] for o in objects]
+    assert "ClusterRoleBinding" in kinds, kinds
+    (binding,) = _by_kind(objects, "ClusterRoleBinding")
+    assert binding == waypoint_rbac("demo", "waypoint")
+    (deployment,) = _by_kind(objects, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        InstallOptions().image
+    assert _all_problems(objects, version) == []
+
+
 def test_the_crd_check_catches_a_misspelt_field() -> None:
     gateway = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                "metadata": {"name": "wp", "namespace": "demo"},
