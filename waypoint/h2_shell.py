@@ -423,6 +423,9 @@ class H2ServerConnection:
                 _log.info("HTTP/2 protocol error from client", reason=str(exc),
                           src=self.peer.source_ip)
                 error = h2.errors.ErrorCodes.PROTOCOL_ERROR
+            except STREAM_ERRORS as exc:
+                _log.debug("HTTP/2 client connection ended", reason=str(exc),
+                           src=self.peer.source_ip)
             # Graceful ends return once no stream is open; EOF means the client
             # is gone and can neither read responses nor credit windows.
             nursery.cancel_scope.cancel()

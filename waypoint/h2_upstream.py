@@ -17,10 +17,11 @@ endpoint's service port is declared HTTP/2 or gRPC (``h2_endpoint`` predicate, s
 :func:`waypoint.grpc.wants_h2`).
 
 No background task: whichever exchange needs a frame reads the socket (under a
-lock) and dispatches every event it finds to the exchanges they belong to; the
-others wait on a parking lot that each read wakes.  Response DATA is credited
-back (WINDOW_UPDATE) only when the pipeline asks for more, i.e. after it wrote the
-previous bytes downstream; request DATA waits for the peer's windows.
+lock) and dispatches every event it finds to the exchanges they belong to, waking
+those that wait; when it is done reading it wakes one waiter to take its place.
+Response DATA is credited back (WINDOW_UPDATE) only when the pipeline asks for
+more, i.e. after it wrote the previous bytes downstream; request DATA waits for
+the peer's windows.
 """
 
 from __future__ import annotations
@@ -70,13 +71,19 @@ def mark_downstream_h2() -> None:
 class _Exchange:
     """One request stream on an :class:`H2ClientConnection`."""
 
-    __slots__ = ("events", "id", "reset", "unacked")
+    __slots__ = ("events", "id", "reset", "unacked", "waiting")
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
         self.events: deque[h2.events.Event] = deque()
         self.reset: int | None = None
         self.unacked = 0
+        self.waiting: trio.Event | None = None
+
+    def wake(self) -> None:
+        if self.waiting is not None:
+            self.waiting.set()
+            self.waiting = None
 
 
 class H2ClientConnection:
@@ -92,7 +99,8 @@ class H2ClientConnection:
         self.goaway = False
         self._read_lock = trio.Lock()
         self._send_lock = trio.Lock()
-        self._changed = trio.lowlevel.ParkingLot()
+        # Exchanges waiting while another task reads; woken for their own events.
+        self._waiters: dict[int, _Exchange] = {}
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -126,13 +134,21 @@ class H2ClientConnection:
     def _break(self, reason: str) -> None:
         if self.broken is None:
             self.broken = reason
-        self._changed.unpark_all()
+        for ex in self._waiters.values():
+            ex.wake()
+        self._waiters.clear()
 
     async def pump(self, ex: _Exchange) -> None:
         """Make progress for ``ex``: read once, or wait while another task reads."""
         self._check(ex)
         if self._read_lock.locked():
-            await self._changed.park()
+            woken = ex.waiting = trio.Event()
+            self._waiters[ex.id] = ex
+            try:
+                await woken.wait()
+            finally:
+                self._waiters.pop(ex.id, None)
+                ex.waiting = None
             return
         async with self._read_lock:
             try:
@@ -153,7 +169,9 @@ class H2ClientConnection:
                     events = []
                 for event in events:
                     self._dispatch(event)
-        self._changed.unpark_all()
+        # Someone must read for the exchanges still waiting: hand the socket on.
+        if self._waiters:
+            next(iter(self._waiters.values())).wake()
         with contextlib.suppress(*STREAM_ERRORS):
             await self.send_pending()
 
@@ -165,8 +183,12 @@ class H2ClientConnection:
             for ex in self.exchanges.values():
                 if ex.id > last:
                     ex.reset = h2.errors.ErrorCodes.REFUSED_STREAM
+                    ex.wake()
             return
-        if sid is None or sid == 0:
+        if not sid:  # connection-wide (window, settings): anyone sending may proceed
+            if isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                for ex in self._waiters.values():
+                    ex.wake()
             return
         found = self.exchanges.get(sid)
         if found is None:
@@ -174,6 +196,7 @@ class H2ClientConnection:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
             return
         ex = found
+        ex.wake()
         if isinstance(event, h2.events.StreamReset):
             ex.reset = event.error_code
         elif isinstance(event, (h2.events.ResponseReceived, h2.events.DataReceived,
