@@ -220,8 +220,11 @@ class H1Connection:
                 bounded_head = False
             await proxy.handle(event, self, peer)
             await self.flush()
-            if not self._body_done and not self._close_after:
-                await self._drain()
+            if not self._body_done:
+                if not event.has_body and isinstance(parser.next_event(), EndOfMessage):
+                    self._body_done = True  # the usual case, without a trip through _drain
+                elif not self._close_after:
+                    await self._drain()
             if self._close_after or self.writer.must_close or not event.keep_alive:
                 return
             self._head = None

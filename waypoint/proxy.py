@@ -107,6 +107,29 @@ _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _TEXT = (b"content-type", b"text/plain")
 
 
+# Outcomes of plain responses (no x-envoy-overloaded, no grpc-status) by status: the
+# outcome is immutable, so one per status serves every request.
+_PLAIN_OUTCOMES: dict[int, TryOutcome] = {}
+
+
+def _response_outcome(head: ResponseHead) -> TryOutcome:
+    """The retry core's view of a response head, scanning its headers once."""
+    special = False
+    for name, _ in head.headers:
+        if name == b"x-envoy-overloaded" or name == b"grpc-status":
+            special = True
+            break
+    status = head.status
+    if not special:
+        outcome = _PLAIN_OUTCOMES.get(status)
+        if outcome is None:
+            outcome = _PLAIN_OUTCOMES[status] = TryOutcome(OutcomeKind.RESPONSE, status=status)
+        return outcome
+    overloaded = any(n == b"x-envoy-overloaded" for n, _ in head.headers)
+    return TryOutcome(OutcomeKind.RESPONSE, status=status, overloaded=overloaded,
+                      grpc_status=grpc_status(head.headers))
+
+
 def _hop_by_hop(headers: Headers) -> frozenset[bytes]:
     """The names to drop from ``headers``: the fixed hop-by-hop set, plus any names a
     ``Connection`` header nominates (rare: usually it only says keep-alive or close)."""
@@ -595,11 +618,7 @@ class Proxy:
                     if isinstance(event, ResponseHead):
                         if event.status < 200 and event.status != 101:
                             continue
-                        overloaded = any(n == b"x-envoy-overloaded" for n, _ in event.headers)
-                        return (TryOutcome(OutcomeKind.RESPONSE, status=event.status,
-                                           overloaded=overloaded,
-                                           grpc_status=grpc_status(event.headers)),
-                                conn, event)
+                        return _response_outcome(event), conn, event
                     raise Http1Error(f"upstream sent {type(event).__name__} before a "
                                      f"response head", 502)
             except _EXCHANGE_ERRORS as exc:
