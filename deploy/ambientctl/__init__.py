@@ -16,7 +16,7 @@ from collections.abc import Callable
 from common.errors import MeshError
 
 # Modules under deploy.ambientctl that contribute commands, in --help order.
-_GROUPS: tuple[str, ...] = ("objects", "cluster", "waypoint", "install")
+_GROUPS: tuple[str, ...] = ("objects", "cluster", "waypoint", "gateway", "install")
 
 Handler = Callable[[argparse.Namespace], int]
 
