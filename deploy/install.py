@@ -202,9 +202,7 @@ def daemonset(options: InstallOptions) -> dict[str, Any]:
         "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": False,
                             "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
-        # /tmp: generating a CA writes it to a private temporary directory first.
-        "volumeMounts": [{"name": "ca", "mountPath": CA_DIR},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "ca", "mountPath": CA_DIR}],
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"},
                       "limits": {"memory": "128Mi"}},
     }

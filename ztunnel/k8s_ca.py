@@ -56,20 +56,27 @@ _KNOWN_FILES = (CA_CERT_FILE, CA_KEY_FILE, EXTRA_ROOTS_FILE, ISTIO_CA_CERT_FILE,
                 ISTIO_CA_KEY_FILE, ISTIO_ROOT_CERT_FILE, ISTIO_CERT_CHAIN_FILE)
 
 
-def secret_for(ca: CertificateAuthority, namespace: str = NAMESPACE,
-               name: str = SECRET_NAME) -> Secret:
-    """The Secret holding ``ca`` in the layout :meth:`CertificateAuthority.save` writes."""
-    with tempfile.TemporaryDirectory(prefix="pyambient-ca-") as tmp:
-        ca.save(Path(tmp))
-        data = {f.name: base64.b64encode(f.read_bytes()).decode()
-                for f in sorted(Path(tmp).iterdir())}
+def secret_from_directory(directory: Path, namespace: str = NAMESPACE,
+                          name: str = SECRET_NAME) -> Secret:
+    """The Secret holding the CA files :meth:`CertificateAuthority.save` wrote there."""
+    data = {key: base64.b64encode((directory / key).read_bytes()).decode()
+            for key in _KNOWN_FILES if (directory / key).exists()}
     return Secret(metadata=ObjectMeta(name=name, namespace=namespace,
                                       labels={"app.kubernetes.io/part-of": "pyambient"}),
                   type="Opaque", data=data)
 
 
+def secret_for(ca: CertificateAuthority, namespace: str = NAMESPACE,
+               name: str = SECRET_NAME) -> Secret:
+    """The Secret holding ``ca`` (by way of a private temporary directory)."""
+    with tempfile.TemporaryDirectory(prefix="pyambient-ca-") as tmp:
+        ca.save(Path(tmp))
+        return secret_from_directory(Path(tmp), namespace, name)
+
+
 def write_secret_files(secret: Secret, directory: Path) -> list[str]:
-    """Write the Secret's CA files into ``directory`` (keys 0600); the names written."""
+    """Write the Secret's CA files into ``directory`` (keys 0600), removing CA files the
+    Secret does not have; the names written."""
     where = f"Secret {secret.metadata.namespace}/{secret.metadata.name}"
     data = secret.data or {}
     if not any(k in data for k in (CA_KEY_FILE, ISTIO_CA_KEY_FILE)):
@@ -81,6 +88,8 @@ def write_secret_files(secret: Secret, directory: Path) -> list[str]:
     written = []
     for key in _KNOWN_FILES:
         if key not in data:
+            # A file left from an earlier Secret would change what load() picks.
+            (directory / key).unlink(missing_ok=True)
             continue
         try:
             content = base64.b64decode(data[key], validate=True)
@@ -122,8 +131,11 @@ async def load_or_create_ca(client: KubeClient, directory: Path, *,
     secret = await _get(client, namespace, name)
     if secret is None:
         ca = CertificateAuthority.generate(trust_domain)
+        for key in _KNOWN_FILES:  # the Secret is made from what this directory holds
+            (directory / key).unlink(missing_ok=True)
+        ca.save(directory)  # the key goes only where it will be used
         try:
-            secret = await client.create(secret_for(ca, namespace, name))
+            secret = await client.create(secret_from_directory(directory, namespace, name))
             _log.info("mesh CA created", secret=f"{namespace}/{name}",
                       trust_domain=trust_domain, expires=ca.not_after.isoformat())
         except KubeApiError as exc:

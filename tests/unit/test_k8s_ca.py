@@ -116,6 +116,16 @@ async def test_a_plug_in_ca_in_istio_layout_is_used(tmp_path: Path) -> None:
     assert ca.root_pem == root.root_pem and not ca.is_root
 
 
+async def test_files_of_an_earlier_secret_do_not_linger(tmp_path: Path) -> None:
+    CertificateAuthority.generate("cluster.local").intermediate().save(tmp_path)
+    assert (tmp_path / "ca-cert.pem").exists()  # a plug-in CA written by an earlier start
+    api = FakeSecrets()
+    async with _client(api) as client:
+        ca = await load_or_create_ca(client, tmp_path)
+    assert ca.is_root and not (tmp_path / "ca-cert.pem").exists()
+    assert base64.b64decode(api.stored["ambient-ca"]["data"]["ca.pem"]) == ca.root_pem
+
+
 async def test_another_trust_domain_is_refused(tmp_path: Path) -> None:
     api = FakeSecrets()
     api.stored["ambient-ca"] = secret_for(CertificateAuthority.generate("other.mesh")).to_dict()
