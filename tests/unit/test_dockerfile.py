@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
@@ -66,8 +67,8 @@ def test_multi_stage_on_a_base_pinned_to_an_exact_release() -> None:
             r"python:(\d+)\.(\d+)\.(\d+)-slim-[a-z]+", image)
         assert pinned, f"{image}: pin the base by digest or exact version tag"
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
-    match = re.match(r"python:(\d+)\.(\d+)", stages[-1][0][1])
-    assert match and requires == ">=3.11" and (int(match[1]), int(match[2])) >= (3, 11)
+    match = re.match(r"python:(\d+\.\d+\.\d+)", stages[-1][0][1])
+    assert match and SpecifierSet(requires).contains(match[1]), (match, requires)
 
 
 def test_final_stage_runs_as_an_unprivileged_user_and_copies_only_the_environment() -> None:
