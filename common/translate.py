@@ -72,6 +72,7 @@ from common.model import (
     WaypointRef,
     Workload,
 )
+from common.service_entries import allocate_addresses
 
 __all__ = ["KINDS", "NETNS_ANNOTATION", "MeshTranslator", "translate"]
 
@@ -362,8 +363,10 @@ class MeshTranslator:
         for kind in _ROUTE_KINDS:
             if kind in self._dirty_kinds:
                 store = self._objects[kind]
-                self._raw[kind] = tuple(obj for k in sorted(store)
-                                        if isinstance(obj := store[k], KubeObject))
+                raw = tuple(obj for k in sorted(store)
+                            if isinstance(obj := store[k], KubeObject))
+                # ServiceEntry hosts without addresses get VIPs (common.service_entries).
+                self._raw[kind] = allocate_addresses(raw) if kind == "ServiceEntry" else raw
         ix = {name: self._published_index(name, name in touched) for name in _INDEXES}
         self._dirty_kinds.clear()
         self.version += 1

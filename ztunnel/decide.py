@@ -13,7 +13,10 @@ Outbound (DESIGN.md section 2), for a connection from ``source`` to ``dst_ip:dst
    and the source is not that waypoint: HBONE to the waypoint, ``:authority`` the pod
    IP and port.  The pod is captured (in the mesh): HBONE to it at ``podIP:15008``
    (:class:`ToWorkload`).  Otherwise plain TCP to it (:class:`Passthrough`).
-3. Anything else is outside the mesh: :class:`Passthrough` to the original address.
+3. Anything else is outside the mesh: :class:`Passthrough` to the original address,
+   unless the source's outbound traffic policy is ``REGISTRY_ONLY`` (namespace label
+   ``pyambient.io/outbound-traffic-policy``) and the address is no ServiceEntry's:
+   :class:`Refused` with a reason naming the fix.
 
 A connection never goes through the same waypoint twice: a waypoint's own outbound
 traffic skips the hop to itself.
@@ -45,6 +48,7 @@ from common.model import (
     WaypointRef,
     Workload,
 )
+from common.service_entries import registered_addresses
 
 __all__ = [
     "Allow", "Deny", "Inbound", "Outbound", "Passthrough", "Refused", "ToWorkload",
@@ -139,8 +143,46 @@ def decide_outbound(snapshot: Snapshot, source: Workload, dst_ip: str, dst_port:
     workload = snapshot.workloads_by_ip.get(dst_ip)
     if workload is not None:
         return _to_workload(snapshot, source, workload, dst_ip, dst_port, None, rng)
+    if registry_only(snapshot, source) and dst_ip not in _registered(snapshot):
+        return Refused(registry_only_reason(source, dst_ip, dst_port))
     return Passthrough((dst_ip, dst_port), f"{dst_ip} is not a known service or pod: "
                        f"outside the mesh")
+
+
+# --- outbound traffic policy ---------------------------------------------------------------
+
+#: Label of a Namespace (the source's, else the mesh root namespace ``istio-system``)
+#: selecting Istio's ``outboundTrafficPolicy.mode``: ``ALLOW_ANY`` (default) or
+#: ``REGISTRY_ONLY`` (only services, pods and ServiceEntry addresses are reachable).
+OUTBOUND_POLICY_LABEL = "pyambient.io/outbound-traffic-policy"
+REGISTRY_ONLY = "REGISTRY_ONLY"
+MESH_ROOT_NAMESPACE = "istio-system"
+_registered_cache: tuple[object, frozenset[str]] = ((), frozenset())
+
+
+def registry_only(snapshot: Snapshot, source: Workload) -> bool:
+    labels = snapshot.namespaces.get(source.namespace) or {}
+    mode = labels.get(OUTBOUND_POLICY_LABEL)
+    if mode is None:
+        mode = (snapshot.namespaces.get(MESH_ROOT_NAMESPACE) or {}).get(OUTBOUND_POLICY_LABEL)
+    return mode == REGISTRY_ONLY
+
+
+def registry_only_reason(source: Workload, dst_ip: str, dst_port: int) -> str:
+    return (f"REGISTRY_ONLY: {format_authority(dst_ip, dst_port)} is not a service, pod or "
+            f"ServiceEntry address known to the mesh, and the outbound traffic policy of "
+            f"namespace {source.namespace} allows only registered destinations: add a "
+            f"ServiceEntry for it, or set {OUTBOUND_POLICY_LABEL}=ALLOW_ANY")
+
+
+def _registered(snapshot: Snapshot) -> frozenset[str]:
+    """ServiceEntry addresses, recomputed only when the snapshot's entries changed."""
+    global _registered_cache
+    source, found = _registered_cache
+    if source is not snapshot.service_entries:
+        found = registered_addresses(snapshot.service_entries)
+        _registered_cache = (snapshot.service_entries, found)
+    return found
 
 
 def _to_service(snapshot: Snapshot, source: Workload, service: Service, vip: str, port: int,
