@@ -348,11 +348,17 @@ class H2ServerConnection:
         self.proxy = proxy
         self.peer = peer
         self.settings = settings or H2Settings()
+        # Client headers are validated; what we send was built from validated input
+        # (names lower-cased, connection-specific fields dropped in start_response),
+        # and h2's per-field outbound checks are a large share of its cost.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True)
+                                           validate_inbound_headers=True,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config)
         self.streams: dict[int, H2Stream] = {}
         self._send_lock = trio.Lock()
+        self._flush_queued = False
         self._guard = FrameGuard(self.settings, trio.current_time())
         self._read_scope = trio.CancelScope()
         self._closing = False
@@ -362,6 +368,16 @@ class H2ServerConnection:
     # --- sending (called by stream tasks) ------------------------------------------
 
     async def send_pending(self) -> None:
+        # Coalesce: the first caller yields once so that other ready tasks queue their
+        # frames too, then sends them all in one write; later callers leave it to it.
+        if self._flush_queued:
+            await trio.lowlevel.checkpoint()
+            return
+        self._flush_queued = True
+        try:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._flush_queued = False
         async with self._send_lock:
             data = self.h2.data_to_send()
             if data:

@@ -92,13 +92,20 @@ class H2ClientConnection:
     def __init__(self, stream: trio.abc.Stream, address: str) -> None:
         self.stream = stream
         self.address = address
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        # Requests are built from the pipeline's validated head; responses are checked
+        # again by the pipeline's HTTP/1.1 parser after translation, so h2's own
+        # per-field checks (a large share of its cost) are skipped here.
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False,
+                                           validate_inbound_headers=False)
         self.h2 = h2.connection.H2Connection(config)
         self.exchanges: dict[int, _Exchange] = {}
         self.broken: str | None = None
         self.goaway = False
         self._read_lock = trio.Lock()
         self._send_lock = trio.Lock()
+        self._flush_queued = False
         # Exchanges waiting while another task reads; woken for their own events.
         self._waiters: dict[int, _Exchange] = {}
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
@@ -122,6 +129,16 @@ class H2ClientConnection:
                 f"HTTP/2 connection to {self.address} broke: {self.broken}")
 
     async def send_pending(self) -> None:
+        # Coalesce: the first caller yields once so that other ready tasks queue their
+        # frames too, then sends them all in one write; later callers leave it to it.
+        if self._flush_queued:
+            await trio.lowlevel.checkpoint()
+            return
+        self._flush_queued = True
+        try:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._flush_queued = False
         async with self._send_lock:
             data = self.h2.data_to_send()
             if data:
