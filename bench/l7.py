@@ -117,7 +117,8 @@ def main() -> int:
             wait_port(backend, procs[-1], "nginx")
             procs.append(subprocess.Popen([*PIN_PROXY, str(REPO / ".venv/bin/envoy"), "-c",
                                            str(d / "envoy.yaml"), "--concurrency", "1",
-                                           "-l", "error"], stdout=subprocess.DEVNULL))
+                                           "--use-dynamic-base-id", "-l", "error"],
+                                          stdout=subprocess.DEVNULL))
             wait_port(envoy_port, procs[-1], "envoy")
             procs.append(subprocess.Popen(
                 [*PIN_PROXY, str(REPO / ".venv/bin/python"), "-m", "waypoint", "--name", "bench",
