@@ -211,7 +211,7 @@ def daemonset(options: InstallOptions) -> dict[str, Any]:
         "image": options.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["ztunnel"],
-        "args": ["--node", "$(NODE_NAME)", "--ca-dir", CA_DIR,
+        "args": ["--node", "$(NODE_NAME)", "--ca-dir", CA_DIR, "--find-netns",
                  "--trust-domain", options.trust_domain,
                  "--drain-seconds", str(DRAIN_SECONDS),
                  "--metrics-port", str(METRICS_PORT),

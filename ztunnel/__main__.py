@@ -25,6 +25,9 @@ def parse(argv: list[str]) -> tuple[Options, str, bool]:
                    help="directory with the mesh CA (ca.pem + ca.key, or Istio's plug-in files)")
     p.add_argument("--node-netns", help="open the admin/metrics/readiness ports inside this "
                    "network namespace (local cluster: several ztunnels on one host)")
+    p.add_argument("--find-netns", action="store_true",
+                   help="find pods' network namespaces on this node by pod IP (Kubernetes); "
+                   "without it only the pyambient.io/netns annotation is used (local cluster)")
     p.add_argument("--trust-domain", help="only needed when the CA has no spiffe:// SAN")
     p.add_argument("--drain-seconds", type=float, default=5.0,
                    help="on SIGTERM, how long live connections may finish (default 5)")
@@ -43,6 +46,7 @@ def parse(argv: list[str]) -> tuple[Options, str, bool]:
     except ValueError as exc:
         p.error(f"--dns-upstream: {exc}")
     options = Options(node=a.node, server=a.server, ca_dir=a.ca_dir, node_netns=a.node_netns,
+                      find_netns=a.find_netns,
                       trust_domain=a.trust_domain, drain_seconds=a.drain_seconds,
                       admin_port=a.admin_port, metrics_port=a.metrics_port,
                       readiness_port=a.readiness_port, dns_upstreams=upstreams)

@@ -41,6 +41,7 @@ from ztunnel.csr_server import serve_waypoint_csr
 from ztunnel.dns.resolver import DnsConfig
 from ztunnel.dns.server import DnsService
 from ztunnel.inpod.agent import InpodAgent
+from ztunnel.inpod.k8s_netns import PodNetnsResolver
 from ztunnel.proxy.pod import PodHook
 from ztunnel.proxy.state import ProxyConfig, ProxyState
 from ztunnel.socks5 import socks5_pod_hook
@@ -56,6 +57,7 @@ class Options:
     server: str | None = None
     ca_dir: Path
     node_netns: str | None = None
+    find_netns: bool = False
     trust_domain: str | None = None
     drain_seconds: float = 5.0
     admin_port: int = 15000
@@ -76,8 +78,10 @@ class Ztunnel:
         self.issuer = NodeIssuer(ca, options.node, lambda: self.holder.current)
         self.state = ProxyState(options.node, self.holder, self.issuer.store(),
                                 metrics=Metrics(), config=config or ProxyConfig())
-        self.agent = InpodAgent(self.state, hooks=hooks,
-                                waypoint_service=lambda w: serve_waypoint_csr(self.issuer, w))
+        self.agent = InpodAgent(
+            self.state, hooks=hooks,
+            waypoint_service=lambda w: serve_waypoint_csr(self.issuer, w),
+            find_netns=PodNetnsResolver().resolve if options.find_netns else None)
         self.log_level = log_level if log_level is not None else LogLevel()
         self.endpoints: dict[str, tuple[str, int]] = {}
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 import trio
@@ -125,4 +126,31 @@ async def test_drain_lets_live_connections_work_until_the_deadline_then_closes_t
                 pass
             assert trio.current_time() - started >= grace * 0.9
             await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_pods_without_a_netns_annotation_are_found_by_ip_and_enrolled(
+        pods: dict[str, PodNs], ca: CertificateAuthority) -> None:
+    # On Kubernetes nothing annotates the pod: the agent asks the finder, by pod IP.
+    a = dataclasses.replace(workload(pods["a"], name="sleep", node="node1"), netns=None)
+    b = dataclasses.replace(workload(pods["b"], name="echo", node="node1"), netns=None)
+    by_ip = {pods["a"].ip: pods["a"].path, pods["b"].ip: pods["b"].path}
+    asked: list[set[str]] = []
+
+    async def find(wanted: Mapping[str, Sequence[str]]) -> dict[str, str]:
+        asked.append(set(wanted))
+        return {uid: by_ip[ips[0]] for uid, ips in wanted.items()}
+
+    app = EchoApp(pods["b"])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            mesh = Mesh(ca)
+            await mesh.start(nursery, "node1", find_netns=find)
+            await mesh.publish(snapshot(1, [a, b]))
+            assert asked and asked[-1] == {a.uid, b.uid}
+            assert "pyambient_inpod" in sh("ip", "netns", "exec", pods["a"].name, "nft",
+                                          "list", "tables").stdout
+            greeting, echoed = await converse(pods["a"], (pods["b"].ip, 8080), b"found")
+            assert (greeting, echoed) == (f"from {pods['a'].ip}", b"found")
             nursery.cancel_scope.cancel()

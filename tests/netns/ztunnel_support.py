@@ -29,7 +29,7 @@ from common.model import EMPTY_LOCALITY, Snapshot, WaypointRef, Workload
 from common.netns import call_in_netns
 from ztunnel.certs import NodeIssuer
 from ztunnel.csr_server import serve_waypoint_csr
-from ztunnel.inpod.agent import InpodAgent
+from ztunnel.inpod.agent import InpodAgent, NetnsFinder
 from ztunnel.proxy.state import ProxyConfig, ProxyState
 
 SUBNET = "10.215.{}.0/24"
@@ -127,12 +127,14 @@ class Mesh:
     snapshots: SnapshotHolder = field(default_factory=SnapshotHolder)
     nodes: dict[str, Node] = field(default_factory=dict)
 
-    async def start(self, nursery: trio.Nursery, *node_names: str) -> None:
+    async def start(self, nursery: trio.Nursery, *node_names: str,
+                    find_netns: NetnsFinder | None = None) -> None:
         for name in node_names:
             issuer = NodeIssuer(self.ca, name, lambda: self.snapshots.current)
             state = ProxyState(name, self.snapshots, issuer.store(),
                                config=ProxyConfig(connect_timeout=2.0))
-            agent = InpodAgent(state, waypoint_service=partial(serve_waypoint_csr, issuer))
+            agent = InpodAgent(state, waypoint_service=partial(serve_waypoint_csr, issuer),
+                               find_netns=find_netns)
             await nursery.start(agent.run)
             self.nodes[name] = Node(state, agent)
 

@@ -1,7 +1,8 @@
 """The node agent: enrol and release this node's pods as the snapshot changes.
 
 For every pod on this node that is captured (ambient namespace or pod label, not opted
-out) and whose network namespace is known: open its listeners inside that namespace
+out) and whose network namespace is known (annotated by the local cluster's kubelet, or
+found by pod IP on Kubernetes): open its listeners inside that namespace
 (:class:`~ztunnel.proxy.pod.EnrolledPod`), *then* install the capture rules, so no
 redirected connection ever meets a closed port.  A pod that stops being captured (label
 removed, ``none`` opt-out) or is deleted: rules removed first (new connections go
@@ -20,8 +21,8 @@ When the snapshot's policies change, every live inbound connection is re-checked
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -39,6 +40,8 @@ RETRY_INTERVAL = 5.0
 
 WaypointService = Callable[[Workload], Awaitable[None]]
 CaptureFn = Callable[[str], Awaitable[None]]
+NetnsFinder = Callable[[Mapping[str, Sequence[str]]], Awaitable[dict[str, str]]]
+"""Pod uid -> IPs in, pod uid -> netns path out, for the pods it could find (Kubernetes)."""
 
 
 @dataclass(eq=False)
@@ -62,13 +65,15 @@ class InpodAgent:
     def __init__(self, state: ProxyState, *, hooks: Sequence[PodHook] = (),
                  waypoint_service: WaypointService | None = None,
                  install: CaptureFn = install_capture,
-                 remove: CaptureFn = remove_capture) -> None:
+                 remove: CaptureFn = remove_capture,
+                 find_netns: NetnsFinder | None = None) -> None:
         self.state = state
         self.node = state.node
         self.hooks = tuple(hooks)
         self.waypoint_service = waypoint_service
         self._install = install
         self._remove = remove
+        self._find_netns = find_netns
         self.enrolled: dict[str, _Enrolment] = {}
         self.waypoints: dict[str, trio.CancelScope] = {}
         self.synced = False
@@ -100,10 +105,24 @@ class InpodAgent:
         """Wait for the next completed reconcile (tests)."""
         await self._reconciled.wait()
 
+    async def _node_workloads(self, snapshot: Snapshot) -> list[Workload]:
+        """This node's workloads, with the netns filled in where it had to be found.
+
+        On the local cluster the kubelet annotates each pod with its netns; on
+        Kubernetes the runtime does not, so the namespace is found by pod IP.
+        """
+        workloads = list(snapshot.node_workloads(self.node))
+        missing = {w.uid: w.ips for w in workloads
+                   if w.netns is None and w.ips and (w.captured or w.is_waypoint)}
+        if not missing or self._find_netns is None:
+            return workloads
+        found = await self._find_netns(missing)
+        return [replace(w, netns=found[w.uid]) if w.uid in found else w for w in workloads]
+
     async def reconcile(self, snapshot: Snapshot) -> None:
         desired: dict[str, Workload] = {}
         waypoints: dict[str, Workload] = {}
-        for workload in snapshot.node_workloads(self.node):
+        for workload in await self._node_workloads(snapshot):
             if workload.netns is None:
                 continue
             if workload.is_waypoint:
