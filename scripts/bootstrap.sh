@@ -6,9 +6,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-DEBIAN_PACKAGES=(nftables iproute2 tcpdump nginx-light wrk procps redis-server)
+DEBIAN_PACKAGES=(nftables iproute2 tcpdump nginx-light wrk procps redis-server shellcheck nghttp2-client)
 # Commands that tell whether each package above is present.
-DEBIAN_PROBES=(/usr/sbin/nft /usr/sbin/ip /usr/bin/tcpdump /usr/sbin/nginx /usr/bin/wrk /usr/bin/pgrep /usr/bin/redis-server)
+DEBIAN_PROBES=(/usr/sbin/nft /usr/sbin/ip /usr/bin/tcpdump /usr/sbin/nginx /usr/bin/wrk /usr/bin/pgrep /usr/bin/redis-server /usr/bin/shellcheck /usr/bin/h2load)
 
 missing=()
 for i in "${!DEBIAN_PACKAGES[@]}"; do
