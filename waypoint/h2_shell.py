@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ _PREFACE_LENGTH = 24
 _HEADERS = 0x1
 _RST_STREAM = 0x3
 _PUSH_PROMISE = 0x5
+_GOAWAY = 0x7
 _CONTINUATION = 0x9
 _END_HEADERS = 0x4
 
@@ -458,8 +460,11 @@ class H2ServerConnection:
     async def drain(self) -> None:
         """Graceful GOAWAY: no new streams; open ones finish (the caller bounds it)."""
         self._closing = True
-        self.h2.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR)
-        await self.send_pending()
+        # Written by hand: h2's close_connection() would refuse the open streams' frames.
+        last = self.h2.highest_inbound_stream_id
+        goaway = _FRAME_HEADER.pack(0, 8, _GOAWAY, 0, 0) + struct.pack(">LL", last, 0)
+        async with self._send_lock:
+            await self.stream.send_all(self.h2.data_to_send() + goaway)
         self._update_idle()
 
     def _update_idle(self) -> None:
@@ -578,8 +583,25 @@ class H2ServerConnection:
             self.h2.reset_stream(s.id, error_code=code)
 
 
+#: The connections being served, for :func:`drain_all`.
+_live: weakref.WeakSet[H2ServerConnection] = weakref.WeakSet()
+
+
 async def serve_h2(stream: trio.abc.Stream, proxy: Proxy, peer: PeerInfo,
                    initial: bytes) -> None:
     """The listener's ``h2_handler``: serve one h2c prior-knowledge connection.
     The caller closes the stream."""
-    await H2ServerConnection(stream, proxy, peer).run(initial)
+    conn = H2ServerConnection(stream, proxy, peer)
+    _live.add(conn)
+    try:
+        await conn.run(initial)
+    finally:
+        _live.discard(conn)
+
+
+async def drain_all() -> None:
+    """GOAWAY (NO_ERROR) on every served connection; open streams may finish.  For
+    the process's drain, before its deadline cancels what is left."""
+    for conn in list(_live):
+        with contextlib.suppress(*STREAM_ERRORS):
+            await conn.drain()

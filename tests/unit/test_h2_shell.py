@@ -265,3 +265,49 @@ async def test_idle_connection_gets_goaway(autojump_clock: trio.testing.MockCloc
         assert client.of(h2.events.ConnectionTerminated)[0].error_code == 0
         assert trio.current_time() >= 3.0
         nursery.cancel_scope.cancel()
+
+
+async def test_drain_sends_goaway_and_lets_open_streams_finish() -> None:
+    release = trio.Event()
+
+    async def handler(head: RequestHead, down: Any) -> None:
+        await release.wait()
+        down.start_response(200, [(b"content-length", b"4")])
+        down.write_data(b"done")
+        down.write_end()
+        await down.flush()
+
+    client, conn = _pair(handler)
+    async with trio.open_nursery() as nursery:
+        async def serve() -> None:  # as the listener does: close once served
+            await conn.run()
+            await conn.stream.aclose()
+
+        nursery.start_soon(serve)
+        await client.start()
+        sid = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
+                                     (b":authority", b"x"), (b":path", b"/")], end_stream=True)
+        await client.flush()
+        with trio.fail_after(5):
+            while not conn.streams:
+                await trio.testing.wait_all_tasks_blocked()
+        await conn.drain()
+        release.set()
+        # h2's client state machine stops at a GOAWAY, so the frames are read raw here.
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await client.stream.receive_some(65536):
+                data += chunk  # the connection ends once no stream is open
+        frames = []
+        while len(data) >= 9:
+            hi, lo, ftype, flags, stream_id = struct.unpack(">HBBBL", data[:9])
+            size = (hi << 8) | lo
+            frames.append((ftype, flags, stream_id, data[9:9 + size]))
+            data = data[9 + size:]
+        goaways = [f for f in frames if f[0] == 0x7]
+        assert goaways and struct.unpack(">LL", goaways[0][3][:8]) == (sid, 0)
+        payload = b"".join(f[3] for f in frames if f[0] == 0x0 and f[2] == sid)
+        assert payload == b"done"
+        assert any(f[0] == 0x0 and f[2] == sid and f[1] & 0x1 for f in frames)
+        nursery.cancel_scope.cancel()
