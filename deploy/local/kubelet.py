@@ -35,6 +35,7 @@ from deploy.local.runtime import (
     container_env,
     in_pod_argv,
 )
+from ztunnel.inpod.rules import PROBE_SOURCE
 
 log = get_logger("local.kubelet")
 
@@ -213,6 +214,8 @@ class Kubelet:
             for port in ports:
                 sock = await netns.trio_socket_in(self.node_netns)
                 try:
+                    # From the probe address, which in-pod capture spares (as on Istio).
+                    await sock.bind((PROBE_SOURCE, 0))
                     with trio.move_on_after(PROBE_TIMEOUT):
                         await sock.connect((ip, port))
                         continue

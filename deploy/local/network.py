@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from deploy.local import netns
 from deploy.local.errors import ClusterError
+from ztunnel.inpod.rules import PROBE_SOURCE
 
 FABRIC_CIDR = ipaddress.ip_network("10.240.0.0/24")
 FABRIC_GATEWAY = ipaddress.ip_address("10.240.0.1")
@@ -125,6 +126,7 @@ def node_commands(index: int, nodes: int) -> list[str]:
     """``ip -batch`` lines run in node ``index``'s namespace once its eth0 is there."""
     lines = [f"addr add {node_ip(index)}/24 dev eth0", "link set eth0 up",
              f"addr add {pod_gateway(index)}/32 dev lo",
+             f"addr add {PROBE_SOURCE}/32 dev lo",
              f"route add default via {FABRIC_GATEWAY}"]
     for j in range(nodes):
         if j != index:

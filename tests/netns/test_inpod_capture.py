@@ -13,7 +13,7 @@ import pytest
 from common.netns import call_in_netns
 from ztunnel.inpod.install import install_capture, remove_capture
 from ztunnel.inpod.origdst import original_destination
-from ztunnel.inpod.rules import ZTUNNEL_MARK
+from ztunnel.inpod.rules import PROBE_SOURCE, ZTUNNEL_MARK
 
 pytestmark = pytest.mark.netns
 
@@ -99,6 +99,14 @@ async def test_capture_redirects_outbound_inbound_and_spares_ztunnel(pair: Pair)
             with conn:
                 assert src[0] == PEER_IP
                 assert original_destination(conn) == (POD_IP, 8080)
+        # A kubelet probe (from the probe address) reaches the application itself.
+        _sh("ip", "-n", pair.peer.rsplit("/", 1)[1], "addr", "add", f"{PROBE_SOURCE}/32",
+            "dev", "eth0")
+        _sh("ip", "-n", pair.pod.rsplit("/", 1)[1], "route", "add", PROBE_SOURCE, "dev", "eth0")
+        with _dial(pair.peer, (POD_IP, 8080), source=PROBE_SOURCE):
+            conn, src = app_l.accept()
+            conn.close()
+            assert src[0] == PROBE_SOURCE
         # HBONE is served directly.
         with _dial(pair.peer, (POD_IP, 15008)):
             conn, _ = hbone_l.accept()

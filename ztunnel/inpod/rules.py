@@ -12,6 +12,10 @@ Theory of operation (Istio's in-pod model, expressed in nftables):
   (UDP and TCP 53) goes to the DNS proxy on 15053.
 * Inbound: TCP arriving on any interface but ``lo`` is redirected to the plaintext
   port 15006, except HBONE (15008), which ztunnel serves directly.
+* Health probes: the kubelet's probes come from the link-local address
+  ``PROBE_SOURCE`` (Istio's CNI plugin rewrites them to it; the local cluster's kubelet
+  dials from it) and are never redirected, so a pod is Ready only when its own
+  application answers, and STRICT mTLS or an ALLOW policy cannot fail its probes.
 * Source-IP preservation: ztunnel connects to the application from the *original
   source IP* with ``IP_TRANSPARENT``.  The application's replies are addressed to
   a remote IP, so they would leave by the pod's default route; the connection is
@@ -38,6 +42,9 @@ ROUTE_TABLE = 133
 """Policy-routing table that delivers marked replies locally (to ztunnel's socket)."""
 
 RULE_PRIORITY = 32764
+
+PROBE_SOURCE = "169.254.7.127"
+"""Source address of kubelet health probes, spared by the inbound capture (as in Istio)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,7 @@ def nft_ruleset(ports: CapturePorts = DEFAULT_PORTS, capture_dns: bool = True) -
         "    chain inbound {\n"
         "        type nat hook prerouting priority dstnat; policy accept;\n"
         "        iifname \"lo\" return\n"
+        f"        ip saddr {PROBE_SOURCE} return\n"
         f"        tcp dport {skip_ports} return\n"
         f"        meta l4proto tcp redirect to :{p.inbound_plaintext}\n"
         "    }\n"
