@@ -155,18 +155,29 @@ class H2ClientConnection:
             ex.wake()
         self._waiters.clear()
 
-    async def pump(self, ex: _Exchange) -> None:
-        """Make progress for ``ex``: read once, or wait while another task reads."""
-        self._check(ex)
-        if self._read_lock.locked():
-            woken = ex.waiting = trio.Event()
-            self._waiters[ex.id] = ex
-            try:
-                await woken.wait()
-            finally:
-                self._waiters.pop(ex.id, None)
-                ex.waiting = None
-            return
+    async def wait_for(self, ex: _Exchange, ready: Callable[[], bool]) -> None:
+        """Return once ``ready()``: read the socket when nobody else does, else wait to
+        be woken by the reader (for ``ex``'s own events, or to take its place)."""
+        try:
+            while not ready():
+                self._check(ex)
+                if not self._read_lock.locked():
+                    await self._read_once()
+                    continue
+                woken = ex.waiting = trio.Event()
+                self._waiters[ex.id] = ex
+                try:
+                    await woken.wait()
+                finally:
+                    self._waiters.pop(ex.id, None)
+                    ex.waiting = None
+        finally:
+            # Whoever stops waiting hands the reading role on, so no waiter is left
+            # without a reader (the wake-up it got may have been that hand-off).
+            if self._waiters and not self._read_lock.locked():
+                next(iter(self._waiters.values())).wake()
+
+    async def _read_once(self) -> None:
         async with self._read_lock:
             try:
                 data = await self.stream.receive_some(READ_SIZE)
@@ -176,19 +187,16 @@ class H2ClientConnection:
                     f"HTTP/2 connection to {self.address} broke: {exc}") from exc
             if not data:
                 self._break("the upstream closed the connection")
-            else:
-                try:
-                    events = self.h2.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    self._break(f"protocol error: {exc}")
-                    with contextlib.suppress(h2.exceptions.H2Error):
-                        self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                    events = []
-                for event in events:
-                    self._dispatch(event)
-        # Someone must read for the exchanges still waiting: hand the socket on.
-        if self._waiters:
-            next(iter(self._waiters.values())).wake()
+                return
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                self._break(f"protocol error: {exc}")
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                return
+            for event in events:
+                self._dispatch(event)
         with contextlib.suppress(*STREAM_ERRORS):
             await self.send_pending()
 
@@ -234,9 +242,7 @@ class H2ClientConnection:
             window = min(conn.local_flow_control_window(ex.id), conn.max_outbound_frame_size)
             if window <= 0:
                 await self.send_pending()
-                # Re-check after the await: another reader may have taken the update.
-                if conn.local_flow_control_window(ex.id) <= 0:
-                    await self.pump(ex)
+                await self.wait_for(ex, lambda: conn.local_flow_control_window(ex.id) > 0)
                 continue
             n = min(window, len(view))
             conn.send_data(ex.id, view[:n].tobytes())
@@ -249,9 +255,8 @@ class H2ClientConnection:
         await self.send_pending()
 
     async def next_event(self, ex: _Exchange) -> h2.events.Event:
-        while not ex.events:
-            self._check(ex)
-            await self.pump(ex)
+        if not ex.events:
+            await self.wait_for(ex, lambda: bool(ex.events))
         return ex.events.popleft()
 
     def acknowledge(self, ex: _Exchange) -> None:

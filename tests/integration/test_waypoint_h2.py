@@ -329,3 +329,25 @@ async def test_16mib_body_with_slow_reader_is_intact_and_bounded(
     assert dict(reply.trailers)[b"grpc-status"] == b"0"
     # Each queue is bounded by one stream window (1 MiB), whatever the body size.
     assert peak <= 2 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("HEAD", "/", 200), ("GET", "/?status=204", 204), ("GET", "/?status=304", 304),
+    ("GET", "/?status=503", 503), ("DELETE", "/x", 200),
+])
+async def test_bodiless_and_error_responses_over_h2(client: H2Client, method: str, path: str,
+                                                    status: int) -> None:
+    reply = await client.request(method, path)
+    assert reply.status == status
+    assert reply.ended and reply.reset is None
+    if method == "HEAD" or status in (204, 304):
+        assert reply.body == b""
+
+
+async def test_many_concurrent_streams_on_one_connection(client: H2Client) -> None:
+    sids = [client.open("GET", f"/n/{i}") for i in range(50)]
+    await client.flush()
+    await client.wait(lambda: all(client.replies[s].ended for s in sids))
+    import json
+    paths = sorted(json.loads(bytes(client.replies[s].body))["path"] for s in sids)
+    assert paths == sorted(f"/n/{i}" for i in range(50))
