@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="HOST:PORT of the Redis holding global rate-limit counters "
                         "(default: $RATELIMIT_REDIS; without it global limits fail by their "
                         "failMode)")
-    parser.add_argument("--ratelimit-timeout", type=float, default=0.25,
+    parser.add_argument("--ratelimit-timeout", type=float,
+                        default=float(os.environ.get("RATELIMIT_TIMEOUT", "0.25")),
                         help="seconds a Redis call may take before the limit's failMode "
                         "applies")
     parser.add_argument("--log-level", default=None)

@@ -284,6 +284,7 @@ class Waypoint:
                 "clusters": {name: sorted(s.endpoints)
                              for name, s in self.clusters.by_name.items()},
                 "issues": [str(i) for i in state.table.issues],
+                "ratelimits": sorted("/".join(k) for k in self.rate_limiter.policies),
                 "version": state.table.version})
 
         o = self.options

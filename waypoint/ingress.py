@@ -10,7 +10,9 @@ per (route namespace, hostname) as its parent, on the listener ports the route
 attached to.  The route table then holds one entry per synthetic service;
 :class:`HostIndex` maps a request's Host (exact, then longest ``*.`` wildcard,
 then catch-all) and listener port to that synthetic service, which the pipeline
-receives as the connection's destination.  Everything after that (matching,
+receives as the connection's destination.  VirtualServices bound by
+``gateways: [ns/name]`` are rewritten the same way (their ``hosts`` become the
+synthetic services, on every listener port).  Everything after that (matching,
 filters, L7 policy of the gateway, rate limits, retries, load balancing) is the
 waypoint's pipeline unchanged.
 
@@ -180,7 +182,16 @@ def ingress_routes(gateway_namespace: str, gateway_name: str,
     """Rewrite the HTTPRoutes attached to the Gateway into GAMMA routes on synthetic services."""
     groups: dict[tuple[str, str], set[int]] = {}
     rewritten: list[tuple[ApiObject, list[tuple[str, int]]]] = []
+    virtual: list[tuple[ApiObject, list[str]]] = []
     for obj in routes:
+        if obj.kind == "VirtualService":
+            bound = _bound_virtual_service(obj, gateway_namespace, gateway_name)
+            if bound:
+                virtual.append((obj, bound))
+                for name in bound:
+                    groups.setdefault((obj.namespace, name), set()).update(
+                        lst.port for lst in listeners)
+            continue
         if obj.kind != "HTTPRoute":
             continue
         attached: list[tuple[str, int]] = []
@@ -224,8 +235,51 @@ def ingress_routes(gateway_namespace: str, gateway_name: str,
         spec["parentRefs"] = parents
         objects.append(ApiObject(kind=obj.kind, namespace=obj.namespace, name=obj.name,
                                  spec=spec, creation_timestamp=obj.creation_timestamp))
+    for obj, vs_hosts in virtual:
+        spec = dict(obj.spec)
+        spec["hosts"] = [f"{names[(obj.namespace, h)]}.{obj.namespace}.svc.{domain}"
+                         for h in vs_hosts]
+        spec["gateways"] = ["mesh"]
+        spec["http"] = [_mesh_matches(entry, gateway_namespace, gateway_name, obj.namespace)
+                        for entry in spec.get("http") or []]
+        objects.append(ApiObject(kind=obj.kind, namespace=obj.namespace, name=obj.name,
+                                 spec=spec, creation_timestamp=obj.creation_timestamp))
     return IngressRoutes(services=services, objects=objects, hosts=hosts,
                          served={(s.namespace, s.name) for s in services})
+
+
+def _names_gateway(ref: str, gateway_namespace: str, gateway_name: str, own: str) -> bool:
+    ns, sep, name = ref.partition("/")
+    if not sep:
+        ns, name = own, ref
+    return ns == gateway_namespace and name == gateway_name
+
+
+def _bound_virtual_service(obj: ApiObject, gateway_namespace: str, gateway_name: str
+                           ) -> list[str]:
+    """The hosts of a VirtualService bound to the Gateway by ``gateways: [ns/name]``."""
+    gateways = obj.spec.get("gateways") or []
+    if not any(_names_gateway(str(g), gateway_namespace, gateway_name, obj.namespace)
+               for g in gateways):
+        return []
+    return [str(h).lower() for h in obj.spec.get("hosts") or []]
+
+
+def _mesh_matches(entry: Any, gateway_namespace: str, gateway_name: str, own: str) -> Any:
+    """An ``http`` entry whose per-match ``gateways`` name this Gateway, re-aimed at the
+    waypoint translator's ``mesh``; matches for other gateways never match here."""
+    if not isinstance(entry, dict) or not entry.get("match"):
+        return entry
+    matches = []
+    for m in entry["match"]:
+        gws = m.get("gateways") if isinstance(m, dict) else None
+        if not gws:
+            matches.append(m)
+        elif any(_names_gateway(str(g), gateway_namespace, gateway_name, own) for g in gws):
+            matches.append({**m, "gateways": ["mesh"]})
+        else:
+            matches.append({**m, "gateways": ["~other-gateway"]})
+    return {**entry, "match": matches}
 
 
 # --- through the waypoint ------------------------------------------------------------------

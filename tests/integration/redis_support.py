@@ -29,10 +29,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None,
+                 netns: str | None = None) -> None:
+        """``netns``: a named network namespace to run in (e.g. the local cluster's fabric,
+        which every pod can reach); then ``port`` must be given."""
         self.host = host
         self.port = port or free_port(host)
         self.workdir = workdir
+        self.netns = netns
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,8 +46,9 @@ class RedisServer:
     def spawn(self) -> subprocess.Popen[bytes]:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "redis.log", "wb") as log:
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
             self.proc = subprocess.Popen(
-                [str(REDIS_SERVER), "--bind", self.host, "--port", str(self.port),
+                [*prefix, str(REDIS_SERVER), "--bind", self.host, "--port", str(self.port),
                  "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
                  "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"],
                 stdout=log, stderr=subprocess.STDOUT)
@@ -63,7 +68,17 @@ class RedisServer:
 
     async def _pong(self) -> bool:
         try:
-            stream = await trio.open_tcp_stream(self.host, self.port)
+            if self.netns is None:
+                stream = await trio.open_tcp_stream(self.host, self.port)
+            else:
+                from deploy.local import netns
+                sock = await netns.trio_socket_in(self.netns)
+                try:
+                    await sock.connect((self.host, self.port))
+                except OSError:
+                    sock.close()
+                    raise
+                stream = trio.SocketStream(sock)
         except OSError:
             return False
         async with stream:

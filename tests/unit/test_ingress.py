@@ -6,6 +6,7 @@ Certificates are generated here; nothing is read from disk.
 from __future__ import annotations
 
 import datetime
+import random
 import ssl
 from collections.abc import AsyncIterator
 
@@ -33,6 +34,8 @@ from waypoint.ingress import (
 )
 from waypoint.proxy import RouterState
 from waypoint.routing.catalog import ApiObject, ServiceInfo, ServicePortInfo
+from waypoint.routing.match import Request
+from waypoint.routing.match import route as route_request
 from waypoint.routing.model import RouteTable
 from waypoint.routing.translate import translate
 from waypoint.upstream import EndpointInfo, TcpTransport
@@ -193,3 +196,28 @@ async def test_https_with_sni_picks_the_certificate_and_the_route(
     # A host no route names: the certificate is the listener's first, the answer 404.
     name, reply = await _get(port, "nobody.example.com", cas["shop"], check_hostname=False)
     assert name == "shop.example.com" and reply.status == 404
+
+
+def test_virtual_service_bound_by_gateways_routes_its_hosts() -> None:
+    vs = ApiObject(kind="VirtualService", namespace="edge", name="shop-vs", spec={
+        "hosts": ["vs.example.com"], "gateways": ["edge/gw"],
+        "http": [{"match": [{"uri": {"prefix": "/api"}, "gateways": ["edge/gw"]}],
+                  "route": [{"destination": {"host": "api", "port": {"number": 80}}}]},
+                 {"match": [{"uri": {"prefix": "/other"}, "gateways": ["elsewhere"]}],
+                  "route": [{"destination": {"host": "api", "port": {"number": 80}}}]},
+                 {"route": [{"destination": {"host": "shop", "port": {"number": 80}}}]}]})
+    mesh_only = ApiObject(kind="VirtualService", namespace="edge", name="mesh-vs", spec={
+        "hosts": ["mesh.example.com"],
+        "http": [{"route": [{"destination": {"host": "shop"}}]}]})
+    table, hosts = _table([vs, mesh_only])
+    assert hosts.resolve("mesh.example.com", 8080) is None
+    alias = hosts.resolve("vs.example.com", 8443)
+    assert alias is not None and hosts.resolve("vs.example.com", 8080) == alias
+    def backend(path: str) -> str | None:
+        decision = route_request(table, Request(method="GET", authority="vs.example.com", path=path,
+                                        port=8443, destination=alias), random.Random(0))
+        return decision.cluster.service_name if decision.cluster is not None else None
+
+    assert backend("/api/x") == "api"
+    assert backend("/other") == "shop"  # that match is for another gateway
+    assert backend("/") == "shop"
