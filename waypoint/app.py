@@ -52,7 +52,7 @@ from waypoint.clusters import (
     static_endpoints,
 )
 from waypoint.h1_shell import H1Timeouts
-from waypoint.h2_upstream import ProtocolTransport
+from waypoint.h2_upstream import ProtocolTransport, snapshot_h2_endpoints
 from waypoint.listener import PassThrough, serve_stream
 from waypoint.mirror import Mirrorer
 from waypoint.proxy import PeerInfo, Proxy, RouterState
@@ -326,7 +326,8 @@ class Waypoint:
                         authority=(f"[{endpoint.ip}]:{endpoint.port}" if ":" in endpoint.ip
                                    else f"{endpoint.ip}:{endpoint.port}"))
 
-            transport = ProtocolTransport(MeshTransport(hbone))
+            transport = ProtocolTransport(MeshTransport(hbone),
+                                          snapshot_h2_endpoints(lambda: holder.current))
             self.transport = transport
             self.clusters.transport = transport
             self.proxy.mirror = Mirrorer(nursery)

@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -40,6 +41,7 @@ import h2.settings
 import trio
 
 from common.logging import get_logger
+from common.model import Snapshot
 from waypoint import grpc
 from waypoint.http import (
     NEED_DATA,
@@ -151,6 +153,8 @@ class H2ClientConnection:
     def _break(self, reason: str) -> None:
         if self.broken is None:
             self.broken = reason
+            _log.debug("upstream HTTP/2 connection ended", upstream=self.address, reason=reason,
+                       streams=len(self.exchanges))
         for ex in self._waiters.values():
             ex.wake()
         self._waiters.clear()
@@ -470,3 +474,33 @@ class ProtocolTransport:
             for conn in conns:
                 await conn.aclose()
         self._conns.clear()
+
+
+def snapshot_h2_endpoints(current: Callable[[], Snapshot]) -> Callable[[EndpointInfo], bool]:
+    """An ``h2_endpoint`` predicate from discovery: the endpoint serves a service port
+    declared HTTP/2 or gRPC (:func:`waypoint.grpc.wants_h2`).  The index is built once
+    per snapshot version (connections are opened far more often than snapshots change)."""
+    cache: dict[str, Any] = {"version": None, "h2": frozenset()}
+
+    def index(snap: Snapshot) -> frozenset[tuple[str, int]]:
+        found: set[tuple[str, int]] = set()
+        for service in snap.services_by_key.values():
+            for port in service.ports:
+                if not grpc.wants_h2(port.name, port.app_protocol):
+                    continue
+                for ep in service.ready_endpoints:
+                    target = ep.target_ports.get(port.port)
+                    if target is None and isinstance(port.target_port, int):
+                        target = port.target_port
+                    if target is not None:
+                        found.add((ep.ip, target))
+        return frozenset(found)
+
+    def is_h2(endpoint: EndpointInfo) -> bool:
+        snap = current()
+        if cache["version"] != snap.version:
+            cache["h2"] = index(snap)
+            cache["version"] = snap.version
+        return (endpoint.ip, endpoint.port) in cache["h2"]
+
+    return is_h2

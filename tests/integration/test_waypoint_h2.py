@@ -351,3 +351,28 @@ async def test_many_concurrent_streams_on_one_connection(client: H2Client) -> No
     import json
     paths = sorted(json.loads(bytes(client.replies[s].body))["path"] for s in sids)
     assert paths == sorted(f"/n/{i}" for i in range(50))
+
+
+async def test_http1_client_to_grpc_declared_port_goes_upstream_over_h2(mesh: Mesh) -> None:
+    from waypoint.h2_upstream import ProtocolTransport
+    transport = mesh.waypoint.transport
+    assert isinstance(transport, ProtocolTransport)
+    backend_port = next(s.info.port for c in mesh.waypoint.clusters.by_name.values()
+                        if c.cluster.service_name == "grpc" for s in c.endpoints.values())
+    transport.h2_endpoint = lambda endpoint: endpoint.port == backend_port
+    body = frame(b"over h1")
+    stream = await connect(mesh.port)
+    await stream.send_all(b"POST /test.Echo/Unary HTTP/1.1\r\nhost: grpc\r\n"
+                          b"content-type: application/grpc\r\nte: trailers\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    data = b""
+    with trio.fail_after(10):
+        while not data.endswith(b"\r\n\r\n") or b"grpc-status" not in data:
+            chunk = await stream.receive_some(65536)
+            assert chunk, data
+            data += chunk
+    await stream.aclose()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"echo:over h1" in data
+    assert b"\r\ngrpc-status: 0\r\n" in data.lower()  # a chunked trailer
+    assert any(dict(h).get(b"te") == b"trailers" for h in mesh.grpc.requests)

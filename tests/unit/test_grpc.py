@@ -59,3 +59,29 @@ def test_protocol_selection_by_port_name_and_app_protocol(
 def test_grpc_timeout_header(value: bytes, seconds: float | None) -> None:
     got = grpc.parse_timeout(value)
     assert got == pytest.approx(seconds) if seconds is not None else got is None
+
+
+def test_snapshot_predicate_selects_h2_for_declared_ports_and_follows_versions() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from common.model import Endpoint, ServicePort, Snapshot
+    from waypoint.h2_upstream import snapshot_h2_endpoints
+    from waypoint.upstream import EndpointInfo
+
+    def snap(version: int, app_protocol: str | None) -> Snapshot:
+        service = SimpleNamespace(
+            ports=(ServicePort(port=9000, target_port=9090, name="grpc-api"),
+                   ServicePort(port=80, target_port=8080, name="http",
+                               app_protocol=app_protocol)),
+            ready_endpoints=(Endpoint(ip="10.1.0.5", ready=True, target_ports={80: 8081}),))
+        return cast(Snapshot, SimpleNamespace(version=version,
+                                              services_by_key={("demo", "svc"): service}))
+
+    current = [snap(1, None)]
+    is_h2 = snapshot_h2_endpoints(lambda: current[0])
+    assert is_h2(EndpointInfo("10.1.0.5", 9090))
+    assert not is_h2(EndpointInfo("10.1.0.5", 8081))
+    assert not is_h2(EndpointInfo("10.1.0.6", 9090))
+    current[0] = snap(2, "kubernetes.io/h2c")
+    assert is_h2(EndpointInfo("10.1.0.5", 8081))  # the EndpointSlice's resolved target port
