@@ -452,6 +452,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
     ``cipher`` (the TLS 1.3 suite), ``socket`` (the ``ssl.SSLSocket``, for
     ``getsockname``/``getpeername``/``fileno``; do not read or write it directly).
 
+    ``try_send`` writes synchronously what the socket takes now (the HBONE
+    connection's fast path); the rest must be sent next, starting with the same bytes.
+
     ``send_eof`` sends TLS close_notify and keeps the receive side open (TLS 1.3
     half-close); the peer's ``receive_some`` then returns ``b""``.  After a
     cancelled ``send_all`` the send side is broken (part of a record may be out);
@@ -528,10 +531,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
             view = memoryview(data)
             if view.itemsize != 1 or view.ndim != 1:
                 view = view.cast("B")
+            # The SSL object itself, as in _read_ready: SSLSocket.send only adds checks.
+            write = self.socket._sslobj.write  # type: ignore[attr-defined]
             total = 0
             try:
                 while total < len(view):
-                    total += self.socket.send(view[total:] if total else view)
+                    total += write(view[total:] if total else view)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 pass
             except (ssl.SSLError, OSError) as exc:
