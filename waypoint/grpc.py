@@ -76,11 +76,19 @@ def encode_message(text: bytes) -> bytes:
     return bytes(out)
 
 
+def local_status(status: int) -> int:
+    """The gRPC status of one of the waypoint's own answers.  The table, except that a
+    504 (only ever a route or per-try timeout here) is DEADLINE_EXCEEDED: Envoy's
+    router passes that code explicitly for gRPC timeouts (envoyproxy/envoy#44479), so
+    clients do not retry an expired deadline as they would UNAVAILABLE."""
+    return DEADLINE_EXCEEDED if status == 504 else status_from_http(status)
+
+
 def trailers_only(status: int, message: bytes) -> list[tuple[bytes, bytes]]:
     """Headers (after ``:status: 200``) of a trailers-only answer for a local HTTP
     ``status`` with ``message`` (the local answer's body)."""
     pairs = [(b"content-type", b"application/grpc"),
-             (b"grpc-status", b"%d" % status_from_http(status))]
+             (b"grpc-status", b"%d" % local_status(status))]
     text = message.strip()
     if text:
         pairs.append((b"grpc-message", encode_message(text)))

@@ -57,6 +57,8 @@ async def grpc_handler(s: GrpcStream) -> None:
         for i in range(0, len(total), 65536):
             await s.send_raw(bytes(total[i:i + 65536]))
         await s.finish(0)
+    elif path == b"/test.Echo/Slow":
+        await trio.sleep_forever()
     elif path == b"/test.Echo/Flaky":
         await s.message()
         tries = sum(1 for h in s.server.requests if dict(h)[b":path"] == path)
@@ -101,6 +103,8 @@ def _config(echo_port: int, grpc_port: int, dead_port: int) -> dict[str, Any]:
                  "fault": {"abort": {"grpcStatus": "RESOURCE_EXHAUSTED",
                                      "percentage": {"value": 100}}},
                  "route": [{"destination": {"host": "grpc"}}]},
+                {"match": [{"uri": {"prefix": "/test.Echo/Slow"}}],
+                 "route": [{"destination": {"host": "grpc"}}], "timeout": "0.2s"},
                 {"match": [{"uri": {"prefix": "/test.Echo/Flaky"}}],
                  "route": [{"destination": {"host": "grpc"}}],
                  "retries": {"attempts": 2, "retryOn": "unavailable"}},
@@ -216,6 +220,13 @@ async def test_grpc_unavailable_is_retried_by_grpc_status(mesh: Mesh, client: H2
     attempts = [dict(h).get(b"x-envoy-attempt-count") for h in mesh.grpc.requests
                 if dict(h)[b":path"] == b"/test.Echo/Flaky"]
     assert attempts == [b"1", b"2"]
+
+
+async def test_route_timeout_is_grpc_deadline_exceeded(client: H2Client) -> None:
+    reply = await client.request("POST", "/test.Echo/Slow", GRPC, frame(b"x"), authority="grpc")
+    assert reply.status == 200
+    assert reply.header(b"grpc-status") == b"4"
+    assert reply.header(b"grpc-message") == b"upstream request timeout"
 
 
 async def test_no_route_is_grpc_unimplemented(client: H2Client) -> None:

@@ -85,3 +85,9 @@ def test_snapshot_predicate_selects_h2_for_declared_ports_and_follows_versions()
     assert not is_h2(EndpointInfo("10.1.0.6", 9090))
     current[0] = snap(2, "kubernetes.io/h2c")
     assert is_h2(EndpointInfo("10.1.0.5", 8081))  # the EndpointSlice's resolved target port
+
+
+def test_local_timeout_is_deadline_exceeded_other_local_answers_follow_the_table() -> None:
+    assert grpc.local_status(504) == grpc.DEADLINE_EXCEEDED
+    assert grpc.local_status(503) == grpc.UNAVAILABLE
+    assert dict(grpc.trailers_only(504, b"upstream request timeout"))[b"grpc-status"] == b"4"
