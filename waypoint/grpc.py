@@ -103,12 +103,3 @@ def wants_h2(port_name: str | None, app_protocol: str | None) -> bool:
         name = port_name.lower()
         return any(name == p or name.startswith(p + "-") for p in _H2_PORT_PREFIXES)
     return False
-
-
-def parse_timeout(value: bytes) -> float | None:
-    """Seconds of a ``grpc-timeout`` header (``1..8 digits`` + unit H M S m u n)."""
-    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
-        return None
-    scale = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}.get(
-        value[-1:])
-    return None if scale is None else int(value[:-1]) * scale

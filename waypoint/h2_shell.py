@@ -364,7 +364,6 @@ class H2ServerConnection:
         self._guard = FrameGuard(self.settings, trio.current_time())
         self._read_scope = trio.CancelScope()
         self._closing = False
-        self.requests = 0
         self.nursery: trio.Nursery
 
     # --- sending (called by stream tasks) ------------------------------------------
@@ -539,7 +538,6 @@ class H2ServerConnection:
         if ended:
             s.body_done = True
         self.streams[event.stream_id] = s
-        self.requests += 1
         self._update_idle()
         self.nursery.start_soon(self._serve_stream, s, head)
 

@@ -52,15 +52,6 @@ def test_protocol_selection_by_port_name_and_app_protocol(
     assert grpc.wants_h2(name, app) is h2
 
 
-@pytest.mark.parametrize(("value", "seconds"), [
-    (b"1S", 1.0), (b"250m", 0.25), (b"2M", 120.0), (b"1H", 3600.0), (b"100u", 1e-4),
-    (b"5", None), (b"1X", None), (b"123456789S", None), (b"S", None),
-])
-def test_grpc_timeout_header(value: bytes, seconds: float | None) -> None:
-    got = grpc.parse_timeout(value)
-    assert got == pytest.approx(seconds) if seconds is not None else got is None
-
-
 def test_snapshot_predicate_selects_h2_for_declared_ports_and_follows_versions() -> None:
     from types import SimpleNamespace
     from typing import cast
