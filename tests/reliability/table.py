@@ -9,6 +9,7 @@ with a small plugin recording each test's outcome and the figures tests attach w
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -154,12 +155,23 @@ class Collector:
             elif hasattr(report, "wasxfail"):
                 reason = str(report.wasxfail)
             elif report.failed:
-                reason = str(report.longreprtext).strip().splitlines()[-1][:160] \
-                    if report.longreprtext else "failed"
+                reason = _failure_line(str(report.longreprtext))
             if report.when == "setup" and report.failed:
                 outcome = "error"
             self.results[node] = Result(node, outcome, report.duration,
                                         dict(report.user_properties), reason)
+
+
+def _failure_line(text: str) -> str:
+    """The line of a failure report that says what went wrong (exception groups nest)."""
+    for line in reversed(text.splitlines()):
+        line = line.strip(" |+-")
+        if line.startswith("E "):
+            line = line[2:].strip()
+        if ("Error" in line or "assert" in line or "Exception" in line) and \
+                not line.startswith(("File ", "raise ", "During handling")):
+            return line[:200]
+    return "failed"
 
 
 def _targets() -> list[str]:
@@ -194,7 +206,7 @@ def _row(row: Case, results: list[Result]) -> str:
     notes = [r.reason for r in mine if r.outcome in ("skipped", "xfailed", "failed") and r.reason]
     command = "; ".join(f"`pytest {t.split('::')[0]} -k {t.split('::')[1].split('[')[0]}`"
                         if "::" in t else f"`pytest {t}`" for t in row.tests[:2])
-    extra = "; ".join(sorted(set(notes)))[:300]
+    extra = "; ".join(sorted(set(notes)))[:300].replace("|", "/")
     return (f"| {row.name} | {row.expect} | {command} | {tried} | {counts['passed']} | "
             f"{sum(lost) if lost else '-'} | {counts['failed'] + counts['error']} | "
             f"{counts['skipped']} | {counts['xfailed']} | {verdict} | "
@@ -212,7 +224,7 @@ def render(results: list[Result], argv: list[str], seconds: float) -> str:
         "*errors* = failed, *xfail* = known gaps marked in the code with the reason.",
         "",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"`pytest {' '.join(argv) or '(full set)'}`, {seconds:.0f} s.",
+        f"`scripts/reliability {shlex.join(argv)}`".replace(" `", "`") + f", {seconds:.0f} s.",
         "",
     ]
     section = ""
