@@ -3,7 +3,8 @@
     python -m bench [--quick] [--cases l4_requests l7 ...] [--json PATH] [--markdown PATH]
 
 Runs as root (the L4 cases build network namespaces).  Prints a table, writes
-``bench/results/<UTC date>.json`` (and ``--json PATH`` if given), and with ``--markdown``
+``bench/results/<UTC date>.json`` (``<date>-quick.json`` or ``<date>-<cases>.json`` for a
+quick or partial run; and ``--json PATH`` if given), and with ``--markdown``
 the table as Markdown for docs/benchmarks.md.
 """
 
@@ -74,6 +75,15 @@ def markdown_table(results: Sequence[CaseResult]) -> str:
     return "\n".join(lines)
 
 
+def result_suffix(args: argparse.Namespace) -> str:
+    """Only a full run of every case owns ``<date>.json``; quick or partial runs are named."""
+    if args.quick:
+        return "-quick"
+    if list(args.cases) != list(CASES):
+        return "-" + "+".join(args.cases)
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -117,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command, "quick": args.quick, "seconds": round(elapsed, 1),
         "machine": machine(), "cases": [r.to_json() for r in results], "failures": failures}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}.json"
+    out = RESULTS / f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}{result_suffix(args)}.json"
     for path in (out, args.json):
         if path is not None:
             path.write_text(json.dumps(document, indent=2) + "\n")
