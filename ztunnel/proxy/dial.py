@@ -30,6 +30,7 @@ import trio
 
 from common.errors import ConfigError, ConnectRefusedError, ConnectTimeoutError
 from common.netns import call_in_netns_fd, open_netns
+from common.tcp import TcpStream
 from ztunnel.inpod.rules import ZTUNNEL_MARK
 
 T = TypeVar("T")
@@ -123,7 +124,7 @@ class PodNetns:
 
 
 async def connect(sock: socket.socket, address: tuple[str, int], *,
-                  timeout: float) -> trio.SocketStream:  # noqa: ASYNC109 - names the address
+                  timeout: float) -> TcpStream:  # noqa: ASYNC109 - names the address
     """Connect a socket made by :meth:`PodNetns.tcp_socket`; consumes it on failure.
 
     Raises :class:`ConnectRefusedError` or :class:`ConnectTimeoutError` naming the address.
@@ -145,7 +146,7 @@ async def connect(sock: socket.socket, address: tuple[str, int], *,
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return TcpStream(sock)
 
 
 def reset(sock: socket.socket) -> None:

@@ -19,6 +19,8 @@ from common.hbone import Baggage
 from common.logging import get_logger
 from common.metrics import workload_name
 from common.relay import relay
+from common.service_entries import resolve_entry_host
+from common.tcp import TcpStream
 from ztunnel.decide import Passthrough, Refused, decide_outbound, format_authority
 from ztunnel.inpod.origdst import original_destination
 from ztunnel.proxy.dial import connect, family_of, reset
@@ -69,12 +71,14 @@ async def handle_outbound(pod: EnrolledPod, sock: socket.socket,
     if isinstance(decision, Passthrough):
         observed = Observed(state.metrics, "outbound", src, dst, outbound_labels(
             source, decision.workload, decision.service, None, mtls=False))
+        addr = decision.addr
         try:
-            upstream = await connect(pod.netns.tcp_socket(family_of(decision.addr[0])),
-                                     decision.addr, timeout=state.config.connect_timeout)
+            if decision.resolve is not None:  # a ServiceEntry VIP: dial what its host names
+                addr = await resolve_entry_host(decision.resolve, addr[1])
+            upstream = await connect(pod.netns.tcp_socket(family_of(addr[0])),
+                                     addr, timeout=state.config.connect_timeout)
         except MeshError as exc:
-            observed.refused("connect_failed", f"passthrough to {decision.addr[0]}:"
-                             f"{decision.addr[1]}: {exc}")
+            observed.refused("connect_failed", f"passthrough to {addr[0]}:{addr[1]}: {exc}")
             reset(sock)
             return
     else:
@@ -99,7 +103,7 @@ async def handle_outbound(pod: EnrolledPod, sock: socket.socket,
             reset(sock)
             return
 
-    client = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    client = TcpStream(sock)
     observed.opened()
     sent = received = 0
     outcome = "cancelled"

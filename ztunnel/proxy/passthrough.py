@@ -11,10 +11,9 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
-import trio
-
 from common.errors import ConfigError
 from common.logging import get_logger
+from common.tcp import TcpStream
 from ztunnel.decide import Deny, decide_inbound, format_authority
 from ztunnel.inpod.origdst import original_destination
 from ztunnel.proxy.dial import reset
@@ -59,7 +58,7 @@ async def handle_plaintext(pod: EnrolledPod, sock: socket.socket,
             observed.refused("policy_denied", outcome.reason)
         reset(sock)
         return
-    client = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    client = TcpStream(sock)
     async with client:
         await connect_and_relay(pod, peer[0], dst_ip, dst_port, None, True, observed,
                                 client=client)
