@@ -44,6 +44,7 @@ from common.errors import ConfigError
 from common.identity import SpiffeId
 from common.logging import get_logger
 from common.model import DEFAULT_TRUST_DOMAIN, HBONE_PORT, Snapshot
+from waypoint import h2_shell
 from waypoint.clusters import (
     Clusters,
     EndpointSource,
@@ -351,6 +352,9 @@ class Waypoint:
     async def drain(self) -> None:
         server = getattr(self, "_hbone_server", None)
         self.ready = False
+        # HTTP/2 clients inside the tunnels get their own GOAWAY, so they stop opening
+        # streams while the ones in flight finish.
+        await h2_shell.drain_all()
         if server is not None:
             await server.drain(self.options.drain_seconds)
 

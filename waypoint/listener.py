@@ -7,7 +7,7 @@ waypoint terminates the tunnel (answers 200 at once: it is the tunnel's end, and
 detection needs the client's first bytes) and sniffs them:
 
 * the HTTP/2 prior-knowledge preface ``PRI * HTTP/2.0`` -> :data:`h2_handler`
-  (filled by the HTTP/2 shell; until then the connection gets a GOAWAY);
+  (:func:`waypoint.h2_shell.serve_h2`);
 * a request line (``METHOD SP``) -> :func:`waypoint.h1_shell.serve_h1`;
 * anything else, or silence for ``DETECT_TIMEOUT`` (server-first protocols) ->
   TCP pass-through to the original destination with :func:`common.relay.relay`.
@@ -40,18 +40,7 @@ DETECT_TIMEOUT = 1.0
 #: Bytes enough to tell a request line (the longest method is short) from the rest.
 SNIFF_BYTES = 24
 _REQUEST_LINE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,20} ")
-#: An HTTP/2 GOAWAY (last stream 0, error HTTP_1_1_REQUIRED) after our empty SETTINGS.
-_H2_REFUSAL = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-               b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0d")
-
 H2Handler = Callable[[trio.abc.Stream, Proxy, PeerInfo, bytes], Awaitable[None]]
-
-
-async def refuse_h2(stream: trio.abc.Stream, proxy: Proxy, peer: PeerInfo,
-                    initial: bytes) -> None:
-    """The HTTP/2 hook until the HTTP/2 shell lands: GOAWAY HTTP_1_1_REQUIRED."""
-    _log.info("HTTP/2 is not served yet; refusing the connection", src=peer.source_ip)
-    await stream.send_all(_H2_REFUSAL)
 
 
 #: Called with the stream, the proxy, the peer and the bytes read so far (the preface

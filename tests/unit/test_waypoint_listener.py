@@ -70,21 +70,6 @@ async def test_http2_preface_goes_to_the_h2_hook(nursery: trio.Nursery,
     assert got and got[0].startswith(listener.H2_PREFACE)
 
 
-async def test_http2_refusal_hook_sends_goaway(nursery: trio.Nursery,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(listener, "h2_handler", listener.refuse_h2)
-    h = await Harness(nursery, {"services": [service("echo", A)]}, {A: FakeBackend("a")}).start()
-    client, server = trio.testing.memory_stream_pair()
-    nursery.start_soon(serve_stream, server, h.waypoint.proxy, PeerInfo(source_ip="10.0.0.9"),
-                       None)
-    await client.send_all(listener.H2_PREFACE)
-    data = b""
-    with trio.fail_after(2):
-        while chunk := await client.receive_some(4096):
-            data += chunk
-    assert data[3] == 0x4 and data[12] == 0x7  # SETTINGS, then GOAWAY
-
-
 async def test_other_protocols_pass_through_to_the_original_destination(
         nursery: trio.Nursery) -> None:
     h = await Harness(nursery, {"services": [service("echo", A)]}, {A: FakeBackend("a")}).start()
