@@ -1,7 +1,6 @@
-"""Fixtures of the reliability suite: the local cluster (tests/integration) and the
-bench-mode waypoint (tests/security), shared by import, not copied."""
+"""Fixtures of the reliability suite: the bench-mode waypoint of tests/security,
+shared by import, not copied."""
 
-from tests.integration.conftest import cluster, kube, namespace
 from tests.security.conftest import bench
 
-__all__ = ["bench", "cluster", "kube", "namespace"]
+__all__ = ["bench"]

@@ -119,11 +119,11 @@ CASES: list[Case] = [
          "tests/integration/test_discovery.py::test_relist_after_410_converges"),
     case("Faults", "certificate rotation under load", "no connection dropped, bytes intact",
          FLT + "test_certificate_rotation"),
-    case("Faults", "packet loss and delay (netem)", "bytes intact, slower",
-         FLT + "test_netem"),
+    case("Faults", "packet loss and delay between two namespaces", "bytes intact, slower",
+         "tests/reliability/test_netem.py"),
     case("Load", "2,000 keep-alive connections through the waypoint, 60 s",
          "0 errors, RSS flat", LOAD + "test_2000_keepalive"),
-    case("Load", "200 new connections/s for 60 s", "no fd or memory leak",
+    case("Load", "200 new connections/s for 60 s", "no fd or memory leak, errors < 1 %",
          LOAD + "test_connection_churn"),
 ]
 
