@@ -13,15 +13,20 @@ stays as it is; one without (and ``resolution`` other than ``NONE``, non-wildcar
 hosts) becomes one copy per host, each with its allocated address in
 ``spec.addresses`` (so the DNS proxy's zone answers it) and
 ``status.autoAllocated: true``.  :func:`registered_addresses` is what
-``REGISTRY_ONLY`` accepts besides services and pods.
+``REGISTRY_ONLY`` accepts besides services and pods; :func:`dns_hosts_by_address` and
+:func:`resolve_entry_host` let ztunnel dial what an auto-allocated VIP stands for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from collections.abc import Iterable
 
+import trio
+
+from common.errors import NameResolutionError
 from common.kube.objects import KubeObject
 
 AUTO_RANGE = ipaddress.ip_network("240.240.0.0/16")
@@ -78,3 +83,27 @@ def registered_addresses(entries: Iterable[KubeObject]) -> frozenset[str]:
             if net.num_addresses == 1:
                 found.add(str(net.network_address))
     return frozenset(found)
+
+
+def dns_hosts_by_address(entries: Iterable[KubeObject]) -> dict[str, str]:
+    """Auto-allocated address -> host, for entries with ``resolution: DNS``: a connection
+    to the address goes to what the host resolves to at connect time."""
+    found: dict[str, str] = {}
+    for obj in entries:
+        if obj.status.get("autoAllocated") and obj.spec.get("resolution") == "DNS":
+            for address in obj.spec.get("addresses") or ():
+                found[str(address)] = str(obj.spec["hosts"][0])
+    return found
+
+
+async def resolve_entry_host(host: str, port: int) -> tuple[str, int]:
+    """The first address ``host`` resolves to (this process's resolver), with ``port``."""
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise NameResolutionError(f"ServiceEntry host {host} does not resolve from the node: "
+                                  f"{exc} (check the node's DNS, or give the entry "
+                                  "addresses / resolution STATIC)") from exc
+    if not infos:
+        raise NameResolutionError(f"ServiceEntry host {host} has no address")
+    return str(infos[0][4][0]), port

@@ -13,7 +13,9 @@ Outbound (DESIGN.md section 2), for a connection from ``source`` to ``dst_ip:dst
    and the source is not that waypoint: HBONE to the waypoint, ``:authority`` the pod
    IP and port.  The pod is captured (in the mesh): HBONE to it at ``podIP:15008``
    (:class:`ToWorkload`).  Otherwise plain TCP to it (:class:`Passthrough`).
-3. Anything else is outside the mesh: :class:`Passthrough` to the original address,
+3. An auto-allocated ServiceEntry VIP (``resolution: DNS``): :class:`Passthrough` that
+   resolves the entry's host at connect time (``resolve``).
+4. Anything else is outside the mesh: :class:`Passthrough` to the original address,
    unless the source's outbound traffic policy is ``REGISTRY_ONLY`` (namespace label
    ``pyambient.io/outbound-traffic-policy``) and the address is no ServiceEntry's:
    :class:`Refused` with a reason naming the fix.
@@ -48,7 +50,7 @@ from common.model import (
     WaypointRef,
     Workload,
 )
-from common.service_entries import registered_addresses
+from common.service_entries import dns_hosts_by_address, registered_addresses
 
 __all__ = [
     "Allow", "Deny", "Inbound", "Outbound", "Passthrough", "Refused", "ToWorkload",
@@ -91,6 +93,9 @@ class Passthrough:
     reason: str
     service: Service | None = None
     workload: Workload | None = None
+    #: A ServiceEntry host (``resolution: DNS``) to resolve and dial instead of ``addr``,
+    #: its auto-allocated VIP.
+    resolve: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,10 @@ def decide_outbound(snapshot: Snapshot, source: Workload, dst_ip: str, dst_port:
     workload = snapshot.workloads_by_ip.get(dst_ip)
     if workload is not None:
         return _to_workload(snapshot, source, workload, dst_ip, dst_port, None, rng)
+    host = dns_entry_hosts(snapshot).get(dst_ip)
+    if host is not None:
+        return Passthrough((dst_ip, dst_port), f"ServiceEntry host {host} (resolution DNS)",
+                           resolve=host)
     if registry_only(snapshot, source) and dst_ip not in _registered(snapshot):
         return Refused(registry_only_reason(source, dst_ip, dst_port))
     return Passthrough((dst_ip, dst_port), f"{dst_ip} is not a known service or pod: "
@@ -173,6 +182,19 @@ def registry_only_reason(source: Workload, dst_ip: str, dst_port: int) -> str:
             f"ServiceEntry address known to the mesh, and the outbound traffic policy of "
             f"namespace {source.namespace} allows only registered destinations: add a "
             f"ServiceEntry for it, or set {OUTBOUND_POLICY_LABEL}=ALLOW_ANY")
+
+
+_dns_cache: tuple[object, Mapping[str, str]] = ((), {})
+
+
+def dns_entry_hosts(snapshot: Snapshot) -> Mapping[str, str]:
+    """Auto-allocated ServiceEntry VIP -> its host (``resolution: DNS``), cached per tuple."""
+    global _dns_cache
+    source, found = _dns_cache
+    if source is not snapshot.service_entries:
+        found = dns_hosts_by_address(snapshot.service_entries)
+        _dns_cache = (snapshot.service_entries, found)
+    return found
 
 
 def _registered(snapshot: Snapshot) -> frozenset[str]:

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from common.kube import KubeClient, Pod, ServiceEntry
-from common.service_entries import AUTO_RANGE
+from common.service_entries import AUTO_RANGE, allocate_addresses
 from deploy.local.network import APISERVER_FABRIC_PORT, FABRIC_GATEWAY
 from tests.integration.conftest import LocalCluster, ready_pods, wait_for
 from tests.integration.ztunnel_support import AMBIENT, label_namespace
@@ -74,3 +74,29 @@ async def test_service_entry_resolves_and_registry_only_blocks_the_rest(
         return expected in text
 
     await wait_for(logged, 10, interval=0.2, what="the documented error in ztunnel's log")
+
+
+async def test_a_service_entry_vip_is_dialled_by_its_host(
+        cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
+    # The only name this sandbox's node resolver knows is localhost: ztunnel dials it from
+    # the pod's namespace, so the client pod's own echo server (8080) answers.
+    await label_namespace(kube, namespace, dict(AMBIENT))
+    await kube.create(Pod.model_validate({
+        "metadata": {"name": "client", "namespace": namespace},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "ambient/echo"}]}}))
+    await ready_pods(kube, namespace, 1, within=120)
+    await kube.create(ServiceEntry.model_validate({
+        "metadata": {"name": "loop", "namespace": namespace},
+        "spec": {"hosts": ["localhost"], "location": "MESH_EXTERNAL", "resolution": "DNS",
+                 "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}]}}))
+    # The VIP the translator allocates: the same pure function over every entry.
+    entries = tuple((await kube.list(ServiceEntry)).items)
+    vip = next(o.spec["addresses"][0] for o in allocate_addresses(entries)
+               if o.metadata.namespace == namespace and o.metadata.name == "loop")
+
+    async def answered() -> str | None:
+        done = await cluster.exec(namespace, "client", "python3", "-c", TALK, vip, "8080")
+        out = done.stdout.strip()
+        return out if out.startswith("BYTES") and out != "BYTES 0" else None
+
+    await wait_for(answered, 60, interval=0.5, what=f"{vip}:8080 dialled as localhost:8080")

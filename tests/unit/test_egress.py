@@ -6,8 +6,16 @@ import ipaddress
 import random
 from typing import Any
 
+import pytest
+
+from common.errors import NameResolutionError
 from common.kube.objects import KubeObject
-from common.service_entries import AUTO_RANGE, allocate_addresses, registered_addresses
+from common.service_entries import (
+    AUTO_RANGE,
+    allocate_addresses,
+    registered_addresses,
+    resolve_entry_host,
+)
 from common.translate import translate
 from tests.unit.mesh_objects import namespace, pod
 from ztunnel.decide import OUTBOUND_POLICY_LABEL, Passthrough, Refused, decide_outbound
@@ -72,3 +80,18 @@ def test_registry_only_refuses_unregistered_and_admits_service_entries() -> None
     open_snap = _snapshot(None)
     assert isinstance(decide_outbound(open_snap, open_snap.workloads_by_ip["10.1.0.1"],
                                       "198.51.100.1", 443, rng), Passthrough)
+
+
+def test_an_auto_allocated_dns_entry_is_dialled_by_its_host() -> None:
+    snap = translate([namespace("demo", **{"istio.io/dataplane-mode": "ambient"}),
+                      pod("client", ip="10.1.0.1"), entry("api", ["api.example.com"])])
+    (vip,) = snap.service_entries[0].spec["addresses"]
+    decision = decide_outbound(snap, snap.workloads_by_ip["10.1.0.1"], vip, 443,
+                               random.Random(0))
+    assert isinstance(decision, Passthrough) and decision.resolve == "api.example.com"
+
+
+async def test_resolve_entry_host_names_the_fix_when_it_fails() -> None:
+    assert await resolve_entry_host("localhost", 80) in (("127.0.0.1", 80), ("::1", 80))
+    with pytest.raises(NameResolutionError, match="does not resolve"):
+        await resolve_entry_host("no-such-host.invalid", 80)
