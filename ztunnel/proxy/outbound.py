@@ -20,6 +20,7 @@ from common.logging import get_logger
 from common.metrics import workload_name
 from common.relay import relay
 from common.service_entries import resolve_entry_host
+from common.tcp import TcpStream
 from ztunnel.decide import Passthrough, Refused, decide_outbound, format_authority
 from ztunnel.inpod.origdst import original_destination
 from ztunnel.proxy.dial import connect, family_of, reset
@@ -102,7 +103,7 @@ async def handle_outbound(pod: EnrolledPod, sock: socket.socket,
             reset(sock)
             return
 
-    client = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    client = TcpStream(sock)
     observed.opened()
     sent = received = 0
     outcome = "cancelled"
