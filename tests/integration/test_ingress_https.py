@@ -87,3 +87,12 @@ async def test_https_from_the_host_reaches_the_mesh_and_waypoint_policy_applies(
                             what="the waypoint's DENY applied to ingress traffic")
     assert denied.body == b"RBAC: access denied"
     assert (await _https(address, cert, "/public", "GET")).status == 200
+    # The HTTP listener (port 80) serves the same route, through its own host port.
+    plain = re.search(r"listener port 80 reachable from this host at 127\.0\.0\.1:(\d+)",
+                      status)
+    assert plain is not None, status
+    stream = await trio.open_tcp_stream("127.0.0.1", int(plain.group(1)))
+    async with stream:
+        with trio.fail_after(10):
+            reply = await Client(stream).request("/plain", host=HOST)
+    assert reply.status == 200, reply
