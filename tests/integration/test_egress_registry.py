@@ -32,15 +32,17 @@ TALK = ("import socket, sys\n"
 async def test_service_entry_resolves_and_registry_only_blocks_the_rest(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     await label_namespace(kube, namespace, dict(AMBIENT))
-    await kube.create(Pod.model_validate({
-        "metadata": {"name": "client", "namespace": namespace},
-        "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "ambient/echo"}]}}))
-    await ready_pods(kube, namespace, 1, within=120)
+    # The entry first: a query answered before ztunnel knows the entry would be forwarded
+    # upstream and its failure cached.
     await kube.create(ServiceEntry.model_validate({
         "metadata": {"name": "api", "namespace": namespace},
         "spec": {"hosts": ["api.example.com"], "location": "MESH_EXTERNAL",
                  "resolution": "DNS",
                  "ports": [{"number": 443, "name": "https", "protocol": "TLS"}]}}))
+    await kube.create(Pod.model_validate({
+        "metadata": {"name": "client", "namespace": namespace},
+        "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "ambient/echo"}]}}))
+    await ready_pods(kube, namespace, 1, within=120)
 
     async def resolved() -> str | None:
         done = await cluster.exec(namespace, "client", "python3", "-c", RESOLVE,
