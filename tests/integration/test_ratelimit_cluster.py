@@ -5,8 +5,10 @@ The namespace's waypoint (``Mesh`` of test_waypoint_mesh) is scaled to two pods 
 fabric namespace (every pod routes there).  An HTTPRoute on ``reviews`` carries a
 global limit of 100 requests a minute per ``x-rl-key``; 300 requests from the client
 pod, each on its own connection so ztunnel spreads them over both waypoint pods, let
-100 +- 2 through.  ztunnel prefers a waypoint pod in the client's zone, so the requests
-alternate between two client pods on different nodes to reach both replicas.
+100 +- 2 through; a local limit of 5 holds in each replica (10 of 40); with Redis killed
+the global limit's ``failMode: closed`` answers 500.  ztunnel prefers a waypoint pod in
+the client's zone, so the requests alternate between two client pods on different nodes
+to reach both replicas.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from tests.integration.conftest import LocalCluster, is_ready, wait_for
 from tests.integration.redis_support import RedisServer, needs_redis
 from tests.integration.test_waypoint_mesh import PORT, Mesh
 from tests.integration.ztunnel_support import netns_of, open_from
-from tests.unit.waypoint_helpers import Client
+from tests.unit.waypoint_helpers import Client, Reply
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, needs_redis]
 
 POLICY = ("descriptors: [{header: x-rl-key}]\n"
           "global: {requests: 100, window: 60s, failMode: closed}")
+LOCAL_POLICY = "local: {maxTokens: 5, fillInterval: 60s}"
 
 
 @pytest.fixture
@@ -95,7 +98,14 @@ async def test_two_waypoint_replicas_share_a_global_limit_through_redis(
         "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews",
                                  "port": PORT}],
                  "rules": [{"backendRefs": [{"name": "reviews", "port": PORT}]}]}}))
-    key = f"HTTPRoute/{namespace}/reviews-limit"
+    await kube.create(HTTPRoute.model_validate({
+        "metadata": {"name": "reviews-local", "namespace": namespace,
+                     "annotations": {"ratelimit.pyambient.io/policy": LOCAL_POLICY}},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews",
+                                 "port": PORT}],
+                 "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/local"}}],
+                            "backendRefs": [{"name": "reviews", "port": PORT}]}]}}))
+    keys = {f"HTTPRoute/{namespace}/reviews-limit", f"HTTPRoute/{namespace}/reviews-local"}
 
     async def policy_everywhere() -> bool:
         for ip in ips:
@@ -103,7 +113,7 @@ async def test_two_waypoint_replicas_share_a_global_limit_through_redis(
                 dump = json.loads(await _http_in_fabric(cluster, ip, 15000, "/config_dump"))
             except (OSError, ValueError, trio.TooSlowError):
                 return False
-            if key not in dump.get("ratelimits", []):
+            if not keys <= set(dump.get("ratelimits", [])):
                 return False
         return True
 
@@ -117,14 +127,18 @@ async def test_two_waypoint_replicas_share_a_global_limit_through_redis(
                               what="client2 ready"))
     assert mesh.client_pod is not None
     sources = [netns_of(mesh.client_pod), netns_of(client2)]
-    statuses: Counter[int] = Counter()
-    for i in range(300):
+
+    async def send(i: int, path: str) -> Reply:
         stream = await open_from(sources[i % 2], mesh.vip, PORT)
         with trio.fail_after(10):
-            reply = await Client(stream).request("/", host=f"reviews:{PORT}",
+            reply = await Client(stream).request(path, host=f"reviews:{PORT}",
                                                  headers={"x-rl-key": "run"})
         await stream.aclose()
-        statuses[reply.status] += 1
+        return reply
+
+    statuses: Counter[int] = Counter()
+    for i in range(300):
+        statuses[(await send(i, "/")).status] += 1
     assert set(statuses) <= {200, 429}, statuses
     assert 98 <= statuses[200] <= 102, statuses
     # Both replicas took part: each counted decisions for the route.
@@ -134,3 +148,12 @@ async def test_two_waypoint_replicas_share_a_global_limit_through_redis(
                  if ln.startswith("pyambient_ratelimit_decisions_total")
                  and f'route="HTTPRoute {namespace}/reviews-limit"' in ln]
         assert sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) > 0, (ip, lines)
+    # The local limit holds per replica: 5 tokens in each of the two.
+    local: Counter[int] = Counter()
+    for i in range(40):
+        local[(await send(i, "/local")).status] += 1
+    assert local == Counter({200: 10, 429: 30}), local
+    # Redis killed: the global limit's failMode (closed) answers 500 on every replica.
+    fabric_redis.kill()
+    failed = Counter([(await send(i, "/")).status for i in range(6)])
+    assert failed == Counter({500: 6}), failed
