@@ -224,7 +224,7 @@ def render(results: list[Result], argv: list[str], seconds: float) -> str:
         "*errors* = failed, *xfail* = known gaps marked in the code with the reason.",
         "",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"`scripts/reliability {shlex.join(argv)}`".replace(" `", "`") + f", {seconds:.0f} s.",
+        f"`{shlex.join(['scripts/reliability', *argv])}`, {seconds:.0f} s.",
         "",
     ]
     section = ""
