@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from common import tls
+from common.ca import CertificateAuthority, WorkloadCertificate
 from common.errors import MeshError
 from common.hbone import HbonePool, HboneServer, tls_connector
 from common.hbone.server import forward_tcp, tls_handshake
@@ -199,3 +200,97 @@ async def test_waypoint_restart_under_load_errors_stop_within_2s_of_ready(
           f"ready + 2 s: {len(late)}")
     assert stats.ok > 100
     assert late == [], late
+
+
+async def _const(context: ssl.SSLContext) -> ssl.SSLContext:
+    return context
+
+
+async def test_ca_root_rotation_with_two_roots_trusted_during_the_overlap_has_no_downtime(
+        record_property: Callable[[str, object], None]) -> None:
+    """Old root → both roots trusted → server on the new root → client on the new root →
+    old root dropped, while long tunnels opened under the old root keep carrying data and
+    a new connection is made in every phase."""
+    old = CertificateAuthority.generate(TRUST_DOMAIN)
+    new = CertificateAuthority.generate(TRUST_DOMAIN)
+    current = {"server": tls.server_context(old.issue(SERVER_ID)),
+               "client": tls.client_context(old.issue(CLIENT_ID))}
+
+    async def context_for(_: SpiffeId | None) -> ssl.SSLContext:
+        return current["client"]
+
+    old.add_trusted_root(new.root_pem)
+    new.add_trusted_root(old.root_pem)
+    # The new root alone, after the overlap: the same key and certificate, no extra root.
+    new_only = CertificateAuthority(new._key, new._cert)
+    Issue = Callable[[], tuple[WorkloadCertificate, WorkloadCertificate]]
+    phases: list[tuple[str, Issue]] = [
+        ("both roots", lambda: (old.issue(SERVER_ID), old.issue(CLIENT_ID))),
+        ("server on new", lambda: (new.issue(SERVER_ID), old.issue(CLIENT_ID))),
+        ("client on new", lambda: (new.issue(SERVER_ID), new.issue(CLIENT_ID))),
+        ("old dropped", lambda: (new_only.issue(SERVER_ID), new_only.issue(CLIENT_ID))),
+    ]
+    failures: list[str] = []
+    payload = bytes(range(256)) * 4096  # 1 MiB per long tunnel
+
+    async def long_tunnel(pool: HbonePool, address: tuple[str, int], echo: int,
+                          done: trio.Event) -> None:
+        """A tunnel opened under the old root that echoes a chunk per phase."""
+        try:
+            stream = await pool.connect(CLIENT_ID, address, expected={SERVER_ID},
+                                        authority=f"127.0.0.1:{echo}")
+            async with stream:
+                while not done.is_set():
+                    await stream.send_all(payload[:65536])
+                    got = b""
+                    while len(got) < 65536:
+                        got += await stream.receive_some(65536 - len(got))
+                    if got != payload[:65536]:
+                        failures.append("long tunnel: bytes differ")
+                    await trio.sleep(0.05)
+        except MeshError as exc:
+            failures.append(f"long tunnel: {exc!r}")
+
+    async def fresh_connection(address: tuple[str, int], echo: int, phase: str) -> None:
+        async with HbonePool(tls_connector(context_for, connect_timeout=5.0)) as fresh:
+            try:
+                stream = await fresh.connect(CLIENT_ID, address, expected={SERVER_ID},
+                                             authority=f"127.0.0.1:{echo}")
+                async with stream:
+                    if await round_trip(stream, phase.encode()) != phase.encode():
+                        failures.append(f"{phase}: bytes differ")
+            except MeshError as exc:
+                failures.append(f"{phase}: {exc!r}")
+
+    async with trio.open_nursery() as nursery:
+        echo = await start_echo(nursery)
+        server = HboneServer(forward_tcp, tls_handshake(lambda: current["server"],
+                                                        TRUST_DOMAIN))
+        sock = listen()
+        await nursery.start(server.serve, sock)
+        address = sock.getsockname()
+        done = trio.Event()
+        with trio.fail_after(60):
+            async with HbonePool(tls_connector(context_for, connect_timeout=5.0)) as pool, \
+                    trio.open_nursery() as load:
+                for _ in range(4):
+                    load.start_soon(long_tunnel, pool, address, echo, done)
+                await fresh_connection(address, echo, "old root")
+                for phase, issue in phases:
+                    server_cert, client_cert = issue()
+                    current["server"] = tls.server_context(server_cert)
+                    current["client"] = tls.client_context(client_cert)
+                    await fresh_connection(address, echo, phase)
+                # The rotation was real: a client that trusts only the old root now
+                # refuses the server's certificate from the new root.
+                stale = tls.client_context(CertificateAuthority(old._key, old._cert)
+                                           .issue(CLIENT_ID))
+                async with HbonePool(tls_connector(
+                        lambda _: _const(stale), connect_timeout=5.0)) as stale_pool:
+                    with pytest.raises(MeshError):
+                        await stale_pool.connect(CLIENT_ID, address, expected={SERVER_ID},
+                                                 authority=f"127.0.0.1:{echo}")
+                done.set()
+        nursery.cancel_scope.cancel()
+    record_property("phases", len(phases) + 1)
+    assert failures == []
