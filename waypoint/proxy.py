@@ -518,15 +518,24 @@ class Proxy:
                     outcome: TryOutcome | None = None
                     conn: UpstreamConnection | None = None
                     response: ResponseHead | None = None
-                    with trio.CancelScope(deadline=math.inf if try_deadline is None
-                                          else try_deadline) as scope:
+                    timed_out = False
+                    if try_deadline is None:
+                        # No route or per-try timeout (the Gateway API and Istio default):
+                        # a cancel scope costs more than the rest of a small request's
+                        # bookkeeping, so none is opened when nothing could fire it.
                         outcome, conn, response = await self._try(
                             cstate, host, spec.info, up_head, try_pairs, chunks, complete, down)
+                    else:
+                        with trio.CancelScope(deadline=try_deadline) as scope:
+                            outcome, conn, response = await self._try(
+                                cstate, host, spec.info, up_head, try_pairs, chunks, complete,
+                                down)
+                        timed_out = scope.cancelled_caught
                     if holding_retry:
                         breaker.release_retry()
                         holding_retry = False
                     now = clock()
-                    if scope.cancelled_caught:
+                    if timed_out:
                         picker.report_local_failure(host, LocalFailure.TIMEOUT, now)
                         if limits.expired(now):
                             await self._local(down, log, 504, TIMEOUT_BODY, flag="UT")
