@@ -17,6 +17,21 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is *now*.
+
+    Loggers are cached on first use; binding the stream object at configure time would
+    keep writing to a stream that was since replaced and closed (pytest's capture does
+    exactly that between tests).
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str | None = None, json: bool = False) -> None:
     """Configure structlog for this process (level from ``PYAMBIENT_LOG`` when not given)."""
     name = (level or os.environ.get("PYAMBIENT_LOG", "info")).lower()
@@ -35,7 +50,7 @@ def configure(level: str | None = None, json: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[name]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 
