@@ -628,9 +628,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._drained = False
                 waited = True
                 await _wait(self.socket, readable=True)
+                # aclose() from another task may have run while we waited (after a
+                # shared-fd poll, _wait returns without noticing): the SSL object is gone.
+                self._check_open()
             while (n := read()) < 0:
                 waited = True
                 await _wait(self.socket, readable=n == _WANT_READ)
+                self._check_open()
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return n

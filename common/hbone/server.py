@@ -171,6 +171,10 @@ class HboneServer:
                 nursery.start_soon(connection.close_when_idle, self._idle_timeout)
                 await connection.run()
                 nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # One connection's failure, even a bug, must not take the listener and
+            # every other connection down with it.
+            connection.log.error("hbone connection failed", error=repr(exc))
         finally:
             self.connections.discard(connection)
             self._all_closed.unpark_all()
