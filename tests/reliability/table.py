@@ -198,10 +198,11 @@ def _row(row: Case, results: list[Result]) -> str:
     tried = len(mine)
     if not tried:
         verdict = "not run"
-    elif counts["failed"] or counts["error"] or counts["xpassed"]:
+    elif counts["failed"] or counts["error"]:
         verdict = "FAIL"
-    elif counts["passed"] == tried:
-        verdict = "ok"
+    elif counts["passed"] + counts["xpassed"] == tried:
+        # xpassed: a non-strict xfail (timing-dependent) that held this time.
+        verdict = "ok" if not counts["xpassed"] else "ok (xfail passed this run)"
     elif counts["passed"]:
         verdict = "ok (part)"
     else:
@@ -224,7 +225,8 @@ def render(results: list[Result], argv: list[str], seconds: float) -> str:
         "pin it, and what they found on the last run.  *tried* = test items run (a",
         "parametrized test counts each case), *as expected* = passed, *bytes lost* = sum of",
         "what the tests measured (`-` where a test checks integrity by assertion only),",
-        "*errors* = failed, *xfail* = known gaps marked in the code with the reason.",
+        "*errors* = failed, *xfail* = known gaps marked in the code with the reason (a",
+        "non-strict, timing-dependent one that held counts as passed, with a note).",
         "",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"`{shlex.join(['scripts/reliability', *argv])}`, {seconds:.0f} s.",
