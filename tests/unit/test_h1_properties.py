@@ -258,10 +258,31 @@ def test_mutated_requests_fail_the_same_whatever_the_split(wire: bytes, step: in
     assert pieces == whole
 
 
+def _skip_empty_lines(data: bytes) -> bytes:
+    """``data`` without the empty lines (CRLF or bare LF) it starts with."""
+    while True:
+        if data.startswith(b"\r\n"):
+            data = data[2:]
+        elif data.startswith(b"\n"):
+            data = data[1:]
+        else:
+            return data
+
+
+def _h11_connection(data: bytes) -> h11.Connection:
+    # RFC 9112 section 2.2: a server SHOULD ignore at least one empty line before
+    # a request-line; we do (as Envoy does), h11 refuses them ("no request line
+    # received").  That documented difference, and only it, is taken out here by
+    # handing h11 the bytes after the empty lines on a fresh connection.
+    conn = h11.Connection(h11.SERVER)
+    if data := _skip_empty_lines(data):
+        conn.receive_data(data)  # (no call with b"": that would mean end of stream)
+    return conn
+
+
 def _h11_heads(wire: bytes) -> list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]]:
     """Request heads h11 reads from ``wire`` before it needs data or refuses."""
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(wire)
+    conn = _h11_connection(wire)
     heads = []
     try:
         while True:
@@ -274,17 +295,23 @@ def _h11_heads(wire: bytes) -> list[tuple[bytes, bytes, list[tuple[bytes, bytes]
                 conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
                 conn.send(h11.EndOfMessage())
                 conn.start_next_cycle()
-    except h11.RemoteProtocolError:
+                rest, _closed = conn.trailing_data
+                if _skip_empty_lines(rest) != rest:
+                    conn = _h11_connection(rest)
+    except (h11.RemoteProtocolError, h11.LocalProtocolError):
+        # LocalProtocolError: start_next_cycle() after a message that closes the
+        # connection, where we stop too (PAUSED).
         return heads
 
 
 @PROPERTY
-@given(mutated().filter(lambda w: w[:1] not in (b"\r", b"\n")))
+@given(mutated())
 def test_whatever_we_accept_h11_reads_the_same_way(wire: bytes) -> None:
     # Differential check against an independent parser: a head we accept is one
     # h11 accepts too, with the same method, target and fields (the smuggling
-    # risk is two parsers framing the same bytes differently).  We skip leading
-    # empty lines (RFC 9112 section 2.2, as Envoy does) where h11 refuses them.
+    # risk is two parsers framing the same bytes differently).  We skip empty
+    # lines before a request (RFC 9112 section 2.2, as Envoy does) where h11
+    # refuses them: _h11_heads takes exactly that difference out.
     parser = RequestParser()
     ours: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = []
     parser.feed(wire)

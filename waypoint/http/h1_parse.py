@@ -38,9 +38,14 @@ Strictness (RFC 9112, with Envoy's defaults where the RFC leaves a choice):
 * Line folding (obs-fold), whitespace before the colon, a line without a colon,
   a name that is not a token, NUL/CTL bytes other than HTAB, a CR not followed by
   LF: 400.  (Envoy unfolds obs-fold; we refuse it, as RFC 9112 section 5.2 allows.)
-* A bare LF ends a line, as in Envoy (Balsa) and http-parser: we re-serialize
+* A bare LF ends a start line or a field line (header or trailer), as in Envoy
+  (Balsa) and http-parser and as RFC 9112 section 2.2 allows: we re-serialize
   every head, so what we forward always uses CRLF and a backend cannot read the
-  line differently.
+  line differently.  The chunked framing itself (chunk-size lines, the line end
+  after chunk data) must use CRLF (section 7.1; the section 2.2 leniency covers
+  start line and fields only): a bare LF there is the line-terminator
+  disagreement behind chunked smuggling (Go's CVE-2025-22871; nginx and Traffic
+  Server refuse it too), so it is a 400.
 * Method must be a token, target visible ASCII in origin, absolute, authority
   (CONNECT only) or asterisk (OPTIONS only) form, version ``HTTP/1.0`` or
   ``HTTP/1.1`` (a higher 1.x reads as 1.1; another well-formed ``HTTP/x.y``: 505).
@@ -395,14 +400,12 @@ class _Parser:
             if state == _CHUNK_END:
                 if buf.startswith(b"\r\n", pos):
                     self._pos = pos + 2
-                elif buf.startswith(b"\n", pos):
-                    self._pos = pos + 1
                 elif len(buf) - pos < 2 and (pos == len(buf) or buf[pos] == 0x0D):
                     return self._need_data("the line end after chunk data")
                 else:
                     raise self._fail(Http1Error(
-                        "chunk data not followed by a line end: the chunk size does not "
-                        "match the data sent"))
+                        "chunk data not followed by CRLF: the chunk size does not "
+                        "match the data sent, or the sender ends chunk lines with a bare LF"))
                 self._state = _CHUNK_SIZE
                 continue
             # _TRAILERS
@@ -429,8 +432,10 @@ class _Parser:
         return NEED_DATA
 
     def _chunk_size(self, line: bytes) -> int:
-        if line.endswith(b"\r"):
-            line = line[:-1]
+        if not line.endswith(b"\r"):
+            raise self._fail(Http1Error(
+                "chunk-size line ended by a bare LF: chunked framing needs CRLF"))
+        line = line[:-1]
         if b"\r" in line or len(line.translate(None, _BAD_BYTES)) != len(line):
             raise self._fail(Http1Error(
                 "control character or bare CR in a chunk-size line"))
@@ -501,6 +506,10 @@ class _Parser:
         """
         buf = self._buf
         pos = self._pos
+        if self._state == _HEAD and len(buf) - pos > self._limits.max_line:
+            # The start line is judged first, from its first bytes only, so that the
+            # verdict is the same however the head was split into reads.
+            self._check_first_line(buf, pos)
         start = self._scan if self._scan > pos else pos
         crlf = buf.find(b"\n\r\n", start)
         lf = buf.find(b"\n\n", start, crlf + 1 if crlf >= 0 else len(buf))
@@ -513,8 +522,6 @@ class _Parser:
             if size > limit:
                 raise self._fail(Http1TooLargeError(
                     f"{what} larger than {limit} bytes: raise the limit or fix the sender"))
-            if self._state == _HEAD and size > self._limits.max_line:
-                self._check_first_line(buf, pos)
             self._scan = max(pos, len(buf) - 2)
             return None
         if after - pos > limit:
@@ -524,9 +531,28 @@ class _Parser:
         return bytes(buf[pos:last])
 
     def _check_first_line(self, buf: bytes | bytearray, pos: int) -> None:
+        """Refuse a start line longer than ``max_line`` once ``max_line + 1`` bytes are here.
+
+        Looks at no more than ``max_line + 2`` bytes (the line and its CRLF), and
+        a bad byte or bare CR among them is a 400 before the length is a 414: the
+        same answer whether the rest of the head has arrived or not.
+        """
         max_line = self._limits.max_line
-        if buf.find(b"\n", pos, pos + max_line + 1) < 0:
-            raise self._fail(self._line_too_long())
+        nl = buf.find(b"\n", pos, pos + max_line + 2)
+        if nl >= 0:
+            end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
+            if end - pos <= max_line:
+                return
+        elif len(buf) - pos == max_line + 1 and buf[pos + max_line] == 0x0D:
+            return  # a CRLF may still end the line at exactly max_line bytes
+        line = bytes(buf[pos:pos + max_line + 1])
+        if len(line.translate(None, _BAD_BYTES)) != len(line):
+            bad = next(b for b in line if b in _BAD_BYTES)
+            raise self._fail(Http1Error(
+                f"control byte 0x{bad:02x} in the message head: only HTAB is allowed"))
+        if b"\r" in line:
+            raise self._fail(Http1Error("bare CR in the message head: lines must end in CRLF"))
+        raise self._fail(self._line_too_long())
 
     def _line_too_long(self) -> Http1Error:
         raise NotImplementedError
