@@ -10,10 +10,13 @@ refused when it
   conditional, atomic group, possessive quantifier, ``\\Z``, verbose flag) or a
   repeat count above 1000 (RE2's limit);
 * nests a variable-width repeat inside another repeat (``(a+)+``, ``(a*b?)*``);
+* repeats a body that can split one text between its parts in several ways:
+  two variable-width parts that can match the same character with no
+  separator between them (``(a*a?b)*``, ``(a*[ab]b*c)*``);
 * repeats an alternation whose branches can start with the same character or
   can match the empty string (``(a|ab)*``, ``(a|)*``).
 
-The last two are the shapes behind exponential backtracking; the check is
+The last three are the shapes behind exponential backtracking; the check is
 conservative (it may refuse a harmless pattern, and says how to rewrite it).
 Inputs are bounded elsewhere (header and path sizes), which keeps the
 remaining polynomial cases (``.*x.*y``) cheap.  The refusal is a
@@ -90,6 +93,7 @@ def _check(sub: Any, pattern: str) -> None:
             if not bounded or high > 1:
                 _check_branches_disjoint(body, pattern)
                 _check_no_ambiguous_nesting(body, pattern)
+                _check_one_split(body, pattern)
             _check(body, pattern)
         elif op is _c.BRANCH:
             for branch in av[1]:
@@ -118,6 +122,49 @@ def _check_no_ambiguous_nesting(body: Any, pattern: str) -> None:
                   "exponentially; rewrite it without the nesting (e.g. '(a+)+' as 'a+') or "
                   "start each repetition with a separator the inner part never matches "
                   "(e.g. '(/[^/]+)*')")
+
+
+def _check_one_split(sub: Any, pattern: str) -> None:
+    """Under a repeat, each sequence (at any depth) must divide its text one way only.
+
+    ``(a*a?b)*`` passes the separator rule (every repetition ends with ``b``),
+    yet ``a*`` and ``a?`` can share each run of ``a`` two ways, and the outer
+    repeat multiplies the choices: ``abab...ab!`` takes 2**n steps.  So, reading
+    a sequence left to right from each variable-width part, no later
+    variable-width part may match a character that the run so far can match,
+    until a part that always consumes a character outside that run ends it
+    (``(/a*-a*)*`` is fine, ``(a*b?a*c)*`` and ``(a*[ab]b*c)*`` are not).
+    Conservative: characters are over-approximated.
+    """
+    items = [(op, av) for op, av in sub if op is not _c.AT]
+    parts = []
+    for item in items:
+        low, high = _parser.SubPattern(sub.state, [item]).getwidth()
+        parts.append((_chars([item]), low, low != high))
+        op, av = item
+        nested: list[Any] = []
+        if op is _c.SUBPATTERN:
+            nested = [av[3]]
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+            nested = [av[2]]
+        elif op is _c.BRANCH:
+            nested = list(av[1])
+        for body in nested:
+            _check_one_split(body, pattern)
+    for i, (run, _low, variable) in enumerate(parts):
+        if not variable:
+            continue
+        for chars, low, later_variable in parts[i + 1:]:
+            if _overlaps(run, chars):
+                if later_variable:
+                    raise _refuse(pattern, "two variable-width parts of a repeated group can "
+                                  "match the same characters with nothing between them to "
+                                  "tell where one ends, which can backtrack exponentially; "
+                                  "merge them (e.g. 'a*a?' as 'a*') or separate them with a "
+                                  "character neither matches (e.g. 'a*-a?')")
+                run = run + chars
+            elif low > 0:
+                break
 
 
 def _variable_repeat_chars(sub: Any) -> _Ranges | None:
