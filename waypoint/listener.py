@@ -10,7 +10,9 @@ detection needs the client's first bytes) and sniffs them:
   (:func:`waypoint.h2_shell.serve_h2`);
 * a request line (``METHOD SP``) -> :func:`waypoint.h1_shell.serve_h1`;
 * anything else, or silence for ``DETECT_TIMEOUT`` (server-first protocols) ->
-  TCP pass-through to the original destination with :func:`common.relay.relay`.
+  TCP pass-through to the original destination with :func:`common.relay.relay`, unless
+  an authorization policy of this waypoint applies there (:meth:`Proxy.tcp_refusal`:
+  HTTP rules cannot be checked on other bytes, so it fails closed).
 
 The same detection serves plain TCP connections in bench mode.
 """
@@ -99,7 +101,12 @@ async def serve_stream(stream: trio.abc.Stream, proxy: Proxy, peer: PeerInfo,
         if kind == Detected.HTTP2:
             await h2_handler(stream, proxy, peer, initial)
         elif passthrough is not None and peer.destination is not None and peer.port:
-            await _tcp(stream, peer, initial, passthrough)
+            refusal = proxy.tcp_refusal(peer.destination, peer.port)
+            if refusal is None:
+                await _tcp(stream, peer, initial, passthrough)
+            else:
+                _log.warning("TCP pass-through refused", reason=refusal, src=peer.source_ip,
+                             dst=f"{peer.destination}:{peer.port}")
         else:
             _log.info("not HTTP and no destination to pass it to; closing", src=peer.source_ip)
     except STREAM_ERRORS as exc:

@@ -346,6 +346,24 @@ class Proxy:
         await self._local(down, log, status, decision.body, extra, decision.response_headers,
                           decision.response_flag or None)
 
+    def tcp_refusal(self, destination: str, port: int) -> str | None:
+        """Why a non-HTTP connection to ``destination:port`` must not be passed through.
+
+        HTTP authorization cannot be checked on bytes that are not HTTP, so a client
+        could slip past an L7 DENY (or an ALLOW it does not satisfy) by not speaking
+        HTTP, or by staying silent until detection gives up.  When any policy of this
+        waypoint applies to the destination, the connection is refused (fail closed).
+        """
+        state = self.state
+        if not len(state.policies):
+            return None
+        routes = state.table.lookup(destination, port)
+        service = state.service_ref(routes) if routes is not None else None
+        if state.policies.for_target(state.gateway, service) is EMPTY_POLICY_SET:
+            return None
+        return ("not HTTP, and the waypoint enforces HTTP authorization on this "
+                "destination, which it cannot check on other protocols")
+
     def _authorized(self, state: RouterState, routes: ServiceRoutes, request: Request,
                     peer: PeerInfo, port: int, target: str) -> bool:
         source_ip, destination_ip = peer.ips()

@@ -8,10 +8,11 @@ import pytest
 import trio
 import trio.testing
 
+from common.authz.compile import PolicyObject, compile_authorization_policies
 from tests.unit.waypoint_helpers import FakeBackend, Harness, service
 from waypoint import listener
 from waypoint.listener import Detected, classify, serve_stream
-from waypoint.proxy import PeerInfo
+from waypoint.proxy import PeerInfo, RouterState
 
 A = "10.1.0.1:8080"
 
@@ -92,6 +93,32 @@ async def test_other_protocols_pass_through_to_the_original_destination(
         assert await client.receive_some(10) == b"N"
     assert got == b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
     assert dialed == [("10.96.0.5", 5432)]
+
+
+async def test_non_http_is_refused_where_the_waypoint_enforces_http_policy(
+        nursery: trio.Nursery) -> None:
+    h = await Harness(nursery, {"services": [service("echo", A, vip="10.96.0.5")]},
+                      {A: FakeBackend("a")}).start()
+    policy = PolicyObject("default", "deny-admin", {
+        "targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io",
+                        "name": "waypoint"}],
+        "action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]})
+    state = h.waypoint.proxy.state
+    h.waypoint.proxy.state = RouterState(state.table, state.clusters, state.gateway,
+                                         compile_authorization_policies([policy]).waypoint)
+    dialed: list[tuple[str, int]] = []
+
+    async def passthrough(destination: str, port: int) -> trio.abc.Stream:
+        dialed.append((destination, port))
+        raise AssertionError("must not dial")
+
+    client, server = trio.testing.memory_stream_pair()
+    peer = PeerInfo(source_ip="10.0.0.9", destination="10.96.0.5", port=80)
+    nursery.start_soon(serve_stream, server, h.waypoint.proxy, peer, passthrough)
+    await client.send_all(b"\x16\x03\x01\x02\x00")  # TLS, not HTTP: policy can't see it
+    with trio.fail_after(2):
+        assert await client.receive_some(10) == b""  # closed
+    assert dialed == []
 
 
 async def test_silent_client_is_passed_through_after_the_detection_timeout() -> None:
