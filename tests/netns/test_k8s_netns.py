@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import subprocess
@@ -41,7 +42,8 @@ def pods() -> Iterator[Pods]:
     tag = secrets.token_hex(3)
     octet = int(tag[:2], 16) % 200 + 10
     ips = {f"pa-k{tag}-a": f"198.51.100.{octet}", f"pa-k{tag}-b": f"198.51.100.{octet + 1}"}
-    v6 = f"2001:db8:{tag[:4]}::7"
+    # Canonical text (no leading zeros in a group), as the kernel reports it.
+    v6 = str(ipaddress.ip_address(f"2001:db8:{tag[:4]}::7"))
     directory = tempfile.mkdtemp(prefix="pa-netns-")
     made: list[str] = []
     try:
@@ -78,7 +80,7 @@ def test_finds_each_pod_by_its_ipv4_address(pods: Pods) -> None:
 
 def test_finds_a_pod_by_its_ipv6_address_in_any_spelling(pods: Pods) -> None:
     first = next(iter(pods.paths.values()))
-    long_form = pods.v6.replace("::", ":0:0:0:0:")
+    long_form = ipaddress.ip_address(pods.v6).exploded
     assert find_pod_netns(long_form, netns_dirs=[pods.directory], scan_proc=False) == first
 
 
