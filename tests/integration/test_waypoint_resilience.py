@@ -69,9 +69,17 @@ async def test_circuit_breaking_istio_sample(
                 reply = await mesh.get("/get?delay=20ms", client=client)
                 results.append((reply.status, reply.headers.get("x-envoy-overloaded")))
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(one_client)
+        settling = False
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(one_client)
+        except* (OSError, trio.BrokenResourceError):
+            # A connection failed while the mesh was still settling (seen once under
+            # load: a reset on connect); this round proves nothing, the next one decides.
+            settling = True
+        if settling:
+            return False
         statuses = Counter(status for status, _ in results)
         assert set(statuses) <= {200, 503}, statuses
         assert all(flag == "true" for status, flag in results if status == 503)
