@@ -24,13 +24,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from common.hbone.__main__ import push
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "bench"
@@ -143,30 +144,9 @@ class Sink:
 
     def push(self, inbound: int, total: int) -> float:
         """Send ``total`` bytes into ``inbound``; seconds until the sink saw them all."""
-        received = [0]
-
-        def drain() -> None:
-            conn, _ = self.sock.accept()
-            buffer = bytearray(256 * 1024)
-            with conn:
-                while n := conn.recv_into(buffer):
-                    received[0] += n
-
-        reader = threading.Thread(target=drain)
-        reader.start()
-        block = memoryview(bytes(1024 * 1024))
-        started = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", inbound)) as out:
-            left = total
-            while left > 0:
-                chunk = block[:min(left, len(block))]
-                out.sendall(chunk)
-                left -= len(chunk)
-            out.shutdown(socket.SHUT_WR)
-            reader.join()
-        seconds = time.perf_counter() - started
-        if received[0] != total:
-            raise RuntimeError(f"sent {total} bytes, sink received {received[0]}")
+        received, seconds = push(total, inbound, self.sock)
+        if received != total:
+            raise RuntimeError(f"sent {total} bytes, sink received {received}")
         return seconds
 
 

@@ -134,7 +134,7 @@ def wait_ready(process: subprocess.Popen[bytes]) -> None:
         raise SystemExit(f"demo: a child process exited early (code {process.returncode})")
 
 
-def _push(total: int, client_port: int, sink: socket.socket) -> tuple[int, float]:
+def push(total: int, client_port: int, sink: socket.socket) -> tuple[int, float]:
     """Send ``total`` bytes into the client side, count them at the sink; (bytes, seconds)."""
     import threading
 
@@ -187,7 +187,7 @@ def demo(total: int) -> int:
             print(f"HBONE demo: TCP 127.0.0.1:{client_port} -> HBONE client -> mTLS HTTP/2 "
                   f"CONNECT 127.0.0.1:{hbone_port} ({CLIENT_ID} -> {SERVER_ID}) -> HBONE "
                   f"server -> TCP sink 127.0.0.1:{sink_port}")
-            received, seconds = _push(total, client_port, sink)
+            received, seconds = push(total, client_port, sink)
         finally:
             for process in (client, server):
                 process.terminate()
