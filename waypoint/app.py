@@ -188,6 +188,9 @@ class Waypoint:
         self.rate_limiter = RateLimiter(redis)
         self.proxy.rate_limiter = self.rate_limiter
         self.ready = False
+        # "Kind/ns/name" -> resourceVersion of the route objects now in force: what
+        # /config_dump shows so a person (or a test) can tell an update has arrived.
+        self.served_objects: dict[str, str] = {}
         self.timeouts = H1Timeouts()
         self._drain_scopes: list[trio.CancelScope] = []
 
@@ -264,6 +267,10 @@ class Waypoint:
             self.rate_limiter.update(ratelimits)
             self.proxy.state = RouterState(table, self.clusters, gateway,
                                            snap.waypoint_policies)
+            self.served_objects = {
+                f"{o.kind}/{o.metadata.namespace}/{o.metadata.name}":
+                    o.metadata.resource_version or ""
+                for o in (*snap.http_routes, *snap.virtual_services, *snap.destination_rules)}
             self.ready = True
 
     def admin_servers(self) -> list[tuple[int, AdminServer]]:
@@ -286,6 +293,7 @@ class Waypoint:
                              for name, s in self.clusters.by_name.items()},
                 "issues": [str(i) for i in state.table.issues],
                 "ratelimits": sorted("/".join(k) for k in self.rate_limiter.policies),
+                "objects": self.served_objects,
                 "version": state.table.version})
 
         o = self.options

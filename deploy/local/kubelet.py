@@ -42,6 +42,10 @@ log = get_logger("local.kubelet")
 PROBE_TIMEOUT = 0.5
 # A pod whose sandbox could not be made is retried after this pause, not in a hot loop.
 FAILED_POD_RETRY = 2.0
+# A status write that failed (API server busy or restarting) is tried again this many
+# times, backing off from 0.1 s to STATUS_RETRY_CAP.
+STATUS_WRITE_ATTEMPTS = 12
+STATUS_RETRY_CAP = 2.0
 
 
 def now() -> str:
@@ -180,15 +184,23 @@ class Kubelet:
         lock = trio.Lock()
 
         async def report(_: ContainerState) -> None:
+            # A lost write would leave the pod NotReady for good (nothing reports again
+            # while the containers run), so a failed one is retried, each time with the
+            # containers' latest state.
             async with lock:
-                status = pod_status(pod_ip=ip, host_ip=self.host_ip, started=started,
-                                    containers=entries)
-                try:
-                    await self.client.patch(Pod, pod.metadata.name, {"status": status}, ns,
-                                            status=True)
-                except KubeApiError as exc:
-                    if exc.code != 404:
-                        logger.warning("status_write_failed", error=str(exc))
+                for attempt in range(STATUS_WRITE_ATTEMPTS):
+                    status = pod_status(pod_ip=ip, host_ip=self.host_ip, started=started,
+                                        containers=entries)
+                    try:
+                        await self.client.patch(Pod, pod.metadata.name, {"status": status},
+                                                ns, status=True)
+                        return
+                    except KubeApiError as exc:
+                        if exc.code == 404:
+                            return
+                        logger.warning("status_write_failed", error=str(exc),
+                                       attempt=attempt + 1)
+                    await trio.sleep(min(STATUS_RETRY_CAP, 0.1 * 2 ** attempt))
 
         async with trio.open_nursery() as nursery:
             for container in pod.spec.containers:

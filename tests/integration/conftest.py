@@ -100,11 +100,13 @@ def cluster() -> Iterator[LocalCluster]:
     reuse = os.environ.get("AMBIENT_TEST_CLUSTER")
     if reuse:
         state = local_cluster.read_state(reuse)
+        _SESSION_CLUSTER[:] = [reuse]
         yield LocalCluster(reuse, str(state["server"]), 0.0)
         return
     _remove_abandoned_test_clusters()
     name = f"it{os.getpid()}"
     result = local_cluster.up(name, 2)
+    _SESSION_CLUSTER[:] = [name]
     try:
         yield LocalCluster(name, result.server, result.seconds)
     finally:
@@ -145,11 +147,44 @@ def is_ready(pod: Pod) -> bool:
 
 async def ready_pods(client: KubeClient, namespace: str, count: int,
                      label_selector: str | None = None, within: float = 60.0) -> list[Pod]:
-    """Wait until exactly ``count`` pods (matching the selector) exist and are Ready."""
+    """Wait until exactly ``count`` pods (matching the selector) exist and are Ready.
+
+    On failure the message describes each pod and quotes the cluster's log lines about
+    the namespace: a CI run is read only through its failure messages."""
+    seen: list[Pod] = []
+
     async def probe() -> list[Pod] | None:
         pods = (await client.list(Pod, namespace, label_selector=label_selector)).items
+        seen[:] = pods
         return pods if len(pods) == count and all(is_ready(p) for p in pods) else None
-    return await wait_for(probe, within, what=f"{count} ready pods in {namespace}")
+    try:
+        return await wait_for(probe, within, what=f"{count} ready pods in {namespace}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; pods: {[describe_pod(p) for p in seen]}\n"
+                             f"{cluster_log_about(namespace)}") from None
+
+
+def describe_pod(pod: Pod) -> str:
+    statuses = [(c.get("ready"), c.get("restartCount"), c.get("state"))
+                for c in (pod.status.model_extra or {}).get("containerStatuses", [])]
+    gone = " deleting" if pod.metadata.deletion_timestamp else ""
+    return (f"{pod.metadata.name} on {pod.spec.node_name} {pod.status.phase} "
+            f"ip={pod.status.pod_ip} ready={is_ready(pod)}{gone} containers={statuses}")
+
+
+_SESSION_CLUSTER: list[str] = []
+
+
+def cluster_log_about(text: str, lines: int = 40) -> str:
+    """The last lines of this run's cluster log that mention ``text``."""
+    if not _SESSION_CLUSTER:
+        return ""
+    path = local_cluster.state_dir(_SESSION_CLUSTER[0]) / "supervisor.log"
+    try:
+        found = [ln for ln in path.read_text(errors="replace").splitlines() if text in ln]
+    except OSError as exc:
+        return f"(cluster log unreadable: {exc})"
+    return "cluster log:\n" + "\n".join(found[-lines:])
 
 
 def echo_deployment(name: str, namespace: str, replicas: int = 1,

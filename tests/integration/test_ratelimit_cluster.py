@@ -23,12 +23,11 @@ import pytest
 import trio
 
 from common.kube import Deployment, HTTPRoute, KubeClient, Pod
-from deploy.local import netns
 from deploy.local.network import FABRIC_GATEWAY, Names
 from tests.integration.conftest import LocalCluster, is_ready, wait_for
 from tests.integration.redis_support import RedisServer, needs_redis
 from tests.integration.test_waypoint_mesh import PORT, Mesh
-from tests.integration.ztunnel_support import netns_of, open_from
+from tests.integration.ztunnel_support import fabric_get, netns_of, open_from
 from tests.unit.waypoint_helpers import Client, Reply
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, needs_redis]
@@ -49,19 +48,6 @@ async def fabric_redis(cluster: LocalCluster, tmp_path: Path) -> AsyncIterator[R
         server.stop()
 
 
-async def _http_in_fabric(cluster: LocalCluster, ip: str, port: int, path: str) -> str:
-    """GET from the fabric namespace (which routes to every pod); the body as text."""
-    sock = await netns.trio_socket_in(Names(cluster.name).fabric)
-    with trio.fail_after(5):
-        await sock.connect((ip, port))
-        async with trio.SocketStream(sock) as stream:
-            await stream.send_all(f"GET {path} HTTP/1.0\r\nhost: {ip}\r\n\r\n".encode())
-            data = b""
-            while chunk := await stream.receive_some(65536):
-                data += chunk
-    return data.partition(b"\r\n\r\n")[2].decode(errors="replace")
-
-
 async def _ready_pod(kube: KubeClient, namespace: str, name: str) -> Pod | None:
     pod = await kube.get(Pod, name, namespace)
     return pod if is_ready(pod) else None
@@ -72,13 +58,14 @@ async def test_two_waypoint_replicas_share_a_global_limit_through_redis(
         fabric_redis: RedisServer) -> None:
     mesh = await Mesh(cluster, kube, namespace).up()
     dep = await kube.get(Deployment, "waypoint", namespace)
-    body = dep.model_dump(by_alias=True, exclude_none=True)
-    container = body["spec"]["template"]["spec"]["containers"][0]
+    container = dep.to_dict()["spec"]["template"]["spec"]["containers"][0]
     container["env"] = [*container.get("env", []),
                         {"name": "RATELIMIT_REDIS", "value": fabric_redis.address},
                         {"name": "RATELIMIT_TIMEOUT", "value": "5"}]
-    body["spec"]["replicas"] = 2
-    await kube.update(Deployment.model_validate(body))
+    # A merge patch, not GET + PUT: the deployment controller writes the status in
+    # between, and the PUT would then fail with 409 Conflict.
+    await kube.patch(Deployment, "waypoint", {"spec": {
+        "replicas": 2, "template": {"spec": {"containers": [container]}}}}, namespace)
 
     async def two_new_waypoints() -> list[Pod] | None:
         pods = (await kube.list(Pod, namespace,
@@ -110,7 +97,7 @@ async def test_two_waypoint_replicas_share_a_global_limit_through_redis(
     async def policy_everywhere() -> bool:
         for ip in ips:
             try:
-                dump = json.loads(await _http_in_fabric(cluster, ip, 15000, "/config_dump"))
+                dump = json.loads(await fabric_get(cluster, ip, 15000, "/config_dump"))
             except (OSError, ValueError, trio.TooSlowError):
                 return False
             if not keys <= set(dump.get("ratelimits", [])):
@@ -143,7 +130,7 @@ async def test_two_waypoint_replicas_share_a_global_limit_through_redis(
     assert 98 <= statuses[200] <= 102, statuses
     # Both replicas took part: each counted decisions for the route.
     for ip in ips:
-        metrics = await _http_in_fabric(cluster, ip, 15020, "/metrics")
+        metrics = await fabric_get(cluster, ip, 15020, "/metrics")
         lines = [ln for ln in metrics.splitlines()
                  if ln.startswith("pyambient_ratelimit_decisions_total")
                  and f'route="HTTPRoute {namespace}/reviews-limit"' in ln]

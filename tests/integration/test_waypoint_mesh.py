@@ -28,16 +28,24 @@ from tests.integration.conftest import (
     LocalCluster,
     echo_deployment,
     echo_service,
+    is_ready,
     ready_pods,
     service_ip,
     wait_for,
 )
-from tests.integration.ztunnel_support import AMBIENT, label_namespace, netns_of, open_from
+from tests.integration.ztunnel_support import (
+    AMBIENT,
+    fabric_get,
+    label_namespace,
+    netns_of,
+    open_from,
+)
 from tests.unit.waypoint_helpers import Client, Reply
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PORT = 8080
+WAYPOINT_PODS = "gateway.networking.k8s.io/gateway-name=waypoint"
 
 
 async def _sh(cluster: LocalCluster, *args: str) -> str:
@@ -90,10 +98,31 @@ class Mesh:
                 if exc.code != 404:
                     raise
             if existing is None:
-                await self.kube.create(model.model_validate(obj))
+                done = await self.kube.create(model.model_validate(obj))
             else:
                 obj["metadata"]["resourceVersion"] = existing.metadata.resource_version
-                await self.kube.update(model.model_validate(obj))
+                done = await self.kube.update(model.model_validate(obj))
+            if obj["kind"] != "AuthorizationPolicy":  # routes: wait until served
+                await self.served(f"{obj['kind']}/{self.ns}/{obj['metadata']['name']}",
+                                  done.metadata.resource_version or "")
+
+    async def served(self, key: str, resource_version: str, within: float = 60.0) -> None:
+        """Wait until every Ready waypoint pod serves this version of the object (its
+        /config_dump lists it): a reply that merely fits the new route may still come
+        from the old one."""
+        async def everywhere() -> bool:
+            pods = (await self.kube.list(Pod, self.ns, label_selector=WAYPOINT_PODS)).items
+            ready = [p for p in pods if is_ready(p) and not p.metadata.deletion_timestamp]
+            for pod in ready:
+                try:
+                    dump = json.loads(await fabric_get(self.cluster, str(pod.status.pod_ip),
+                                                       15000, "/config_dump"))
+                except (OSError, ValueError, trio.TooSlowError):
+                    return False
+                if dump.get("objects", {}).get(key) != resource_version:
+                    return False
+            return bool(ready)
+        await wait_for(everywhere, within, interval=0.2, what=f"{key}@{resource_version} served")
 
     async def get(self, path: str = "/", headers: dict[str, str] | None = None,
                   client: Client | None = None, method: str = "GET") -> Reply:

@@ -15,6 +15,7 @@ from common.kube import KubeClient, Namespace, Pod
 from common.netns import call_in_netns
 from common.translate import NETNS_ANNOTATION
 from deploy.local import network
+from deploy.local.netns import NETNS_DIR
 from tests.integration.conftest import LocalCluster, wait_for
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -33,6 +34,20 @@ async def open_from(netns: str, ip: str, port: int,
     with trio.fail_after(timeout):
         await sock.connect((ip, port))
     return trio.SocketStream(sock)
+
+
+async def fabric_get(cluster: LocalCluster, ip: str, port: int, path: str) -> str:
+    """GET from the cluster's fabric namespace, which routes to every pod (a pod's admin
+    and metrics ports, outside any pod's capture); the body as text."""
+    fabric = str(NETNS_DIR / network.Names(cluster.name).fabric)
+    stream = await open_from(fabric, ip, port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nhost: {ip}\r\n\r\n".encode())
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return data.partition(b"\r\n\r\n")[2].decode(errors="replace")
 
 
 async def http_get(netns: str, ip: str, port: int, path: str = "/", *,
