@@ -56,6 +56,7 @@ from common.errors import ProtocolError
 from common.logging import get_logger
 from waypoint import grpc
 from waypoint.h2_upstream import mark_downstream_h2
+from waypoint.h2_writer import FrameWriter
 from waypoint.http import Headers, RequestHead
 from waypoint.proxy import PeerInfo, Proxy, ResponseAbortedError
 from waypoint.upstream import STREAM_ERRORS
@@ -359,8 +360,7 @@ class H2ServerConnection:
                                            normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config)
         self.streams: dict[int, H2Stream] = {}
-        self._send_lock = trio.Lock()
-        self._flush_queued = False
+        self.writer = FrameWriter(self.h2, stream)
         self._guard = FrameGuard(self.settings, trio.current_time())
         self._read_scope = trio.CancelScope()
         self._closing = False
@@ -369,20 +369,7 @@ class H2ServerConnection:
     # --- sending (called by stream tasks) ------------------------------------------
 
     async def send_pending(self) -> None:
-        # Coalesce: the first caller yields once so that other ready tasks queue their
-        # frames too, then sends them all in one write; later callers leave it to it.
-        if self._flush_queued:
-            await trio.lowlevel.checkpoint()
-            return
-        self._flush_queued = True
-        try:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            self._flush_queued = False
-        async with self._send_lock:
-            data = self.h2.data_to_send()
-            if data:
-                await self.stream.send_all(data)
+        await self.writer.flush()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):
@@ -453,7 +440,7 @@ class H2ServerConnection:
         with contextlib.suppress(h2.exceptions.H2Error):
             self.h2.close_connection(error_code=code)
         with trio.move_on_after(1.0), contextlib.suppress(*STREAM_ERRORS):
-            async with self._send_lock:
+            async with self.writer.lock:
                 await self.stream.send_all(self.h2.data_to_send())
 
     async def drain(self) -> None:
@@ -462,7 +449,7 @@ class H2ServerConnection:
         # Written by hand: h2's close_connection() would refuse the open streams' frames.
         last = self.h2.highest_inbound_stream_id
         goaway = _FRAME_HEADER.pack(0, 8, _GOAWAY, 0, 0) + struct.pack(">LL", last, 0)
-        async with self._send_lock:
+        async with self.writer.lock:
             await self.stream.send_all(self.h2.data_to_send() + goaway)
         self._update_idle()
 

@@ -43,6 +43,7 @@ import trio
 from common.logging import get_logger
 from common.model import Snapshot
 from waypoint import grpc
+from waypoint.h2_writer import FrameWriter
 from waypoint.http import (
     NEED_DATA,
     Data,
@@ -102,12 +103,11 @@ class H2ClientConnection:
                                            normalize_outbound_headers=False,
                                            validate_inbound_headers=False)
         self.h2 = h2.connection.H2Connection(config)
+        self.writer = FrameWriter(self.h2, stream)
         self.exchanges: dict[int, _Exchange] = {}
         self.broken: str | None = None
         self.goaway = False
         self._read_lock = trio.Lock()
-        self._send_lock = trio.Lock()
-        self._flush_queued = False
         # Exchanges waiting while another task reads; woken for their own events.
         self._waiters: dict[int, _Exchange] = {}
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
@@ -131,24 +131,11 @@ class H2ClientConnection:
                 f"HTTP/2 connection to {self.address} broke: {self.broken}")
 
     async def send_pending(self) -> None:
-        # Coalesce: the first caller yields once so that other ready tasks queue their
-        # frames too, then sends them all in one write; later callers leave it to it.
-        if self._flush_queued:
-            await trio.lowlevel.checkpoint()
-            return
-        self._flush_queued = True
         try:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            self._flush_queued = False
-        async with self._send_lock:
-            data = self.h2.data_to_send()
-            if data:
-                try:
-                    await self.stream.send_all(data)
-                except STREAM_ERRORS as exc:
-                    self._break(str(exc))
-                    raise
+            await self.writer.flush()
+        except STREAM_ERRORS as exc:
+            self._break(str(exc))
+            raise
 
     def _break(self, reason: str) -> None:
         if self.broken is None:
