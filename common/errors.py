@@ -15,12 +15,15 @@ that boundary handle only the kinds below::
     │   ├── StreamBrokenError    the peer or the network broke it
     │   └── HandshakeError       TLS handshake failed (cert, ALPN, version)
     │       └── PeerIdentityError  the handshake succeeded but the peer is not who we expect
+    │           ├── NoSpiffeIdError      the certificate names no single SPIFFE workload ID
+    │           └── TrustDomainError     the SPIFFE ID is from another trust domain
     ├── ProtocolError            the peer violated HTTP/2, HBONE, HTTP/1.1, DNS or SOCKS5
     │   ├── Http1Error           bad HTTP/1.x from the peer; ``status`` is the answer it earns
     │   │   ├── Http1TooLargeError     a line, head or body over its bound (413, 414, 431)
     │   │   └── Http1UnsupportedError  a transfer coding or version not implemented (501, 505)
     │   ├── DnsFormatError       a DNS message that cannot be parsed (answered with FORMERR)
-    │   └── Socks5Error          a SOCKS5 handshake we refuse; ``reply`` is the code it earns
+    │   ├── Socks5Error          a SOCKS5 handshake we refuse; ``reply`` is the code it earns
+    │   └── Http2ViolationError  HTTP/2 broken or abused (flood, rapid reset); ``reason`` a word
     ├── LocalProtocolError       this side asked a codec for a message the protocol forbids
     ├── UpstreamError            could not reach the destination
     │   ├── ConnectRefusedError  connection refused / unreachable
@@ -184,3 +187,24 @@ class NameResolutionError(UpstreamError):
 
 class RateLimitStoreError(UpstreamError):
     """The global rate-limit store (Redis) could not be reached or answered an error."""
+
+
+class NoSpiffeIdError(PeerIdentityError):
+    """The peer's verified certificate carries no single ``spiffe://`` workload identity
+    (no SAN, a DNS or e-mail SAN only, several SPIFFE URIs, or a malformed one)."""
+
+
+class TrustDomainError(PeerIdentityError):
+    """The peer's SPIFFE identity is from a trust domain this side does not accept."""
+
+
+class Http2ViolationError(ProtocolError):
+    """The peer broke or abused HTTP/2 and the connection was closed with GOAWAY.
+
+    ``reason`` names the kind in one word from a closed set (a metric label):
+    ``rapid_reset``, ``flood``, ``header_list_too_large`` or ``protocol_error``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "protocol_error") -> None:
+        super().__init__(message)
+        self.reason = reason
