@@ -25,7 +25,8 @@ from tests.unit.routing_helpers import SERVICES, backend, httproute, obj, send
 from tests.unit.test_decide import inbound, mesh
 from waypoint.app import bench_config_from
 from waypoint.routing.catalog import ApiObject
-from waypoint.routing.translate import translate
+from waypoint.routing.model import RouteTable
+from waypoint.routing.translate import RouteTableStore, translate
 from ztunnel.decide import Allow, Deny
 
 GOOD = httproute("good", [{"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
@@ -74,17 +75,27 @@ def test_httproute_weights_summing_to_0_answer_500_as_gateway_api_says() -> None
     assert decision.cluster is not None and decision.cluster.service_name == "v1"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an update that makes a route invalid drops the route (traffic falls back to the "
-    "service's default route) instead of keeping its last good version; Istio keeps it "
-    "because the API server's validation refuses the update. Needs a last-good cache per "
-    "object in RouteTableStore (waypoint/routing), not a small local fix"))
 def test_an_update_that_breaks_a_route_keeps_its_last_good_version() -> None:
+    """Istio's API server refuses such an update, so the old version stays in force; the
+    waypoint's store does the same per object, and says so."""
+    store = RouteTableStore()
+    good = httproute("good", [{"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
+                               "backendRefs": [backend("v2")]}])
+    assert _service_of(store.update(SERVICES, [good], home_namespace="default")) == "v2"
     broken = httproute("good", "not-a-list")  # type: ignore[arg-type]
-    table = translate(SERVICES, [broken], home_namespace="default")
-    assert table.issues
+    table = store.update(SERVICES, [broken], home_namespace="default")
+    assert any("default/good" in str(i) and "stays in force" in i.message
+               for i in table.issues), table.issues
+    assert any(i.field == "spec.rules" for i in table.issues), table.issues
+    assert _service_of(table) == "v2"
+    fixed = httproute("good", [{"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
+                                "backendRefs": [backend("v3")]}])
+    assert _service_of(store.update(SERVICES, [fixed], home_namespace="default")) == "v3"
+
+
+def _service_of(table: RouteTable) -> str | None:
     decision = send(table, "/v1", rng=random.Random(0))
-    assert decision.cluster is not None and decision.cluster.service_name == "v1"
+    return decision.cluster.service_name if decision.cluster is not None else None
 
 
 POLICIES: dict[str, tuple[dict[str, Any], type]] = {

@@ -109,6 +109,7 @@ class Context:
         self.home = home_namespace
         self.issues: list[ConfigIssue] = []
         self.issue_set: set[ConfigIssue] = set()
+        self.rejected: set[ObjectRef] = set()
         self.rules_by_host: dict[str, CompiledDestinationRule] = {}
         self.rule_refs: dict[str, ObjectRef] = {}
         self.clusters: dict[str, Cluster] = {}
@@ -122,12 +123,21 @@ class Context:
             self.issue_set.add(issue)
             self.issues.append(issue)
 
+    def reject(self, ref: ObjectRef, field: str, message: str) -> None:
+        """Record that ``ref`` is invalid as a whole and left out of the table.
+
+        Only problems with the object itself count (what the API server's validation
+        would refuse); a reference that does not resolve keeps the object.
+        """
+        self.issue(ref, field, message)
+        self.rejected.add(ref)
+
     def parse(self, obj: ApiObject, model: type[_T]) -> _T | None:
         try:
             spec = model.model_validate(dict(obj.spec))
         except ValidationError as exc:
             for field, message in field_errors(exc):
-                self.issue(obj.ref, field, message)
+                self.reject(obj.ref, field, message)
             return None
         for field in ignored_fields(spec):
             self.issue(obj.ref, field, "not supported by the waypoint yet; ignored", "warning")
@@ -177,7 +187,7 @@ class Context:
         try:
             compiled = compile_destination_rule(host, spec)
         except ConfigError as exc:
-            self.issue(obj.ref, "spec", str(exc))
+            self.reject(obj.ref, "spec", str(exc))
             return
         if host in self.rules_by_host:
             self.issue(obj.ref, "spec.host", f"host {host} is already configured by "

@@ -59,7 +59,7 @@ class GatewayTranslation(Context):
         try:
             rules = [self.gateway_rule(obj, rule, i) for i, rule in enumerate(spec.rules)]
         except InvalidSpec as exc:
-            self.issue(obj.ref, exc.field, str(exc))
+            self.reject(obj.ref, exc.field, str(exc))
             return
         for svc, ports in targets:
             for port in ports:

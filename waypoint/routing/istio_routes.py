@@ -96,7 +96,7 @@ class IstioTranslation(Context):
             compiled = [self.istio_rule(obj, entry, i, port=None)
                         for i, entry in enumerate(spec.http)]
         except InvalidSpec as exc:
-            self.issue(obj.ref, exc.field, str(exc))
+            self.reject(obj.ref, exc.field, str(exc))
             return False
         if not self.port_needed:
             self.vs_compiled[obj.ref] = _candidates(compiled)

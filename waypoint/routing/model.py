@@ -339,6 +339,9 @@ class RouteTable:
     clusters: Mapping[str, Cluster]
     issues: tuple[ConfigIssue, ...] = ()
     version: int = 0
+    #: Objects whose given version is not in this table because it is invalid (the
+    #: store may serve an earlier valid version of them instead).
+    rejected: frozenset[ObjectRef] = frozenset()
 
     def lookup(self, destination: str, port: int) -> ServiceRoutes | None:
         """The routes for a VIP or Host (without port, any case) and a service port."""

@@ -16,8 +16,10 @@ reference that does not resolve (backend Service missing, cross-namespace
 without ReferenceGrant, unknown subset) keeps the object but makes that backend
 answer 500 (Gateway API) or 503 (Istio, Envoy's "cluster not found"), as the
 specs require.  Either way every other object is unaffected.
-:class:`RouteTableStore` keeps the previous good table if translation as a
-whole fails (a bug, not bad input).
+:class:`RouteTableStore` keeps, per object, the last version that translated: an
+update that makes an object invalid leaves its previous version in force (as
+Istio's API server would, by refusing the update), and the store keeps the
+previous table if translation as a whole fails (a bug, not bad input).
 
 GAMMA specifics: ``hostnames`` are ignored for Service parents (GEP-1294);
 a parent Service in another namespace than the route (a "consumer route") is
@@ -27,6 +29,7 @@ narrows the route to one service port.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections import defaultdict
 from collections.abc import Collection, Iterable
@@ -46,6 +49,7 @@ from waypoint.routing.istio_routes import IstioTranslation
 from waypoint.routing.model import (
     EMPTY_TABLE,
     Candidate,
+    ConfigIssue,
     ObjectRef,
     RequestMatch,
     RouteRule,
@@ -86,25 +90,50 @@ def translate(services: Iterable[ServiceInfo], objects: Iterable[ApiObject], *,
 
 
 class RouteTableStore:
-    """Holds the current table; a new one replaces it in one assignment (atomic for readers)."""
+    """The current table, swapped in one assignment (atomic for readers), and per API
+    object the last version that translated.
+
+    Istio never sees an invalid route object: the API server's validation refuses the
+    update, so the object keeps its previous version.  Here objects arrive unvalidated,
+    so the store plays that part: when an object's new version is rejected (left out of
+    the table as invalid), its last good version keeps serving, the problems of the new
+    version are still reported, plus one issue saying the previous version stays in
+    force.  A later good version replaces it; an object that never had a good version is
+    simply left out.  Cache entries follow the objects given: a deleted object loses its
+    entry, so the cache holds at most one extra version per live object.
+
+    Whether a version is rejected depends only on the object itself (its shape, regexes,
+    filters), not on the rest of the mesh, so substituting the good version cannot change
+    what other objects mean.
+    """
 
     def __init__(self) -> None:
         self.current: RouteTable = EMPTY_TABLE
+        self._good: dict[ObjectRef, ApiObject] = {}
+        # Objects held at their good version: the refused version and its issues.  An
+        # unchanged refused version is swapped for the good one before translating, so
+        # a bad object that stays costs one translation per update, not two.
+        self._refused: dict[ObjectRef, tuple[ApiObject, tuple[ConfigIssue, ...]]] = {}
 
     def update(self, services: Iterable[ServiceInfo], objects: Iterable[ApiObject], *,
                served: Collection[tuple[str, str]] | None = None,
                home_namespace: str | None = None, domain: str = DEFAULT_DOMAIN) -> RouteTable:
         """Translate and swap in; on an unexpected failure keep the previous table."""
         version = self.current.version + 1
+        services = list(services)
+        live = {obj.ref: obj for obj in objects}
         try:
-            table = translate(services, objects, served=served, home_namespace=home_namespace,
-                              domain=domain, version=version)
+            table, held = self._translate(services, live, served=served,
+                                          home_namespace=home_namespace, domain=domain,
+                                          version=version)
         except Exception:
             # Bad input is reported per object and never raises; reaching here is a bug,
             # and serving the last good routes beats serving none.
             _log.exception("route translation failed; keeping the previous route table",
                            version=self.current.version)
             return self.current
+        self._remember(live, table, held)
+        table = _with_held(table, held)
         known = set(self.current.issues)
         for issue in table.issues:
             if issue not in known:  # each problem is logged once, not on every update
@@ -112,6 +141,63 @@ class RouteTableStore:
                              problem=issue.message, severity=issue.severity)
         self.current = table
         return table
+
+    def _translate(self, services: list[ServiceInfo], live: dict[ObjectRef, ApiObject], *,
+                   served: Collection[tuple[str, str]] | None, home_namespace: str | None,
+                   domain: str, version: int,
+                   ) -> tuple[RouteTable, dict[ObjectRef, tuple[ConfigIssue, ...]]]:
+        """The table with held objects at their good version, and the held objects'
+        issues (those of the refused version)."""
+        held = {ref: issues for ref, (bad, issues) in self._refused.items()
+                if live.get(ref) == bad and ref in self._good}
+        objects = {ref: self._good[ref] if ref in held else obj for ref, obj in live.items()}
+        table = translate(services, objects.values(), served=served,
+                          home_namespace=home_namespace, domain=domain, version=version)
+        newly = {ref for ref in table.rejected
+                 if ref in live and ref in self._good and self._good[ref] != live[ref]}
+        if not newly:
+            return table, held
+        for ref in newly:
+            held[ref] = tuple(i for i in table.issues if i.ref == ref)
+            objects[ref] = self._good[ref]
+        table = translate(services, objects.values(), served=served,
+                          home_namespace=home_namespace, domain=domain, version=version)
+        return table, held
+
+    def _remember(self, live: dict[ObjectRef, ApiObject], table: RouteTable,
+                  held: dict[ObjectRef, tuple[ConfigIssue, ...]]) -> None:
+        good: dict[ObjectRef, ApiObject] = {}
+        refused: dict[ObjectRef, tuple[ApiObject, tuple[ConfigIssue, ...]]] = {}
+        for ref, obj in live.items():
+            if ref in table.rejected:
+                # Rejected even at its good version (or never had one): nothing to keep.
+                held.pop(ref, None)
+            elif ref in held:
+                good[ref] = self._good[ref]
+                refused[ref] = (obj, held[ref])
+            else:
+                good[ref] = obj
+        self._good, self._refused = good, refused
+
+
+def _with_held(table: RouteTable,
+               held: dict[ObjectRef, tuple[ConfigIssue, ...]]) -> RouteTable:
+    """``table`` with the held objects' own problems and a note for each."""
+    if not held:
+        return table
+    issues = list(table.issues)
+    seen = set(issues)
+    for ref, problems in held.items():
+        note = ConfigIssue(ref=ref, field="metadata", message=(
+            "this version is invalid and was not applied; the previous valid version stays "
+            "in force until a valid version replaces it or the object is deleted"))
+        for issue in (*problems, note):
+            if issue not in seen:
+                seen.add(issue)
+                issues.append(issue)
+    return dataclasses.replace(table, issues=tuple(issues),
+                               rejected=table.rejected.union(held))
+
 
 class _Translator(GatewayTranslation, IstioTranslation):
     """One run: DestinationRules, then HTTPRoutes, then VirtualServices, then defaults."""
@@ -153,7 +239,8 @@ class _Translator(GatewayTranslation, IstioTranslation):
                 else:
                     routes[key] = self.default_routes(svc, sp.port)
         return RouteTable(by_destination=self.index(routes), clusters=dict(self.clusters),
-                          issues=tuple(self.issues), version=version)
+                          issues=tuple(self.issues), version=version,
+                          rejected=frozenset(self.rejected))
 
     def index(self, routes: dict[tuple[str, str, int], ServiceRoutes],
               ) -> dict[tuple[str, int], ServiceRoutes]:
