@@ -36,15 +36,13 @@ from common.errors import (
     TunnelRejectedError,
     UpstreamError,
 )
-from common.hbone import Baggage
 from common.logging import get_logger
-from common.metrics import workload_name
 from common.model import Workload
 from common.relay import relay
-from ztunnel.decide import Passthrough, Refused, decide_outbound, format_authority
+from ztunnel.decide import format_authority
 from ztunnel.dns.server import pod_socket_factory
-from ztunnel.proxy.dial import accept, connect, family_of
-from ztunnel.proxy.observe import Observed, outbound_labels
+from ztunnel.proxy.dial import accept
+from ztunnel.proxy.outbound import open_upstream
 from ztunnel.socks5_proto import (
     CONNECTION_NOT_ALLOWED,
     CONNECTION_REFUSED,
@@ -278,46 +276,11 @@ def pod_outbound(pod: EnrolledPod) -> OutboundHandler:
 
     async def handle(client: trio.abc.HalfCloseableStream, peer: tuple[str, int],
                      dst: tuple[str, int], connected: Callable[[], Awaitable[None]]) -> None:
-        state = pod.state
-        snapshot = state.snapshot()
+        snapshot = pod.state.snapshot()
         source = pod.current(snapshot)
         src = format_authority(*peer)
-        dst_ip, dst_port = dst
-        dst_text = format_authority(dst_ip, dst_port)
-        decision = decide_outbound(snapshot, source, dst_ip, dst_port, state.rng)
-        upstream: trio.abc.HalfCloseableStream
-        if isinstance(decision, Refused):
-            Observed(state.metrics, "socks5", src, dst_text, outbound_labels(
-                source, None, decision.service, None, mtls=False)
-            ).refused("no_route", decision.reason)
-            raise UpstreamError(decision.reason)
-        if isinstance(decision, Passthrough):
-            observed = Observed(state.metrics, "socks5", src, dst_text, outbound_labels(
-                source, decision.workload, decision.service, None, mtls=False))
-            try:
-                upstream = await connect(pod.netns.tcp_socket(family_of(decision.addr[0])),
-                                         decision.addr, timeout=state.config.connect_timeout)
-            except MeshError as exc:
-                observed.refused("connect_failed", str(exc))
-                raise
-        else:
-            principal = next(iter(decision.expected), None)
-            observed = Observed(state.metrics, "socks5", src, dst_text, outbound_labels(
-                source, decision.workload, decision.service, principal, mtls=True))
-            baggage = Baggage(namespace=source.namespace,
-                              workload_name=workload_name(source.name, source.labels),
-                              service_name=source.labels.get("app"))
-            try:
-                upstream = await pod.pool.connect(
-                    source.identity, decision.hbone_addr, expected=decision.expected,
-                    authority=decision.authority, forwarded_for=src, baggage=baggage)
-            except TunnelRejectedError as exc:
-                key = "policy_denied" if exc.status in (401, 403) else f"tunnel_{exc.status}"
-                observed.refused(key, str(exc))
-                raise
-            except MeshError as exc:
-                observed.refused("hbone_failed", str(exc))
-                raise
+        dst_text = format_authority(*dst)
+        upstream, observed = await open_upstream(pod, snapshot, source, src, dst, "socks5")
         sent = received = 0
         outcome = "cancelled"
         async with upstream:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from common.errors import ConfigError, MeshError, TunnelRejectedError
+from common.errors import ConfigError, MeshError, TunnelRejectedError, UpstreamError
 from common.hbone import Baggage
 from common.logging import get_logger
 from common.metrics import workload_name
@@ -27,6 +27,7 @@ from ztunnel.proxy.dial import connect, family_of, reset
 from ztunnel.proxy.observe import Observed, outbound_labels
 
 if TYPE_CHECKING:
+    from common.model import Snapshot, Workload
     from ztunnel.proxy.pod import EnrolledPod
 
 _log = get_logger("ztunnel.outbound")
@@ -59,49 +60,12 @@ async def handle_outbound(pod: EnrolledPod, sock: socket.socket,
         reset(sock)
         return
 
-    decision = decide_outbound(snapshot, source, dst_ip, dst_port, state.rng)
-    if isinstance(decision, Refused):
-        observed = Observed(state.metrics, "outbound", src, dst, outbound_labels(
-            source, None, decision.service, None, mtls=False))
-        observed.refused("no_route", decision.reason)
-        reset(sock)
+    try:
+        upstream, observed = await open_upstream(pod, snapshot, source, src, (dst_ip, dst_port),
+                                                 "outbound")
+    except MeshError:
+        reset(sock)  # open_upstream logged and counted why
         return
-
-    upstream: trio.abc.HalfCloseableStream
-    if isinstance(decision, Passthrough):
-        observed = Observed(state.metrics, "outbound", src, dst, outbound_labels(
-            source, decision.workload, decision.service, None, mtls=False))
-        addr = decision.addr
-        try:
-            if decision.resolve is not None:  # a ServiceEntry VIP: dial what its host names
-                addr = await resolve_entry_host(decision.resolve, addr[1])
-            upstream = await connect(pod.netns.tcp_socket(family_of(addr[0])),
-                                     addr, timeout=state.config.connect_timeout)
-        except MeshError as exc:
-            observed.refused("connect_failed", f"passthrough to {addr[0]}:{addr[1]}: {exc}")
-            reset(sock)
-            return
-    else:
-        workload = decision.workload  # for a waypoint: set only for a workload waypoint
-        principal = next(iter(decision.expected), None)
-        observed = Observed(state.metrics, "outbound", src, dst, outbound_labels(
-            source, workload, decision.service, principal, mtls=True))
-        baggage = Baggage(namespace=source.namespace,
-                          workload_name=workload_name(source.name, source.labels),
-                          service_name=source.labels.get("app"))
-        try:
-            upstream = await pod.pool.connect(
-                source.identity, decision.hbone_addr, expected=decision.expected,
-                authority=decision.authority, forwarded_for=src, baggage=baggage)
-        except TunnelRejectedError as exc:
-            key = "policy_denied" if exc.status in (401, 403) else f"tunnel_{exc.status}"
-            observed.refused(key, str(exc))
-            reset(sock)
-            return
-        except MeshError as exc:
-            observed.refused("hbone_failed", str(exc))
-            reset(sock)
-            return
 
     client = TcpStream(sock)
     observed.opened()
@@ -113,3 +77,53 @@ async def handle_outbound(pod: EnrolledPod, sock: socket.socket,
             outcome = "closed"
     finally:
         observed.finished(sent, received, outcome)
+
+
+async def open_upstream(pod: EnrolledPod, snapshot: Snapshot, source: Workload, src: str,
+                        dst: tuple[str, int], direction: str
+                        ) -> tuple[trio.abc.HalfCloseableStream, Observed]:
+    """Decide where a pod's connection to ``dst`` goes and connect there:
+    HBONE through the pod's pool, or plain TCP from the pod's namespace.
+
+    Shared by the captured path and the pod's SOCKS5 proxy (``direction`` labels the
+    logs).  A refusal or a failed connect is logged and counted here, then raised as the
+    MeshError the caller maps to its own answer (a reset, a SOCKS5 reply code).
+    """
+    state = pod.state
+    decision = decide_outbound(snapshot, source, dst[0], dst[1], state.rng)
+    dst_text = format_authority(*dst)
+    if isinstance(decision, Refused):
+        Observed(state.metrics, direction, src, dst_text, outbound_labels(
+            source, None, decision.service, None, mtls=False)).refused("no_route",
+                                                                        decision.reason)
+        raise UpstreamError(decision.reason)
+    if isinstance(decision, Passthrough):
+        observed = Observed(state.metrics, direction, src, dst_text, outbound_labels(
+            source, decision.workload, decision.service, None, mtls=False))
+        addr = decision.addr
+        try:
+            if decision.resolve is not None:  # a ServiceEntry VIP: dial what its host names
+                addr = await resolve_entry_host(decision.resolve, addr[1])
+            return await connect(pod.netns.tcp_socket(family_of(addr[0])), addr,
+                                 timeout=state.config.connect_timeout), observed
+        except MeshError as exc:
+            observed.refused("connect_failed", f"passthrough to {addr[0]}:{addr[1]}: {exc}")
+            raise
+    workload = decision.workload  # for a waypoint: set only for a workload waypoint
+    principal = next(iter(decision.expected), None)
+    observed = Observed(state.metrics, direction, src, dst_text, outbound_labels(
+        source, workload, decision.service, principal, mtls=True))
+    baggage = Baggage(namespace=source.namespace,
+                      workload_name=workload_name(source.name, source.labels),
+                      service_name=source.labels.get("app"))
+    try:
+        return await pod.pool.connect(
+            source.identity, decision.hbone_addr, expected=decision.expected,
+            authority=decision.authority, forwarded_for=src, baggage=baggage), observed
+    except TunnelRejectedError as exc:
+        observed.refused("policy_denied" if exc.status in (401, 403)
+                         else f"tunnel_{exc.status}", str(exc))
+        raise
+    except MeshError as exc:
+        observed.refused("hbone_failed", str(exc))
+        raise
