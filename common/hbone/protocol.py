@@ -26,6 +26,13 @@ frames take a path of our own, in both directions:
 Output order is preserved by always draining ``h2``'s buffer into ours before we
 append frames of our own.
 
+Limits: any frame up to the MAX_FRAME_SIZE we advertise is accepted (RFC 9113 4.2),
+HEADERS and CONTINUATION included; what bounds a header block is its own size
+(MAX_HEADER_LIST_SIZE, checked on each frame header before the frame is buffered), the
+number of CONTINUATION frames in it, and ``h2``'s HPACK decoder bounding the decoded
+list.  A peer refused for breaking or abusing HTTP/2 raises
+:class:`common.errors.Http2ViolationError` whose ``reason`` says how, in one word.
+
 Our inbound windows are credited (WINDOW_UPDATE) only when the application says the
 bytes were consumed (:meth:`H2Protocol.acknowledge`), which is what makes a slow
 reader slow the writer.  The peer can therefore have at most one stream window
@@ -46,7 +53,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from common.errors import ProtocolError
+from common.errors import Http2ViolationError
 
 # DESIGN.md section 4: what we offer every HBONE peer.
 STREAM_WINDOW = 4 * 1024 * 1024
@@ -55,6 +62,9 @@ MAX_FRAME_SIZE = 1024 * 1024
 MAX_CONCURRENT_STREAMS = 100
 # HBONE requests carry a handful of short headers; 64 KiB stops header bombs early.
 MAX_HEADER_LIST_SIZE = 64 * 1024
+# CVE-2024-27316 with empty frames: a header block that never ends costs no bytes, only
+# frames.  64 KiB in the smallest frames any peer must accept (16 KiB) takes 4.
+MAX_CONTINUATION_FRAMES = 32
 # RFC 9113: the initial connection window before any WINDOW_UPDATE, and the largest.
 _DEFAULT_WINDOW = 65_535
 _MAX_WINDOW = 2**31 - 1
@@ -113,8 +123,8 @@ class H2Protocol:
 
     Call :meth:`receive_data` with bytes from the peer and act on the events; call
     :meth:`data_to_send` after every call and write what it returns, in order.
-    Methods raise :class:`common.errors.ProtocolError` when the peer broke the
-    protocol; a GOAWAY is then already queued in :meth:`data_to_send`.
+    Methods raise :class:`common.errors.Http2ViolationError` (a ``ProtocolError``) when
+    the peer broke the protocol; a GOAWAY is then already queued in :meth:`data_to_send`.
     """
 
     def __init__(self, *, client_side: bool, clock: Callable[[], float] = time.monotonic) -> None:
@@ -132,6 +142,11 @@ class H2Protocol:
         else:
             settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS
         self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values=settings)
+        # h2 takes initial values as already acknowledged, so the hook that raises its
+        # own limits when the peer ACKs our SETTINGS never runs: without these two lines
+        # it keeps the 16 KiB frame default and refuses a HEADERS frame we invited.
+        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
         self._out: list[bytes | memoryview] = []
         self._h2.initiate_connection()
         self._flush_h2()
@@ -143,6 +158,7 @@ class H2Protocol:
         self._frame_len = -1  # length of the non-DATA frame being collected, -1 if none
         self._expect_continuation = False
         self._header_block = 0  # bytes of the header block being received
+        self._continuations = 0  # CONTINUATION frames of that block so far
         # DATA frame in progress: stream, payload bytes still to come, padding after them.
         self._data_stream = 0
         self._data_left = 0
@@ -341,7 +357,10 @@ class H2Protocol:
                     pos = self._start_frame(view, pos, end, events)
         except h2.exceptions.ProtocolError as exc:
             self.closed = True
-            raise ProtocolError(f"peer broke HTTP/2: {exc}") from exc
+            # h2 raises DenialOfServiceError only for a decoded header list over its bound.
+            reason = ("header_list_too_large"
+                      if isinstance(exc, h2.exceptions.DenialOfServiceError) else "protocol_error")
+            raise Http2ViolationError(f"peer broke HTTP/2: {exc}", reason=reason) from exc
         return events
 
     def _start_frame(self, view: memoryview, pos: int, end: int, events: list[Event]) -> int:
@@ -358,26 +377,36 @@ class H2Protocol:
         stream_id &= 0x7FFF_FFFF
         if length > MAX_FRAME_SIZE:
             self._fail(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
-                       f"frame of {length} bytes exceeds our max frame size {MAX_FRAME_SIZE}")
+                       f"frame of {length} bytes exceeds our max frame size {MAX_FRAME_SIZE}",
+                       "protocol_error")
         if ftype != _DATA or self._expect_continuation or stream_id == 0:
             # h2 checks the length and everything else of non-DATA frames itself.
             self._frame_len = 9 + length
             if ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
                 # A header block is buffered whole before HPACK sees it: bound it, or
                 # endless CONTINUATION frames (CVE-2024-27316 pattern) grow memory.
-                self._header_block = length if ftype != _CONTINUATION else (
-                    self._header_block + length)
+                if ftype == _CONTINUATION:
+                    self._header_block += length
+                    self._continuations += 1
+                else:
+                    self._header_block = length
+                    self._continuations = 0
                 if self._header_block > MAX_HEADER_LIST_SIZE:
                     self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                                f"header block over {MAX_HEADER_LIST_SIZE} bytes "
-                               "(CONTINUATION flood?)")
+                               "(CONTINUATION flood?)", "header_list_too_large")
+                if self._continuations > MAX_CONTINUATION_FRAMES:
+                    self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                               f"header block in over {MAX_CONTINUATION_FRAMES} CONTINUATION "
+                               "frames (CONTINUATION flood, CVE-2024-27316)", "flood")
                 self._expect_continuation = not flags & _FLAG_END_HEADERS
             if len(self._partial) == self._frame_len:
                 self._complete_frame(events)
             return pos
         if flags & _FLAG_PADDED:
             if length < 1:
-                self._fail(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "padded DATA frame with no body")
+                self._fail(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "padded DATA frame with no body",
+                           "protocol_error")
             if len(self._partial) < 10:
                 if pos == end:
                     return pos
@@ -385,7 +414,8 @@ class H2Protocol:
                 pos += 1
             pad = self._partial[9]
             if pad > length - 1:
-                self._fail(h2.errors.ErrorCodes.PROTOCOL_ERROR, "DATA padding longer than frame")
+                self._fail(h2.errors.ErrorCodes.PROTOCOL_ERROR, "DATA padding longer than frame",
+                           "protocol_error")
             payload = length - 1 - pad
         else:
             pad = -1
@@ -393,7 +423,7 @@ class H2Protocol:
         self._partial.clear()
         if length > self._conn_window:
             self._fail(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR,
-                       "peer sent more DATA than the connection window allows")
+                       "peer sent more DATA than the connection window allows", "protocol_error")
         self._conn_window -= length
         self._data_stream = stream_id
         self._data_flags = flags
@@ -405,7 +435,8 @@ class H2Protocol:
             window = self._stream_window[stream_id]
             if length > window:
                 self._fail(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR,
-                           f"peer sent more DATA than stream {stream_id}'s window allows")
+                           f"peer sent more DATA than stream {stream_id}'s window allows",
+                           "protocol_error")
             self._stream_window[stream_id] = window - length
             # The pad-length byte and padding count against the windows but carry nothing.
             if pad >= 0:
@@ -487,7 +518,8 @@ class H2Protocol:
         """GOAWAY is ours too: h2 would refuse all further frames after one, but the
         streams the peer already accepted must run to completion."""
         if len(frame) < 17 or frame[5:9] != b"\0\0\0\0":
-            self._fail(h2.errors.ErrorCodes.PROTOCOL_ERROR, "malformed GOAWAY frame")
+            self._fail(h2.errors.ErrorCodes.PROTOCOL_ERROR, "malformed GOAWAY frame",
+                       "protocol_error")
         last, code = struct.unpack(">LL", frame[9:17])
         event = h2.events.ConnectionTerminated()
         event.last_stream_id = last & 0x7FFF_FFFF
@@ -515,7 +547,8 @@ class H2Protocol:
                 if self._owed_acks > MAX_OWED_ACKS:
                     self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                                f"peer sent over {MAX_OWED_ACKS} PING/SETTINGS frames without "
-                               "reading our ACKs (control-frame flood, CVE-2019-9512/9515)")
+                               "reading our ACKs (control-frame flood, CVE-2019-9512/9515)",
+                               "flood")
             elif isinstance(event, h2.events.StreamReset):
                 self._stop_receiving(event.stream_id)
                 if event.remote_reset:
@@ -531,11 +564,11 @@ class H2Protocol:
         if self._reset_tokens < 0:
             self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                        f"peer reset more than {RESET_BURST} streams in a burst "
-                       f"(rapid-reset flood, CVE-2023-44487)")
+                       f"(rapid-reset flood, CVE-2023-44487)", "rapid_reset")
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, message: str, reason: str) -> None:
         self.close(code)
-        raise ProtocolError(reason)
+        raise Http2ViolationError(message, reason=reason)
 
     # -- introspection --------------------------------------------------------------------
 

@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import ProtocolError
+from common.errors import Http2ViolationError, ProtocolError
 from common.hbone.protocol import (
+    MAX_CONTINUATION_FRAMES,
     MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
     RESET_BURST,
     STREAM_WINDOW,
     DataChunk,
@@ -182,11 +184,12 @@ def test_rapid_reset_flood_gets_enhance_your_calm() -> None:
     server = H2Protocol(client_side=False, clock=lambda: 0.0)  # all in one instant
     _pump(client, server)
     _pump(server, client)
-    with pytest.raises(ProtocolError, match="rapid-reset"):
+    with pytest.raises(Http2ViolationError, match="rapid-reset") as caught:
         for _ in range(RESET_BURST + 10):
             stream_id = client.send_request(build_request("10.0.0.1:80"))
             client.reset_stream(stream_id)
             _pump(client, server)
+    assert caught.value.reason == "rapid_reset"
     events = _pump(server, client)
     terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert terminated[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
@@ -330,5 +333,137 @@ def test_continuation_flood_is_refused() -> None:
     _client, server = _handshake()
     headers = struct.pack(">HBBBL", 0, 1, 0x1, 0, 1) + b"\x82"  # HEADERS, no END_HEADERS
     continuation = struct.pack(">HBBBL", 16_000 >> 8, 16_000 & 0xFF, 0x9, 0, 1) + bytes(16_000)
-    with pytest.raises(ProtocolError, match="CONTINUATION"):
+    with pytest.raises(Http2ViolationError, match="CONTINUATION") as caught:
         server.receive_data(headers + continuation * 8)
+    assert caught.value.reason == "header_list_too_large"
+
+
+# -- frame size and header list bounds ------------------------------------------------------
+
+
+def _stock_client(server: H2Protocol) -> h2.connection.H2Connection:
+    """A stock h2 client that has seen our SETTINGS (so it may use 1 MiB frames)."""
+    import h2.config
+
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                header_encoding=None))
+    peer.initiate_connection()
+    server.receive_data(peer.data_to_send())
+    peer.receive_data(b"".join(bytes(p) for p in server.data_to_send()))
+    server.receive_data(peer.data_to_send())  # its SETTINGS ACK
+    server.data_to_send()
+    assert peer.max_outbound_frame_size == MAX_FRAME_SIZE
+    return peer
+
+
+def _frames(wire: bytes) -> list[tuple[int, int]]:
+    """(type, length) of each frame on ``wire``."""
+    frames = []
+    pos = 0
+    while pos < len(wire):
+        hi, lo, ftype = struct.unpack(">HBB", wire[pos:pos + 4])
+        length = (hi << 8) | lo
+        frames.append((ftype, length))
+        pos += 9 + length
+    return frames
+
+
+def _large_request(size: int) -> list[tuple[bytes, bytes]]:
+    """A CONNECT whose header block is about ``size`` bytes (random values do not compress)."""
+    rng = random.Random(size)
+    junk = [(f"x-pad-{i}".encode(), rng.randbytes(700).hex().encode()[:1000])
+            for i in range(size // 1010)]
+    return [*build_request("10.0.0.1:80"), *junk]
+
+
+def test_headers_frame_larger_than_16_kib_is_accepted_up_to_the_advertised_size() -> None:
+    """RFC 9113 4.2: we advertise 1 MiB frames, so a HEADERS frame over the 16 KiB default
+    (here one frame over 32 KiB from a stock h2 client) must be taken, not a FRAME_SIZE_ERROR."""
+    server = H2Protocol(client_side=False)
+    peer = _stock_client(server)
+    stream_id = peer.get_next_available_stream_id()
+    request = _large_request(48 * 1024)
+    peer.send_headers(stream_id, request)
+    wire = peer.data_to_send()
+    frames = _frames(wire)
+    assert len(frames) == 1 and frames[0][0] == 0x1 and frames[0][1] > 32 * 1024, frames
+    events = server.receive_data(wire)
+    received = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert len(received) == 1 and received[0].headers == request
+    assert not server.closed and server.data_to_send() == []
+
+
+def test_headers_and_continuation_frames_over_16_kib_each_are_accepted() -> None:
+    """A 60 KiB block as a 30 KiB HEADERS frame and a 30 KiB CONTINUATION, cut anywhere."""
+    server = H2Protocol(client_side=False)
+    peer = _stock_client(server)
+    peer.max_outbound_frame_size = 30 * 1024
+    stream_id = peer.get_next_available_stream_id()
+    request = _large_request(58 * 1024)
+    peer.send_headers(stream_id, request)
+    wire = peer.data_to_send()
+    assert [t for t, _ in _frames(wire)] == [0x1, 0x9], _frames(wire)
+    events: list[Event] = []
+    for start in range(0, len(wire), 7000):
+        events.extend(server.receive_data(wire[start:start + 7000]))
+    received = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert len(received) == 1 and received[0].headers == request
+
+
+def test_unknown_frame_of_the_advertised_size_is_ignored_and_a_larger_one_refused() -> None:
+    """Any frame type may be MAX_FRAME_SIZE long (RFC 9113 4.2); unknown types are ignored
+    (5.5).  One byte more is a FRAME_SIZE_ERROR, refused before anything is buffered."""
+    _client, server = _handshake()
+    unknown = struct.pack(">HBBBL", MAX_FRAME_SIZE >> 8, MAX_FRAME_SIZE & 0xFF, 0xFA, 0, 0)
+    server.receive_data(unknown + bytes(MAX_FRAME_SIZE))
+    assert not server.closed
+    too_long = MAX_FRAME_SIZE + 1
+    with pytest.raises(Http2ViolationError, match="max frame size") as caught:
+        server.receive_data(struct.pack(">HBBBL", too_long >> 8, too_long & 0xFF, 0xFA, 0, 0))
+    assert caught.value.reason == "protocol_error"
+    assert len(server._partial) <= 9
+
+
+def test_header_block_over_the_limit_in_one_frame_is_refused_before_it_is_buffered() -> None:
+    """Larger frames must not open a way around the header bound: a 100 KiB HEADERS
+    frame is refused on its frame header, none of its payload held."""
+    server = H2Protocol(client_side=False)
+    peer = _stock_client(server)
+    peer.send_headers(peer.get_next_available_stream_id(), _large_request(100 * 1024))
+    wire = peer.data_to_send()
+    assert _frames(wire)[0][1] > MAX_HEADER_LIST_SIZE
+    with pytest.raises(Http2ViolationError, match="header block") as caught:
+        server.receive_data(wire[:4096])
+    assert caught.value.reason == "header_list_too_large"
+    assert len(server._partial) <= 9
+    events = peer.receive_data(b"".join(bytes(p) for p in server.data_to_send()))
+    terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert terminated[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_header_list_that_decodes_over_the_limit_is_refused() -> None:
+    """HPACK bomb: a small block whose indexed entries expand past 64 KiB decoded."""
+    server = H2Protocol(client_side=False)
+    peer = _stock_client(server)
+    big = (b"x-big", b"v" * 3000)
+    request = [*build_request("10.0.0.1:80"), *[big] * 25]  # 25 x 3 KiB, one table entry
+    peer.send_headers(peer.get_next_available_stream_id(), request)
+    wire = peer.data_to_send()
+    assert len(wire) < 8 * 1024  # compressed: well under the block bound
+    with pytest.raises(Http2ViolationError) as caught:
+        server.receive_data(wire)
+    assert caught.value.reason == "header_list_too_large"
+    events = peer.receive_data(b"".join(bytes(p) for p in server.data_to_send()))
+    terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert terminated[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_continuation_flood_of_empty_frames_is_refused() -> None:
+    """Empty CONTINUATION frames cost no header bytes: their number is bounded too."""
+    _client, server = _handshake()
+    headers = struct.pack(">HBBBL", 0, 1, 0x1, 0, 1) + b"\x82"  # HEADERS, no END_HEADERS
+    empty = struct.pack(">HBBBL", 0, 0, 0x9, 0, 1)
+    server.receive_data(headers + empty * MAX_CONTINUATION_FRAMES)
+    with pytest.raises(Http2ViolationError, match="CONTINUATION flood") as caught:
+        server.receive_data(empty)
+    assert caught.value.reason == "flood"
