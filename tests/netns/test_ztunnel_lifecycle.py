@@ -33,11 +33,6 @@ def pods() -> Iterator[dict[str, PodNs]]:
         yield pods
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.generate("cluster.local")
-
-
 async def test_a_restarted_ztunnel_enrols_pods_whose_rules_are_still_installed(
         pods: dict[str, PodNs], ca: CertificateAuthority) -> None:
     a = workload(pods["a"], name="sleep", namespace="client", sa="sleep", node="node1")

@@ -31,11 +31,6 @@ def pods() -> Iterator[dict[str, PodNs]]:
         yield pods
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.generate("cluster.local")
-
-
 def metric(mesh: Mesh, node: str, name: str, **labels: str) -> float:
     total = 0.0
     for family in mesh.nodes[node].state.metrics.registry.collect():
