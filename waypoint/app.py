@@ -64,6 +64,7 @@ from waypoint.routing.catalog import ApiObject, ServiceInfo, ServicePortInfo
 from waypoint.routing.model import RouteTable
 from waypoint.routing.snapshot import update_from_snapshot
 from waypoint.routing.translate import RouteTableStore, translate
+from waypoint.routing.workloads import workload_index
 from waypoint.telemetry import RequestMetrics
 from waypoint.upstream import EndpointInfo, RawSocketStream, TcpTransport, Transport, tune
 
@@ -266,7 +267,8 @@ class Waypoint:
                 _log.warning("rate-limit annotation ignored", issue=issue)
             self.rate_limiter.update(ratelimits)
             self.proxy.state = RouterState(table, self.clusters, gateway,
-                                           snap.waypoint_policies)
+                                           snap.waypoint_policies,
+                                           workloads=workload_index(snap, gateway))
             self.served_objects = {
                 f"{o.kind}/{o.metadata.namespace}/{o.metadata.name}":
                     o.metadata.resource_version or ""
@@ -294,6 +296,8 @@ class Waypoint:
                 "issues": [str(i) for i in state.table.issues],
                 "ratelimits": sorted("/".join(k) for k in self.rate_limiter.policies),
                 "objects": self.served_objects,
+                # Pod IPs whose workload-addressed traffic this waypoint forwards.
+                "workloads": state.workloads.served,
                 "version": state.table.version})
 
         o = self.options

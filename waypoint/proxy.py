@@ -16,6 +16,10 @@ then runs, in order::
     -> response header rules, x-envoy-upstream-service-time, body streamed
     -> metrics and access log.
 
+A request addressed to a pod IP rather than a service (a workload waypoint) skips the
+route table: the waypoint's own L7 policies, then straight to that pod
+(:mod:`waypoint.routing.workloads`, :meth:`Proxy._to_pod`).
+
 Every decision is made by a sans-I/O core (:mod:`waypoint.routing`,
 :mod:`waypoint.resilience`, :mod:`common.authz`); this module only executes them.
 The request reads the router state once (:attr:`Proxy.state`), so a snapshot
@@ -44,6 +48,7 @@ from common.identity import SpiffeId
 from common.logging import get_logger
 from waypoint import telemetry
 from waypoint.clusters import UNKNOWN, Clusters, ClusterState
+from waypoint.direct import DirectClusters
 from waypoint.grpc import grpc_status
 from waypoint.http import Data, EndOfMessage, Headers, RequestHead, ResponseHead, hop_by_hop_names
 from waypoint.mirror import Mirrorer
@@ -74,6 +79,7 @@ from waypoint.routing.match import (
     select,
 )
 from waypoint.routing.model import NO_HEADER_OPS, HeaderOps, RouteTable, ServiceRoutes
+from waypoint.routing.workloads import EMPTY_WORKLOADS, PodTarget, WorkloadIndex
 from waypoint.upstream import STREAM_ERRORS, EndpointInfo, PoolOverflow, UpstreamConnection
 
 _log = get_logger("waypoint.proxy")
@@ -212,6 +218,8 @@ class RouterState:
     gateway: GatewayRef
     policies: WaypointPolicies = field(default_factory=WaypointPolicies)
     service_refs: dict[str, ServiceRef] = field(default_factory=dict)
+    #: Pod IPs, for workload-addressed traffic (:mod:`waypoint.routing.workloads`).
+    workloads: WorkloadIndex = EMPTY_WORKLOADS
 
     def service_ref(self, routes: ServiceRoutes) -> ServiceRef:
         ref = self.service_refs.get(routes.host)
@@ -254,6 +262,7 @@ class Proxy:
         self.access_log = access_log
         self.body_buffer = body_buffer
         self.rate_limiter: RateLimiter | None = None
+        self.direct = DirectClusters()
         # Connections whose request body is still being sent by a _pump_body task.
         self._pumping: set[int] = set()
         # The running trio loop's clock, bound on first use: three calls cheaper per
@@ -283,6 +292,10 @@ class Proxy:
                           source_labels=peer.source_labels,
                           source_namespace=peer.source_namespace)
         try:
+            pod = state.workloads.by_ip.get(peer.destination or "") if state.workloads else None
+            if pod is not None:
+                await self._to_pod(head, down, peer, request, pod, log, started)
+                return
             routes, port = find_service(state.table, request)
             decision: RouteDecision | None = None
             if routes is not None:
@@ -364,25 +377,45 @@ class Proxy:
         return ("not HTTP, and the waypoint enforces HTTP authorization on this "
                 "destination, which it cannot check on other protocols")
 
-    def _authorized(self, state: RouterState, routes: ServiceRoutes, request: Request,
+    def _authorized(self, state: RouterState, routes: ServiceRoutes | None, request: Request,
                     peer: PeerInfo, port: int, target: str) -> bool:
+        """The L7 policies' verdict (``routes`` None: addressed to a pod, so only the
+        policies targeting the waypoint itself apply)."""
         source_ip, destination_ip = peer.ips()
         ctx = RequestContext(source_identity=peer.identity, source_ip=source_ip,
                              destination_ip=destination_ip, destination_port=port,
                              method=request.method, host=request.authority, path=target,
                              headers=request.headers)
-        decision = check_request(state.policies, state.gateway, state.service_ref(routes), ctx)
+        decision = check_request(state.policies, state.gateway,
+                                 state.service_ref(routes) if routes is not None else None, ctx)
         if not decision.allowed:
             _log.debug("request denied by policy", policy=decision.policy,
                        reason=decision.reason.value, path=target,
                        source=peer.principal)
         return decision.allowed
 
+    async def _to_pod(self, head: RequestHead, down: Downstream, peer: PeerInfo,
+                      request: Request, pod: PodTarget, log: _Log, started: float) -> None:
+        """A request addressed to a pod IP (Istio's direct chain): no route table, the
+        waypoint's own L7 policies, then the pod itself (:mod:`waypoint.routing.workloads`)."""
+        state = self.state
+        if not pod.served:
+            await self._route_answer(down, not_found(), log)
+            return
+        port = peer.port if peer.port is not None else 80
+        if len(state.policies) and not self._authorized(state, None, request, peer, port,
+                                                         request.path):
+            await self._local(down, log, 403, RBAC_DENIED_BODY)
+            return
+        cstate, decision = await self.direct.get(state.workloads, pod, port,
+                                                 state.clusters.transport)
+        await self._forward(head, down, peer, request, decision, log, started, cstate)
+
     # --- forwarding ------------------------------------------------------------------
 
     async def _forward(self, head: RequestHead, down: Downstream, peer: PeerInfo,
                        request: Request, decision: RouteDecision, log: _Log,
-                       started: float) -> None:
+                       started: float, cstate: ClusterState | None = None) -> None:
         resilience = decision.resilience
         cluster = decision.cluster
         assert resilience is not None and cluster is not None
@@ -403,7 +436,8 @@ class Proxy:
                 await self._local(down, log, status, body, [p for p in pairs if p != _TEXT],
                                   flag="FI")
                 return
-        cstate = self.state.clusters.get(cluster)
+        if cstate is None:
+            cstate = self.state.clusters.get(cluster)
         log.upstream = cluster.name
         breaker = cstate.breaker
         if not breaker.try_request():

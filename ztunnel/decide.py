@@ -9,10 +9,15 @@ Outbound (DESIGN.md section 2), for a connection from ``source`` to ``dst_ip:dst
    zone, then its region, then any (``rng`` decides among equals), map the service port
    to the endpoint's target port and continue with step 2 for that endpoint.  No ready
    endpoint: :class:`Refused`.
-2. ``dst_ip`` is a pod (directly or picked in step 1).  The pod uses a workload waypoint
-   and the source is not that waypoint: HBONE to the waypoint, ``:authority`` the pod
-   IP and port.  The pod is captured (in the mesh): HBONE to it at ``podIP:15008``
-   (:class:`ToWorkload`).  Otherwise plain TCP to it (:class:`Passthrough`).
+2. ``dst_ip`` is a pod (directly or picked in step 1).  The connection was addressed to
+   the pod itself (not picked in step 1), the pod uses a workload waypoint
+   (``istio.io/waypoint-for`` ``workload`` or ``all``; discovery leaves
+   ``Workload.waypoint`` unset otherwise) and the source is not that waypoint: HBONE to
+   the waypoint, ``:authority`` the pod IP and port.  Service-addressed traffic never
+   takes a pod's waypoint: Istio's ztunnel uses only the service's (step 1), so a
+   ``waypoint-for: workload`` waypoint sees pod-addressed traffic only.  The pod is
+   captured (in the mesh): HBONE to it at ``podIP:15008`` (:class:`ToWorkload`).
+   Otherwise plain TCP to it (:class:`Passthrough`).
 3. An auto-allocated ServiceEntry VIP (``resolution: DNS``): :class:`Passthrough` that
    resolves the entry's host at connect time (``resolve``).
 4. Anything else is outside the mesh: :class:`Passthrough` to the original address,
@@ -243,8 +248,8 @@ def _to_service(snapshot: Snapshot, source: Workload, service: Service, vip: str
 def _to_workload(snapshot: Snapshot, source: Workload, workload: Workload, ip: str, port: int,
                  service: Service | None, rng: random.Random) -> Outbound:
     ref = workload.waypoint
-    if ref is not None and (source.gateway is None or source.gateway != ref):
-        return _via_waypoint(snapshot, source, ref, format_authority(ip, port), rng, service,
+    if ref is not None and service is None and source.gateway != ref:
+        return _via_waypoint(snapshot, source, ref, format_authority(ip, port), rng, None,
                              workload)
     if workload.captured:
         return ToWorkload((ip, HBONE_PORT), format_authority(ip, port),

@@ -107,20 +107,22 @@ def test_service_with_a_waypoint_goes_to_the_waypoint_with_the_vip_as_authority(
     assert isinstance(again, ToWorkload) and again.authority.endswith(":8080")
 
 
-def test_endpoint_with_a_workload_waypoint_goes_to_it_with_the_pod_as_authority() -> None:
+def test_pod_addressed_traffic_goes_to_the_pods_workload_waypoint_with_the_pod_as_authority(
+        ) -> None:
     snap = mesh(*with_waypoint("workload"), namespace("demo", **AMBIENT, **{USE: "waypoint"}))
-    result = out(snap, WEB_VIP, 80)
-    assert isinstance(result, ViaWaypoint)
-    assert result.authority == "10.1.1.1:8080"
-    assert result.workload is not None and result.workload.name == "web-1"
     direct = out(snap, "10.1.1.2", 8080)
     assert isinstance(direct, ViaWaypoint) and direct.authority == "10.1.1.2:8080"
+    assert direct.workload is not None and direct.workload.name == "web-2"
+    assert direct.service is None
     # From the waypoint itself: straight to the pod.
     from_waypoint = out(snap, "10.1.1.2", 8080, source="10.1.9.1")
     assert isinstance(from_waypoint, ToWorkload) and from_waypoint.authority == "10.1.1.2:8080"
+    # Service-addressed traffic never takes a pod's waypoint (Istio's ztunnel).
+    via_service = out(snap, WEB_VIP, 80)
+    assert isinstance(via_service, ToWorkload) and via_service.authority.endswith(":8080")
 
 
-def test_service_waypoint_then_a_different_workload_waypoint() -> None:
+def test_service_waypoint_then_straight_to_a_pod_that_has_its_own_workload_waypoint() -> None:
     snap = mesh(*with_waypoint("service"), *with_waypoint("workload", name="east"),
                 service("web", vip=WEB_VIP, labels={USE: "waypoint"},
                         ports=[{"name": "http", "port": 80, "targetPort": "http"}]),
@@ -130,9 +132,10 @@ def test_service_waypoint_then_a_different_workload_waypoint() -> None:
     first = out(snap, WEB_VIP, 80)
     assert isinstance(first, ViaWaypoint) and first.waypoint.name == "waypoint"
     second = out(snap, WEB_VIP, 80, source="10.1.9.1")
-    assert isinstance(second, ViaWaypoint) and second.waypoint.name == "east"
-    third = out(snap, second.authority.rpartition(":")[0], 8080, source="10.1.9.2")
-    assert isinstance(third, ToWorkload)
+    assert isinstance(second, ToWorkload) and second.authority.endswith(":8080")
+    # Dialled by its IP, the same pod goes through its own waypoint.
+    third = out(snap, "10.1.1.3", 8080)
+    assert isinstance(third, ViaWaypoint) and third.waypoint.name == "east"
 
 
 def test_endpoint_outside_the_mesh_is_passthrough_to_its_target_port() -> None:
