@@ -15,6 +15,12 @@ hosts) becomes one copy per host, each with its allocated address in
 ``status.autoAllocated: true``.  :func:`registered_addresses` is what
 ``REGISTRY_ONLY`` accepts besides services and pods; :func:`dns_hosts_by_address` and
 :func:`resolve_entry_host` let ztunnel dial what an auto-allocated VIP stands for.
+
+:func:`entry_index` is the data plane's view of the entries (one :class:`ExternalService`
+per host: ports, endpoints, and the waypoint it uses), indexed by address, host and
+``(namespace, host)`` and computed once per snapshot.  An entry uses a waypoint the way a
+Service does: ``istio.io/use-waypoint`` on the entry, else on its namespace (``none``
+opts out), and only a waypoint that exists and takes service traffic.
 """
 
 from __future__ import annotations
@@ -22,12 +28,25 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import trio
+from pydantic import ValidationError
 
+from common.api.istio_networking import ServiceEntrySpec
 from common.errors import NameResolutionError
 from common.kube.objects import KubeObject
+from common.model import Snapshot, WaypointRef
+
+# The labels common.translate reads for Services and Pods (not imported: that module
+# imports this one).
+USE_WAYPOINT = "istio.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+#: Port protocols a waypoint can serve (it parses HTTP); an entry port of another
+#: protocol (TLS, HTTPS, TCP, ...) is passed through by ztunnel even when the entry uses a
+#: waypoint, since the waypoint cannot yet pass such bytes on to an external endpoint.
+WAYPOINT_PROTOCOLS = frozenset({"", "HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
 
 AUTO_RANGE = ipaddress.ip_network("240.240.0.0/16")
 # .0 and .255-style edge addresses are skipped only by starting at 1; the range is big
@@ -107,3 +126,158 @@ async def resolve_entry_host(host: str, port: int) -> tuple[str, int]:
     if not infos:
         raise NameResolutionError(f"ServiceEntry host {host} has no address")
     return str(infos[0][4][0]), port
+
+
+# --- the data plane's view ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EntryPort:
+    """A port of an entry; connections go to ``target_port`` (``number`` when unset)."""
+
+    number: int
+    name: str
+    protocol: str = ""
+    target_port: int | None = None
+
+    @property
+    def target(self) -> int:
+        return self.target_port or self.number
+
+    @property
+    def waypoint_capable(self) -> bool:
+        return self.protocol.upper() in WAYPOINT_PROTOCOLS
+
+
+@dataclass(frozen=True, slots=True)
+class EntryEndpoint:
+    """One of ``spec.endpoints``: an IP (STATIC) or a host name (DNS), ports by port name."""
+
+    address: str
+    ports: Mapping[str, int] = field(default_factory=dict)
+    weight: int = 1
+    labels: Mapping[str, str] = field(default_factory=dict)
+    locality: str = ""
+
+    def port_for(self, port: EntryPort) -> int:
+        """Istio: the endpoint's ``ports[<port name>]``, else the port's target."""
+        return self.ports.get(port.name) or port.target
+
+    @property
+    def is_ip(self) -> bool:
+        return is_ip(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalService:
+    """One host of a ServiceEntry, as ztunnel and the waypoint use it."""
+
+    namespace: str
+    name: str
+    host: str
+    addresses: tuple[str, ...]
+    ports: tuple[EntryPort, ...]
+    resolution: str
+    endpoints: tuple[EntryEndpoint, ...]
+    waypoint: WaypointRef | None
+    auto_allocated: bool = False
+
+    def port(self, number: int) -> EntryPort | None:
+        """The declared port ``number``; an entry without ports accepts every port."""
+        if not self.ports:
+            return EntryPort(number, str(number))
+        return next((p for p in self.ports if p.number == number), None)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryIndex:
+    """The entries of one snapshot, by address, by host and by ``(namespace, host)``."""
+
+    by_address: Mapping[str, ExternalService] = field(default_factory=dict)
+    by_host: Mapping[str, ExternalService] = field(default_factory=dict)
+    by_key: Mapping[tuple[str, str], ExternalService] = field(default_factory=dict)
+
+    def using(self, waypoint: WaypointRef) -> list[ExternalService]:
+        return [e for e in self.by_key.values() if e.waypoint == waypoint]
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _waypoint_of(obj: KubeObject, snapshot: Snapshot) -> WaypointRef | None:
+    namespace = obj.metadata.namespace or ""
+    ns_labels = snapshot.namespaces.get(namespace) or {}
+    for labels in (obj.metadata.labels or {}, ns_labels):
+        name = labels.get(USE_WAYPOINT)
+        if name is None:
+            continue
+        if not name or name == "none":
+            return None
+        ref = WaypointRef(labels.get(USE_WAYPOINT_NAMESPACE) or namespace, name)
+        waypoint = snapshot.waypoints_by_ref.get(ref)
+        if waypoint is None or not waypoint.traffic_type.serves_services:
+            return None
+        return ref
+    return None
+
+
+def external_services(obj: KubeObject, snapshot: Snapshot) -> list[ExternalService]:
+    """One :class:`ExternalService` per (non-wildcard) host of a ServiceEntry; none for an
+    entry that does not validate (the waypoint's route translator reports it)."""
+    try:
+        spec = ServiceEntrySpec.model_validate(dict(obj.spec))
+    except ValidationError:
+        return []
+    ports = tuple(EntryPort(p.number, p.name, (p.protocol or "").upper(), p.target_port)
+                  for p in spec.ports)
+    endpoints = tuple(EntryEndpoint(e.address, dict(e.ports), e.weight or 1, dict(e.labels),
+                                    e.locality or "")
+                      for e in spec.endpoints if e.address)
+    waypoint = _waypoint_of(obj, snapshot)
+    return [ExternalService(obj.metadata.namespace or "", obj.metadata.name, host.lower(),
+                            tuple(spec.addresses), ports, spec.resolution, endpoints, waypoint,
+                            bool(obj.status.get("autoAllocated")))
+            for host in spec.hosts if not host.startswith("*")]
+
+
+def build_index(snapshot: Snapshot) -> EntryIndex:
+    by_address: dict[str, ExternalService] = {}
+    by_host: dict[str, ExternalService] = {}
+    by_key: dict[tuple[str, str], ExternalService] = {}
+    # Oldest first: where two entries claim one host or address, the oldest keeps it
+    # (Istio's rule for conflicting objects).
+    ordered = sorted(snapshot.service_entries, key=lambda o: (
+        o.metadata.creation_timestamp or "", o.metadata.namespace or "", o.metadata.name))
+    for obj in ordered:
+        for entry in external_services(obj, snapshot):
+            by_key.setdefault(entry.key, entry)
+            by_host.setdefault(entry.host, entry)
+            for address in entry.addresses:
+                if is_ip(address):
+                    by_address.setdefault(str(ipaddress.ip_address(address)), entry)
+    return EntryIndex(by_address, by_host, by_key)
+
+
+_index_cache: tuple[tuple[object, ...], EntryIndex] = ((), EntryIndex())
+
+
+def entry_index(snapshot: Snapshot) -> EntryIndex:
+    """:func:`build_index`, recomputed only when the entries, the namespaces (their
+    ``use-waypoint`` labels) or the waypoints changed: a dict hit per connection."""
+    global _index_cache
+    sources = (snapshot.service_entries, snapshot.namespaces, snapshot.waypoints_by_ref)
+    cached_sources, index = _index_cache
+    if len(cached_sources) != len(sources) or any(
+            a is not b for a, b in zip(cached_sources, sources, strict=True)):
+        index = build_index(snapshot)
+        _index_cache = (sources, index)
+    return index

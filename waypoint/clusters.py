@@ -11,7 +11,9 @@ clusters are created, vanished ones dropped (their idle connections closed).
 Requests in flight keep the :class:`ClusterState` they started with.
 
 Endpoints come from the discovery snapshot (:func:`snapshot_endpoints`) or, in
-bench mode, from a static list.
+bench mode, from a static list.  A cluster of a ServiceEntry host gets
+:class:`~waypoint.egress.ExternalEndpoint` values (:func:`egress_endpoints`), which
+every pool's :class:`~waypoint.egress.EgressTransport` dials outside the mesh.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import trio
 
 from common.logging import get_logger
 from common.model import Snapshot
+from common.service_entries import ExternalService, entry_index, is_ip
+from waypoint.egress import EgressTransport, ExternalEndpoint
 from waypoint.resilience import CircuitBreaker, EndpointPicker, Host, Locality
 from waypoint.routing.model import Cluster, RouteTable
+from waypoint.tls_origination import origination_for
 from waypoint.upstream import ConnectionPool, EndpointInfo, Transport
 
 _log = get_logger("waypoint.clusters")
@@ -63,7 +68,7 @@ class ClusterState:
         self.cluster = cluster
         res = cluster.resilience
         self.breaker = CircuitBreaker(res.connection_pool)
-        self.pool = ConnectionPool(self.breaker, transport)
+        self.pool = ConnectionPool(self.breaker, EgressTransport(transport))
         self._client_locality = client_locality
         self._client_labels = client_labels
         self.endpoints: dict[str, EndpointSpec] = {}
@@ -158,7 +163,9 @@ def snapshot_endpoints(snapshot: Snapshot, cluster: Cluster) -> list[EndpointSpe
     """The ready endpoints of ``cluster`` in ``snapshot`` (subset labels applied)."""
     service = snapshot.services_by_key.get((cluster.service_namespace, cluster.service_name))
     if service is None:
-        return []
+        entry = entry_index(snapshot).by_key.get((cluster.service_namespace,
+                                                   cluster.service_name))
+        return egress_endpoints(snapshot, entry, cluster) if entry is not None else []
     port = service.ports_by_number.get(cluster.port)
     subset = cluster.subset_labels
     out: list[EndpointSpec] = []
@@ -186,6 +193,37 @@ def snapshot_endpoints(snapshot: Snapshot, cluster: Cluster) -> list[EndpointSpe
             workload=(labels.get("app") or (workload.name if workload else UNKNOWN)),
             version=labels.get("version", UNKNOWN)))
     return out
+
+
+def egress_endpoints(snapshot: Snapshot, entry: ExternalService, cluster: Cluster
+                     ) -> list[EndpointSpec]:
+    """The endpoints of a ServiceEntry host's cluster (see :mod:`waypoint.egress`)."""
+    port = entry.port(cluster.port)
+    if port is None:
+        return []
+    origination = origination_for(cluster.tls_mode, snapshot.destination_rules, entry.host,
+                                  cluster.port)
+    subset = cluster.subset_labels
+    out: list[EndpointSpec] = []
+    if entry.endpoints and entry.resolution != "NONE":
+        for ep in entry.endpoints:
+            if subset and any(ep.labels.get(k) != v for k, v in subset.items()):
+                continue
+            info = ExternalEndpoint(ep.address, ep.port_for(port), resolve=not ep.is_ip,
+                                    origination=origination)
+            out.append(EndpointSpec(info, weight=ep.weight, locality=Locality.parse(ep.locality),
+                                    labels=ep.labels, workload=entry.name,
+                                    version=ep.labels.get("version", UNKNOWN)))
+        return out
+    if subset:
+        return []  # only endpoints carry labels
+    if entry.resolution in ("DNS", "DNS_ROUND_ROBIN"):
+        targets = [(entry.host, True)]
+    else:  # NONE: the entry's own addresses stand for the original destination
+        targets = [(a, False) for a in entry.addresses if is_ip(a)]
+    return [EndpointSpec(ExternalEndpoint(address, port.target, resolve=resolve,
+                                          origination=origination), workload=entry.name)
+            for address, resolve in targets]
 
 
 def static_endpoints(table: Mapping[tuple[str, str, int], list[EndpointSpec]]

@@ -18,8 +18,16 @@ Outbound (DESIGN.md section 2), for a connection from ``source`` to ``dst_ip:dst
    ``waypoint-for: workload`` waypoint sees pod-addressed traffic only.  The pod is
    captured (in the mesh): HBONE to it at ``podIP:15008`` (:class:`ToWorkload`).
    Otherwise plain TCP to it (:class:`Passthrough`).
-3. An auto-allocated ServiceEntry VIP (``resolution: DNS``): :class:`Passthrough` that
-   resolves the entry's host at connect time (``resolve``).
+3. A ServiceEntry address (explicit or auto-allocated) on one of the entry's ports.
+   The entry uses a waypoint (``istio.io/use-waypoint`` on it or its namespace), the port
+   is one the waypoint can serve (HTTP, HTTP2, gRPC, unset) and the source is not that
+   waypoint: HBONE to the waypoint, ``:authority`` the address and port, as for a
+   Service (the waypoint routes and dials the external endpoint).  Otherwise, with
+   ``endpoints`` (``resolution: STATIC``, or DNS names): :class:`Passthrough` to one of
+   them (``rng`` decides, by ``weight``) on its port for the entry's port name, else the
+   port's ``targetPort``.  An auto-allocated address of a ``resolution: DNS`` entry
+   without endpoints: :class:`Passthrough` that resolves the entry's host at connect
+   time (``resolve``).  Anything else: the address dialled.
 4. Anything else is outside the mesh: :class:`Passthrough` to the original address,
    unless the source's outbound traffic policy is ``REGISTRY_ONLY`` (namespace label
    ``pyambient.io/outbound-traffic-policy``) and the address is no ServiceEntry's:
@@ -55,7 +63,13 @@ from common.model import (
     WaypointRef,
     Workload,
 )
-from common.service_entries import dns_hosts_by_address, registered_addresses
+from common.service_entries import (
+    EntryEndpoint,
+    ExternalService,
+    dns_hosts_by_address,
+    entry_index,
+    registered_addresses,
+)
 
 __all__ = [
     "Allow", "Deny", "Inbound", "Outbound", "Passthrough", "Refused", "ToWorkload",
@@ -153,6 +167,11 @@ def decide_outbound(snapshot: Snapshot, source: Workload, dst_ip: str, dst_port:
     workload = snapshot.workloads_by_ip.get(dst_ip)
     if workload is not None:
         return _to_workload(snapshot, source, workload, dst_ip, dst_port, None, rng)
+    entry = entry_index(snapshot).by_address.get(dst_ip)
+    if entry is not None:
+        decision = _to_entry(snapshot, source, entry, dst_ip, dst_port, rng)
+        if decision is not None:
+            return decision
     host = dns_entry_hosts(snapshot).get(dst_ip)
     if host is not None:
         return Passthrough((dst_ip, dst_port), f"ServiceEntry host {host} (resolution DNS)",
@@ -210,6 +229,46 @@ def _registered(snapshot: Snapshot) -> frozenset[str]:
         found = registered_addresses(snapshot.service_entries)
         _registered_cache = (snapshot.service_entries, found)
     return found
+
+
+def _to_entry(snapshot: Snapshot, source: Workload, entry: ExternalService, dst_ip: str,
+              dst_port: int, rng: random.Random) -> Outbound | None:
+    """A connection to a ServiceEntry address; None: not one of the entry's ports (the
+    generic rules decide)."""
+    port = entry.port(dst_port)
+    if port is None:
+        return None
+    ref = entry.waypoint
+    if ref is not None and port.waypoint_capable and (source.gateway is None
+                                                      or source.gateway != ref):
+        return _via_waypoint(snapshot, source, ref, format_authority(dst_ip, dst_port), rng,
+                             None, None)
+    what = f"ServiceEntry {entry.namespace}/{entry.name} host {entry.host}"
+    if entry.endpoints and entry.resolution in ("STATIC", "DNS", "DNS_ROUND_ROBIN"):
+        endpoint = _pick_weighted(entry.endpoints, rng)
+        target = endpoint.port_for(port)
+        if endpoint.is_ip:
+            return Passthrough((endpoint.address, target),
+                               f"{what} (resolution {entry.resolution}): endpoint "
+                               f"{format_authority(endpoint.address, target)}")
+        return Passthrough((dst_ip, target), f"{what}: endpoint {endpoint.address} "
+                           "(resolved at connect time)", resolve=endpoint.address)
+    if entry.resolution == "DNS" and entry.auto_allocated:
+        return Passthrough((dst_ip, port.target), f"{what} (resolution DNS)",
+                           resolve=entry.host)
+    return None
+
+
+def _pick_weighted(endpoints: tuple[EntryEndpoint, ...], rng: random.Random) -> EntryEndpoint:
+    if len(endpoints) == 1:
+        return endpoints[0]
+    total = sum(e.weight for e in endpoints)
+    point = rng.randrange(total)
+    for endpoint in endpoints:
+        point -= endpoint.weight
+        if point < 0:
+            return endpoint
+    return endpoints[-1]
 
 
 def _to_service(snapshot: Snapshot, source: Workload, service: Service, vip: str, port: int,

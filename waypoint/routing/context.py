@@ -47,8 +47,7 @@ IGNORED_FIELDS = frozenset({
     "TCPSettings.maxConnectionDuration", "HTTPSettings.h2UpgradePolicy",
     "HTTPSettings.useClientProtocol", "LoadBalancerSettings.warmupDurationSecs",
     "ClientTLSSettings.credentialName", "ClientTLSSettings.clientCertificate",
-    "ClientTLSSettings.privateKey", "ClientTLSSettings.caCertificates", "ClientTLSSettings.sni",
-    "ClientTLSSettings.subjectAltNames", "ClientTLSSettings.insecureSkipVerify",
+    "ClientTLSSettings.privateKey", "ClientTLSSettings.subjectAltNames",
     "ClientTLSSettings.caCrl", "HTTPMatchRequest.statPrefix", "HTTPRouteRule.sessionPersistence",
 })
 

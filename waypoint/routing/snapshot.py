@@ -7,13 +7,15 @@
 
 A waypoint routes for the services that use it (``Service.waypoint``) and, as
 the design says, for the services of its own namespace; every service of the
-mesh stays resolvable as a backend.
+mesh stays resolvable as a backend.  ServiceEntry hosts join the catalogue the same way
+(:mod:`waypoint.egress`): every one is a backend, those that use this waypoint are served.
 """
 
 from __future__ import annotations
 
 from common.kube.objects import KubeObject
 from common.model import Service, Snapshot, WaypointRef
+from waypoint.egress import egress_served, egress_service_infos
 from waypoint.routing.catalog import ApiObject, ServiceInfo, ServicePortInfo
 from waypoint.routing.model import RouteTable
 from waypoint.routing.translate import RouteTableStore
@@ -45,8 +47,10 @@ def update_from_snapshot(store: RouteTableStore, snapshot: Snapshot,
                          waypoint: WaypointRef) -> RouteTable:
     """Translate ``snapshot`` for ``waypoint`` into ``store`` (a bug keeps the last table)."""
     services = [service_info(s, snapshot.domain) for s in snapshot.services_by_key.values()]
+    services.extend(egress_service_infos(snapshot))
     objects = [api_object(o) for group in (snapshot.destination_rules, snapshot.http_routes,
                                            snapshot.virtual_services, snapshot.service_entries)
                for o in group]
-    return store.update(services, objects, served=served_by(snapshot, waypoint),
+    served = served_by(snapshot, waypoint) | egress_served(snapshot, waypoint)
+    return store.update(services, objects, served=served,
                         home_namespace=waypoint.namespace, domain=snapshot.domain)

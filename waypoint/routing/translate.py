@@ -37,6 +37,7 @@ from typing import Any
 
 from common.api import istio_networking as nw
 from common.logging import get_logger
+from waypoint.egress import ExternalServiceInfo
 from waypoint.routing.catalog import DEFAULT_DOMAIN, ApiObject, Catalog, ServiceInfo
 from waypoint.routing.context import (
     DESTINATION_RULE,
@@ -248,6 +249,11 @@ class _Translator(GatewayTranslation, IstioTranslation):
         short: dict[tuple[str, int], list[tuple[str, ServiceRoutes]]] = defaultdict(list)
         for (ns, name, port), r in routes.items():
             svc = self.catalog.by_key[(ns, name)]
+            if isinstance(svc, ExternalServiceInfo):
+                # A ServiceEntry host is reached by its own name and addresses only.
+                for alias in (svc.hostname, *svc.vips):
+                    by_dest[(alias, port)] = r
+                continue
             for alias in (svc.hostname, f"{name}.{ns}.svc", f"{name}.{ns}", *svc.vips):
                 by_dest[(alias, port)] = r
             short[(name, port)].append((ns, r))
