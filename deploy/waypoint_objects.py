@@ -20,15 +20,14 @@ are plain JSON-shaped dicts, ready for the API or for YAML.  :func:`dependants_o
 them for a Gateway that was applied on its own (Istio's documented alternative to
 ``istioctl waypoint apply``), for the local cluster's controller to create.
 
-:func:`gateway_status` is the controller core that writes what Istio writes on a
-waypoint's Gateway: ``Accepted`` (the spec is a valid waypoint) and ``Programmed`` (its
-Service has an address and at least one of its pods is Ready), with the listener's
-conditions and the Service's cluster IP as the Gateway's address.
+The status of a waypoint's Gateway (``Accepted``, ``Programmed``, addresses, listeners)
+is written by the waypoint itself once it is ready (:mod:`waypoint.gateway_status`), on
+the local cluster and on Kubernetes alike; :func:`condition_of` reads it back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ from pydantic import ValidationError
 
 from common.api.gateway import GatewaySpec
 from common.errors import ConfigError
-from common.kube import Gateway, Pod, Service
+from common.kube import Gateway, Pod
 from deploy.local.apiserver.validation import name_problem
 
 GATEWAY_CLASS = "istio-waypoint"
@@ -58,7 +57,6 @@ HBONE_PORT = 15008
 METRICS_PORT = 15020
 STATUS_PORT = 15021
 READY_PATH = "/healthz/ready"
-CLUSTER_DOMAIN = "cluster.local"
 
 # The kubelet's downward API fills these on Kubernetes; the local kubelet sets the same
 # names itself, so the waypoint reads one environment in both places.
@@ -221,7 +219,7 @@ def owned_by_waypoint(meta: Mapping[str, Any], name: str) -> bool:
                for ref in meta.get("ownerReferences") or [])
 
 
-# -- status ---------------------------------------------------------------------------------
+# -- validity and status -------------------------------------------------------------------
 
 
 def _problems(gw: Gateway) -> str | None:
@@ -244,12 +242,6 @@ def pod_ready(pod: Pod) -> bool:
         c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
-def waypoint_pods(gw: Gateway, pods: Iterable[Pod]) -> list[Pod]:
-    """The pods serving ``gw``: same namespace, labelled with its name."""
-    return [p for p in pods if p.metadata.namespace == gw.metadata.namespace
-            and p.metadata.labels.get(GATEWAY_NAME_LABEL) == gw.metadata.name]
-
-
 def dependants_of(gw: Gateway) -> list[dict[str, Any]]:
     """What a waypoint Gateway owns when nobody said otherwise (default image): what
     istiod's deployment controller would create for a Gateway applied on its own.  Empty
@@ -260,77 +252,6 @@ def dependants_of(gw: Gateway) -> list[dict[str, Any]]:
     spec = WaypointSpec(namespace=gw.metadata.namespace or "default", name=gw.metadata.name,
                         revision=gw.metadata.labels.get(REVISION_LABEL))
     return dependants(spec, Owner(gw.metadata.name, gw.metadata.uid))
-
-
-def gateway_status(gw: Gateway, pods: Iterable[Pod], svc: Service | None,
-                   now: str) -> dict[str, Any] | None:
-    """The ``status`` to write on ``gw``, or None when it is not a waypoint (not ours).
-
-    ``pods`` are the pods labelled with the Gateway's name, ``svc`` the Service named like
-    it.  A condition keeps its ``lastTransitionTime`` while its status does not change
-    (read from ``gw.status``), so the result is stable and equal to what is stored when
-    nothing changed: the caller writes only when it differs.
-    """
-    if gw.spec.get("gatewayClassName") != GATEWAY_CLASS:
-        return None
-    ns, name = gw.metadata.namespace or "default", gw.metadata.name
-    generation = gw.metadata.generation or 1
-    previous = {str(c.get("type")): c for c in (gw.status.get("conditions") or [])
-                if isinstance(c, dict)}
-
-    def condition(kind: str, ok: bool, reason: str, message: str,
-                  before: Mapping[str, Any]) -> dict[str, Any]:
-        status = "True" if ok else "False"
-        old = before.get(kind)
-        since = old.get("lastTransitionTime") if isinstance(old, dict) and \
-            old.get("status") == status else None
-        return {"type": kind, "status": status, "reason": reason, "message": message,
-                "observedGeneration": generation, "lastTransitionTime": since or now}
-
-    problem = _problems(gw)
-    mine = waypoint_pods(gw, pods)
-    ready = sum(1 for p in mine if pod_ready(p))
-    address = svc.spec.cluster_ip if svc is not None and svc.spec.cluster_ip not in \
-        (None, "", "None") else None
-    if problem is not None:
-        programmed = (False, "Invalid", "the Gateway is not accepted: " + problem)
-    elif address is None:
-        programmed = (False, "AddressNotAssigned",
-                      f"waiting for Service {ns}/{name} to get a cluster IP" if svc is not None
-                      else f"Service {ns}/{name} is missing: run `ambientctl waypoint apply "
-                           f"-n {ns} --name {name}` again")
-    elif ready == 0:
-        programmed = (False, "Pending",
-                      f"waiting for a ready waypoint pod ({ready}/{len(mine)} ready): check "
-                      f"`ambientctl logs -n {ns} deploy/{name}`")
-    else:
-        programmed = (True, "Programmed",
-                      f"Resource programmed, assigned to service(s) "
-                      f"{name}.{ns}.svc.{CLUSTER_DOMAIN}:{HBONE_PORT}")
-    conditions = [
-        condition("Accepted", problem is None, "Accepted" if problem is None else "Invalid",
-                  "Resource accepted" if problem is None else problem, previous),
-        condition("Programmed", *programmed, previous),
-    ]
-    status: dict[str, Any] = {
-        "addresses": [{"type": "IPAddress", "value": address}] if address else [],
-        "conditions": conditions,
-    }
-    if problem is None:
-        old_listener = next((x for x in gw.status.get("listeners") or []
-                             if isinstance(x, dict) and x.get("name") == MESH_LISTENER), {})
-        before = {str(c.get("type")): c for c in old_listener.get("conditions") or []
-                  if isinstance(c, dict)}
-        status["listeners"] = [{
-            "name": MESH_LISTENER, "attachedRoutes": 0, "supportedKinds": [],
-            "conditions": [
-                condition("Accepted", True, "Accepted", "No errors found", before),
-                condition("NoConflicts", False, "NoConflicts", "No errors found", before),
-                condition("Programmed", programmed[0], programmed[1],
-                          "No errors found" if programmed[0] else programmed[2], before),
-                condition("ResolvedRefs", True, "ResolvedRefs", "No errors found", before),
-            ]}]
-    return status
 
 
 def condition_of(gw: Gateway | Mapping[str, Any], kind: str) -> dict[str, Any] | None:

@@ -314,6 +314,7 @@ class Waypoint:
         from common.hbone import HbonePool, HboneServer, tls_connector, tls_handshake
         from common.kube import KubeClient
         from common.kube.config import load_config
+        from waypoint.gateway_status import keep_status
         from waypoint.listener import HboneInbound, snapshot_passthrough
         from waypoint.upstream import MeshTransport
 
@@ -348,6 +349,7 @@ class Waypoint:
             nursery.start_soon(Discovery(client, holder).run)
             nursery.start_soon(self.follow, holder)
             nursery.start_soon(self.clusters.run_sweeps)
+            nursery.start_soon(keep_status, client, self, holder)
             for port, server in self.admin_servers():
                 nursery.start_soon(server.serve, listen_tcp("0.0.0.0", port))
             inbound = HboneInbound(self.proxy, lambda: holder.current,

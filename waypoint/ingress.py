@@ -559,6 +559,7 @@ class Ingress(Waypoint):
         from common.hbone import HbonePool, tls_connector
         from common.kube import KubeClient
         from common.kube.config import load_config
+        from waypoint.gateway_status import keep_status
         from waypoint.upstream import MeshTransport
 
         o = self.options
@@ -595,6 +596,8 @@ class Ingress(Waypoint):
             nursery.start_soon(self.follow, holder)
             nursery.start_soon(self.clusters.run_sweeps)
             nursery.start_soon(self.refresh, client)
+            nursery.start_soon(lambda: keep_status(client, self, holder,
+                                                   certificates=lambda: self.certs))
             for port, server in self.admin_servers():
                 nursery.start_soon(server.serve, listen_tcp("0.0.0.0", port))
             for lst in self.listeners:

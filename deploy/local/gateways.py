@@ -1,11 +1,11 @@
-"""The waypoint Gateway controller of the local cluster: dependants, status, owner GC.
+"""The waypoint Gateway controller of the local cluster: dependants and owner GC.
 
 For every ``istio-waypoint`` Gateway it creates the ServiceAccount, Deployment and
 Service that are missing (as istiod does, so ``ambientctl apply -f`` of a bare waypoint
 Gateway deploys it; it never changes existing ones, which ``ambientctl waypoint apply``
-owns), and writes the status Istio would write (the pure core is
-:func:`deploy.waypoint_objects.gateway_status`): ``Accepted``, and ``Programmed`` once the
-Gateway's Service has a cluster IP and one of its pods is Ready.
+owns).  It writes no status: the waypoint (and the ingress gateway) writes its own
+Gateway's status once it is ready (:mod:`waypoint.gateway_status`), here as on
+Kubernetes, so both clusters show the same thing from the same code.
 
 Kubernetes' garbage collector deletes objects whose owner is gone; the local API server
 has none, so this controller does that job for what a waypoint owns: a Deployment,
@@ -17,7 +17,6 @@ looked up on the API server before anything is deleted, as Kubernetes' collector
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from common.errors import KubeApiError
@@ -25,17 +24,13 @@ from common.kube import Deployment, Gateway, KubeClient, Pod, Service, ServiceAc
 from common.kube.client import R
 from common.logging import get_logger
 from deploy.local.informer import Cache
-from deploy.waypoint_objects import GATEWAY_NAME_LABEL, dependants_of, gateway_status
+from deploy.waypoint_objects import dependants_of
 
 log = get_logger("local.gateways")
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class GatewayController:
-    """Waypoint Gateways' missing objects and status; deletion of what a deleted one owned."""
+    """Waypoint Gateways' missing objects; deletion of what a deleted one owned."""
 
     def __init__(self, client: KubeClient, gateways: Cache[Gateway], pods: Cache[Pod],
                  services: Cache[Service], deployments: Cache[Deployment],
@@ -51,26 +46,8 @@ class GatewayController:
         for tracked in (self.gateways, self.pods, self.services, self.deployments,
                         self.accounts):
             await tracked.synced.wait()
-        # Pods by the waypoint they serve, once, rather than every pod for every Gateway.
-        serving: dict[tuple[str | None, str], list[Pod]] = {}
-        for pod in self.pods.values():
-            if (name := pod.metadata.labels.get(GATEWAY_NAME_LABEL)) is not None:
-                serving.setdefault((pod.metadata.namespace, name), []).append(pod)
         for gw in self.gateways.values():
             await self._create_missing(gw)
-            ns = gw.metadata.namespace
-            status = gateway_status(gw, serving.get((ns, gw.metadata.name), []),
-                                    self.services.get(ns, gw.metadata.name), now())
-            if status is None or status == gw.status:
-                continue
-            try:
-                written = await self.client.patch(Gateway, gw.metadata.name,
-                                                  {"status": status}, ns, status=True)
-            except KubeApiError as exc:
-                if exc.code != 404:
-                    raise
-                continue
-            await self.gateways.wait_seen(written.metadata.resource_version)
         await self._collect(self.deployments)
         await self._collect(self.services)
         await self._collect(self.accounts)

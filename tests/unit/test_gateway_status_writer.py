@@ -1,0 +1,131 @@
+"""The status writer's shell against the local API server, in process on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+from common.kube import Gateway, KubeClient, KubeConfig, Namespace, Service
+from deploy.local.apiserver.server import serve
+from waypoint.gateway_status import GatewayStatusWriter
+
+T = TypeVar("T")
+WAYPOINT = {"gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[KubeClient]:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, tmp_path / "db.sqlite")
+        async with KubeClient(KubeConfig.for_server(f"http://127.0.0.1:{port}")) as kube:
+            await kube.create(Namespace.model_validate({"metadata": {"name": "shop"}}))
+            await kube.create(Gateway.model_validate(
+                {"metadata": {"name": "waypoint", "namespace": "shop"}, "spec": WAYPOINT}))
+            yield kube
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], what: str,
+                     within: float = 10.0) -> T:
+    """The first non-None answer of ``probe`` (polled), or fail naming ``what``."""
+    with trio.move_on_after(within):
+        while True:
+            if (answer := await probe()) is not None:
+                return answer
+            await trio.sleep(0.02)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+def condition(gw: Gateway, kind: str) -> dict[str, Any]:
+    return next(c for c in gw.status.get("conditions") or [] if c["type"] == kind)
+
+
+async def test_writes_once_ready_then_follows_generation_and_service(
+        client: KubeClient) -> None:
+    ready = False
+    writer = GatewayStatusWriter(client, "shop", "waypoint", ready=lambda: ready)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        # Not ready: nothing written, whatever else is known.
+        await client.create(Service.model_validate({
+            "metadata": {"name": "waypoint", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 15008}]}}))
+        await trio.testing.wait_all_tasks_blocked(0.05)  # every event seen and handled
+        assert (await client.get(Gateway, "waypoint", "shop")).status.get("addresses") is None
+        assert writer.writes == 0
+
+        ready = True
+
+        async def programmed() -> Gateway | None:
+            gw = await client.get(Gateway, "waypoint", "shop")
+            return gw if gw.status.get("conditions") and \
+                condition(gw, "Programmed")["status"] == "True" else None
+
+        gw = await eventually(programmed, "Programmed=True")
+        assert gw.status["addresses"] == [{"type": "IPAddress", "value": "10.96.0.9"}]
+        assert condition(gw, "Accepted")["observedGeneration"] == gw.metadata.generation == 1
+        assert writer.writes == 1
+
+        # A spec change (new generation) is observed.
+        await client.patch(Gateway, "waypoint", {"spec": {"listeners": [
+            {"name": "mesh", "port": 15008, "protocol": "HBONE"},
+            {"name": "extra", "port": 15009, "protocol": "HBONE"}]}}, "shop")
+
+        async def observed() -> Gateway | None:
+            gw = await client.get(Gateway, "waypoint", "shop")
+            return gw if condition(gw, "Accepted")["observedGeneration"] == 2 else None
+
+        gw = await eventually(observed, "observedGeneration 2")
+        assert condition(gw, "Accepted")["reason"] == "ListenersNotValid"
+        assert [x["name"] for x in gw.status["listeners"]] == ["mesh", "extra"]
+
+        # The Service going away takes the address and Programmed along.
+        await client.delete(Service, "waypoint", "shop")
+
+        async def unaddressed() -> Gateway | None:
+            gw = await client.get(Gateway, "waypoint", "shop")
+            return gw if condition(gw, "Programmed")["status"] == "False" else None
+
+        gw = await eventually(unaddressed, "Programmed=False")
+        assert condition(gw, "Programmed")["reason"] == "AddressNotAssigned"
+        assert "addresses" not in gw.status
+        writes = writer.writes
+        rv = gw.metadata.resource_version
+        nursery.cancel_scope.cancel()
+    # Its own writes came back through the watch and were not written again.
+    assert writes == 3
+    assert (await client.get(Gateway, "waypoint", "shop")).metadata.resource_version == rv
+
+
+async def test_a_stale_copy_is_refused_and_the_newer_one_written(client: KubeClient) -> None:
+    """Two writers (two replicas) racing: both settle on one status, nobody loops."""
+    await client.create(Service.model_validate({
+        "metadata": {"name": "waypoint", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 15008}]}}))
+    times = iter(f"2026-11-25T10:00:{s:02d}Z" for s in range(60))
+    writers = [GatewayStatusWriter(client, "shop", "waypoint", ready=lambda: True,
+                                   clock=lambda: next(times)) for _ in range(2)]
+    async with trio.open_nursery() as nursery:
+        for writer in writers:
+            nursery.start_soon(writer.run)
+
+        async def settled() -> Gateway | None:
+            gw = await client.get(Gateway, "waypoint", "shop")
+            return gw if gw.status.get("conditions") else None
+
+        gw = await eventually(settled, "a status")
+        # Both writers now see the stored status as theirs: one more change, one write.
+        await client.patch(Gateway, "waypoint", {"metadata": {"labels": {"a": "b"}}}, "shop")
+        await trio.testing.wait_all_tasks_blocked(0.05)  # every event seen and handled
+        again = await client.get(Gateway, "waypoint", "shop")
+        assert again.status == gw.status
+        nursery.cancel_scope.cancel()
+    # Both patched from the same resourceVersion: one won, the other got 409 and then
+    # found the stored status equal to its own.
+    assert sum(w.writes for w in writers) == 1
