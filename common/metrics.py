@@ -19,7 +19,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-__all__ = ["CONTENT_TYPE", "UNKNOWN", "Metrics", "TcpLabels", "workload_name"]
+__all__ = ["CONTENT_TYPE", "HBONE_REFUSAL_REASONS", "UNKNOWN", "HboneRefusals", "Metrics",
+           "TcpLabels", "workload_name"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN = "unknown"
@@ -93,6 +94,7 @@ class Metrics:
         self._children: dict[TcpLabels, tuple[Any, Any, Any, Any]] = {}
         self.enrolled_pods = Gauge("ztunnel_enrolled_pods", "Pods this ztunnel captures",
                                    registry=r)
+        self.hbone_refused = HboneRefusals(r)
 
     def _tcp(self, labels: TcpLabels) -> tuple[Any, Any, Any, Any]:
         """The four TCP counters of one label set (a dict hit after the first time: a
@@ -125,3 +127,43 @@ class Metrics:
         """The Prometheus text exposition of everything in the registry."""
         body: bytes = generate_latest(self.registry)
         return body
+
+
+# Every way an HBONE server (common.hbone.server) refuses a peer, as metric label values.
+# TLS handshake: plaintext or not TLS 1.3; no client certificate; a chain from another
+# CA; an expired (or not yet valid) certificate; another trust domain; no SPIFFE ID in
+# the certificate; no handshake in time; any other handshake failure.  Request: not a
+# plain CONNECT; an authority that is not ip:port; another malformed request; refused
+# while draining.  Connection: rapid reset; PING/SETTINGS/CONTINUATION flood; header
+# list over its bound; any other HTTP/2 violation.
+HBONE_REFUSAL_REASONS = (
+    "not_tls", "no_client_cert", "unknown_ca", "expired_cert", "wrong_trust_domain",
+    "not_spiffe", "handshake_timeout", "tls_failed",
+    "not_connect", "bad_authority", "bad_request", "draining",
+    "rapid_reset", "flood", "header_list_too_large", "protocol_error",
+    "other",
+)
+
+
+class HboneRefusals:
+    """``pyambient_hbone_refused_total{reason}``: one count per refusal an HBONE server makes.
+
+    Istio's ztunnel has no such counter (``istio_tcp_connections_failed`` needs a known
+    source workload, which a refused handshake never reveals), hence our own prefix.
+    Calling the instance counts one refusal.  Every reason starts at 0, so a rate is
+    defined before the first refusal; a word outside :data:`HBONE_REFUSAL_REASONS` is
+    counted as ``other`` rather than let it grow the label set.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.counter = Counter("pyambient_hbone_refused",
+                               "Refusals by the HBONE server (TLS handshake, request, HTTP/2 "
+                               "abuse), by reason", ("reason",), registry=registry)
+        self._children = {reason: self.counter.labels(reason)
+                          for reason in HBONE_REFUSAL_REASONS}
+
+    def __call__(self, reason: str) -> None:
+        child = self._children.get(reason)
+        if child is None:
+            child = self._children["other"]
+        child.inc()

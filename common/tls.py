@@ -66,10 +66,12 @@ from common.errors import (
     ConnectTimeoutError,
     HandshakeError,
     IdentityError,
+    NoSpiffeIdError,
     PeerIdentityError,
     StreamBrokenError,
     StreamClosedError,
     TransportError,
+    TrustDomainError,
 )
 from common.identity import SpiffeId
 
@@ -296,20 +298,20 @@ def _identity_of_der(der: bytes) -> SpiffeId:
         cert = x509.load_der_x509_certificate(der)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as exc:
-        raise PeerIdentityError("the peer certificate has no SAN, so no SPIFFE ID") from exc
+        raise NoSpiffeIdError("the peer certificate has no SAN, so no SPIFFE ID") from exc
     except ValueError as exc:
-        raise PeerIdentityError(f"the peer certificate cannot be parsed: {exc}") from exc
+        raise NoSpiffeIdError(f"the peer certificate cannot be parsed: {exc}") from exc
     uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
             if u.lower().startswith("spiffe://")]
     if len(uris) != 1:
-        raise PeerIdentityError(
+        raise NoSpiffeIdError(
             f"the peer certificate has {len(uris)} spiffe:// URI SANs; a mesh workload "
             f"certificate has exactly one")
     try:
         return SpiffeId.parse(uris[0])
     except IdentityError as exc:
-        raise PeerIdentityError(f"the peer certificate's URI SAN is not a workload identity: "
-                                f"{exc}") from exc
+        raise NoSpiffeIdError(f"the peer certificate's URI SAN is not a workload identity: "
+                              f"{exc}") from exc
 
 
 # Reasons OpenSSL reports for a peer that rejected *our* side of the handshake.  In
@@ -353,12 +355,21 @@ _REASONS: Final = {
 }
 
 
+# X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+_VERIFY_EXPIRED: Final = (9, 10)
+# no issuer / self-signed in chain / no local issuer / cannot verify the leaf
+_VERIFY_UNKNOWN_CA: Final = (2, 19, 20, 21)
+# OpenSSL's reasons for bytes that are not a TLS handshake at all.
+_NOT_TLS: Final = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST",
+                             "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"})
+
+
 def _explain_verify(exc: ssl.SSLCertVerificationError, peer: str) -> str:
     message = exc.verify_message or str(exc)
-    if exc.verify_code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+    if exc.verify_code in _VERIFY_EXPIRED:
         return (f"the {peer} certificate is expired or not yet valid ({message}): check its "
                 f"renewal and both clocks")
-    if exc.verify_code in (2, 19, 20, 21):  # no issuer / self-signed in chain / local issuer
+    if exc.verify_code in _VERIFY_UNKNOWN_CA:
         return (f"the {peer} certificate is not signed by a trusted mesh root ({message}): "
                 f"another CA? check that both sides share the trust bundle")
     return f"the {peer} certificate did not verify: {message}"
@@ -378,6 +389,32 @@ def _handshake_error(exc: BaseException, *, server_side: bool) -> HandshakeError
     error = HandshakeError(f"TLS handshake with the {peer} failed: {text}")
     error.__cause__ = exc
     return error
+
+
+def handshake_refusal(exc: BaseException) -> str:
+    """Why :func:`accept_tls` refused a client, as one word of a closed set (a metric
+    label, see ``common.metrics.HBONE_REFUSAL_REASONS``): ``not_tls``, ``no_client_cert``,
+    ``unknown_ca``, ``expired_cert``, ``wrong_trust_domain``, ``not_spiffe``,
+    ``handshake_timeout`` or ``tls_failed`` (anything else: ALPN, cipher, a client that
+    hung up).  Decided from the error's type and its chained ``ssl`` cause, not its text."""
+    if isinstance(exc, TrustDomainError):
+        return "wrong_trust_domain"
+    if isinstance(exc, NoSpiffeIdError):
+        return "not_spiffe"
+    cause = exc.__cause__
+    if isinstance(exc, trio.TooSlowError) or isinstance(cause, trio.TooSlowError):
+        return "handshake_timeout"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        if cause.verify_code in _VERIFY_EXPIRED:
+            return "expired_cert"
+        if cause.verify_code in _VERIFY_UNKNOWN_CA:
+            return "unknown_ca"
+    elif isinstance(cause, ssl.SSLError):
+        if cause.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_client_cert"
+        if cause.reason in _NOT_TLS:
+            return "not_tls"
+    return "tls_failed"
 
 
 def _stream_error(exc: BaseException) -> TransportError:
@@ -838,19 +875,19 @@ async def accept_tls(sock: socket.socket, ctx: ssl.SSLContext, *, trust_domain: 
         sock.close()
         raise _handshake_error(exc, server_side=True) from exc
     try:
-        with trio.move_on_after(handshake_timeout) as scope:
-            try:
+        try:
+            with trio.fail_after(handshake_timeout):
                 await _handshake(tls)
-            except (ssl.SSLError, OSError) as exc:
-                raise _handshake_error(exc, server_side=True) from exc
-        if scope.cancelled_caught:
+        except (ssl.SSLError, OSError) as exc:
+            raise _handshake_error(exc, server_side=True) from exc
+        except trio.TooSlowError as exc:
             raise HandshakeError(
                 f"the client did not complete a TLS handshake within {handshake_timeout} s "
-                f"(slow client, or plaintext that never looks like TLS)")
+                f"(slow client, or plaintext that never looks like TLS)") from exc
         alpn = _check_session(tls)
         identity = peer_identity(tls)
         if identity.trust_domain != trust_domain:
-            raise PeerIdentityError(
+            raise TrustDomainError(
                 f"client identity {identity} is from trust domain {identity.trust_domain!r}; "
                 f"this server accepts only {trust_domain!r}")
     except BaseException:

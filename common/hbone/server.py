@@ -8,7 +8,11 @@ returns or fails without answering produces a 503.
 
 Bad input costs only its own connection or stream: a failed handshake (plaintext,
 no client certificate, another CA, another trust domain), a bad request or an HTTP/2
-violation (including a rapid-reset flood) is refused and logged once with the reason.
+violation (including a rapid-reset flood) is refused and logged once with the reason,
+and counted: ``on_refused`` is told one word per refusal, from the closed set
+``common.metrics.HBONE_REFUSAL_REASONS`` (ztunnel passes its
+``pyambient_hbone_refused_total{reason}`` counter).  A handler's own ``reject`` is the
+handler's to count, not a refusal of the server's.
 
 Graceful drain (:meth:`HboneServer.drain`): stop accepting, GOAWAY every connection,
 let streams finish until the deadline, then cancel what is left.
@@ -24,9 +28,9 @@ import h2.errors
 import h2.events
 import trio
 
-from common.errors import HandshakeError, MeshError
+from common.errors import HandshakeError, Http2ViolationError, MeshError, ProtocolError
 from common.hbone.connection import TRANSPORT_ERRORS, HboneConnection
-from common.hbone.request import BadRequestError, ConnectRequest, parse_request
+from common.hbone.request import BadRequestError, ConnectRequest, parse_authority, parse_request
 from common.hbone.stream import HboneStream
 from common.identity import SpiffeId
 from common.logging import get_logger
@@ -37,6 +41,7 @@ _log = get_logger("hbone.server")
 
 Transport = trio.abc.HalfCloseableStream
 Handshake = Callable[[socket.socket], Awaitable[tuple[Transport, SpiffeId | None]]]
+OnRefused = Callable[[str], None]
 
 
 class Responder:
@@ -99,9 +104,11 @@ class HboneServer:
     """
 
     def __init__(self, handler: Handler, handshake: Handshake, *,
-                 handshake_timeout: float = 10.0, idle_timeout: float = 600.0) -> None:
+                 handshake_timeout: float = 10.0, idle_timeout: float = 600.0,
+                 on_refused: OnRefused | None = None) -> None:
         self._handler = handler
         self._handshake = handshake
+        self._on_refused = on_refused
         self._handshake_timeout = handshake_timeout
         # Clients close their own idle connections sooner (pool idle timeout); this
         # reclaims connections from clients that vanished without a FIN.
@@ -154,11 +161,15 @@ class HboneServer:
             with trio.fail_after(self._handshake_timeout):
                 transport, peer = await self._handshake(sock)
         except (MeshError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            from common.tls import handshake_refusal
+
             reason = (f"no handshake within {self._handshake_timeout:g}s"
                       if isinstance(exc, trio.TooSlowError) else str(exc))
+            refusal = handshake_refusal(exc)
             level = "warning" if isinstance(exc, HandshakeError) else "info"
             getattr(_log, level)("hbone handshake refused", peer_addr=peer_address,
-                                 reason=reason)
+                                 reason=reason, refusal=refusal)
+            self._refused(refusal)
             sock.close()
             return
         connection = HboneConnection(
@@ -178,24 +189,39 @@ class HboneServer:
         finally:
             self.connections.discard(connection)
             self._all_closed.unpark_all()
+        if isinstance(connection.error, ProtocolError):
+            # The reader already logged it, and the GOAWAY went out.
+            self._refused(connection.error.reason
+                          if isinstance(connection.error, Http2ViolationError)
+                          else "protocol_error")
+
+    def _refused(self, reason: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     def _on_request(self, connection: HboneConnection, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
         if connection.draining or connection.nursery is None:
             connection.protocol.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._refused("draining")
             return
         try:
             request = parse_request(stream_id, event.headers,
                                     peer_identity=connection.peer_identity,
                                     peer_address=connection.peer_address)
         except BadRequestError as exc:
-            connection.log.warning("hbone request refused", status=exc.status, reason=str(exc))
+            refusal = _bad_request_refusal(event.headers)
+            connection.log.warning("hbone request refused", status=exc.status, reason=str(exc),
+                                   refusal=refusal)
             connection.protocol.send_response(stream_id, exc.status, end_stream=True)
+            self._refused(refusal)
             return
         if event.stream_ended is not None:
             connection.log.warning("hbone request refused", status=400,
-                                   reason="CONNECT ended its stream with the request")
+                                   reason="CONNECT ended its stream with the request",
+                                   refusal="bad_request")
             connection.protocol.send_response(stream_id, 400, end_stream=True)
+            self._refused("bad_request")
             return
         stream = connection.accept_stream(stream_id)
         connection.nursery.start_soon(self._run_handler, connection, stream, request)
@@ -219,6 +245,18 @@ class HboneServer:
                 connection.log.warning("hbone handler did not answer", authority=request.authority)
                 responder._answer(503)
             await stream.aclose()
+
+
+def _bad_request_refusal(headers: list[tuple[bytes, bytes]]) -> str:
+    """Which refusal a request that :func:`parse_request` refused counts as."""
+    fields = dict(headers)
+    if fields.get(b":method") != b"CONNECT" or b":protocol" in fields:
+        return "not_connect"
+    try:
+        parse_authority(fields.get(b":authority", b"").decode("latin-1"))
+    except BadRequestError:
+        return "bad_authority"
+    return "bad_request"
 
 
 async def forward_tcp(request: ConnectRequest, responder: Responder, *,

@@ -1,6 +1,8 @@
-"""Bad input is refused, logged once with the reason, and costs nothing else.
+"""Bad input is refused, logged once with the reason, counted, and costs nothing else.
 
-Every case runs against one server while a good client keeps using it.
+Every case runs against one server while a good client keeps using it; the server's
+refusal counter (``pyambient_hbone_refused_total{reason}``) must move by exactly the
+refusals provoked.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.integration.hbone_support import (
     start_server,
     wait_until,
 )
+from tests.security.hbone_refusals import refusals, start_counted_server, wait_refused
 
 
 class RawH2:
@@ -91,7 +94,7 @@ async def test_handshake_failures_are_refused_and_logged_once_each() -> None:
     stranger = make_mesh()  # same identities, another CA
     async with trio.open_nursery() as nursery:
         echo = await start_echo(nursery)
-        _server, address = await start_server(nursery, mesh)
+        _server, address, metrics = await start_counted_server(nursery, mesh)
         async with pool_for(mesh) as pool:
             await _good_client_works(pool, address, echo)
             with structlog.testing.capture_logs() as logs:
@@ -124,7 +127,10 @@ async def test_handshake_failures_are_refused_and_logged_once_each() -> None:
             reasons = [str(e["reason"]) for e in _refusals(logs, "hbone handshake refused")]
             assert len(reasons) == 3, reasons
             assert all(reasons), reasons
+            expected = {"not_tls": 1, "no_client_cert": 1, "unknown_ca": 1}
+            await wait_refused(metrics, expected)
             await _good_client_works(pool, address, echo)
+            assert refusals(metrics) == expected
         nursery.cancel_scope.cancel()
 
 
@@ -164,7 +170,7 @@ async def test_non_connect_and_malformed_authority_get_400_on_a_live_connection(
     mesh = make_mesh()
     async with trio.open_nursery() as nursery:
         echo = await start_echo(nursery)
-        _server, address = await start_server(nursery, mesh)
+        _server, address, metrics = await start_counted_server(nursery, mesh)
         raw = await RawH2.connect(mesh, address)
         with trio.fail_after(10), structlog.testing.capture_logs() as logs:
             get = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
@@ -179,6 +185,8 @@ async def test_non_connect_and_malformed_authority_get_400_on_a_live_connection(
         assert [entry["status"] for entry in refused] == [400, 400]
         assert "CONNECT" in str(refused[0]["reason"])
         assert "IP address" in str(refused[1]["reason"])
+        # Counted as they were answered (no wait): the good request counted nothing.
+        assert refusals(metrics) == {"not_connect": 1, "bad_authority": 1}
         await raw.stream.aclose()
         nursery.cancel_scope.cancel()
 
@@ -187,7 +195,7 @@ async def test_rapid_reset_flood_gets_goaway_while_good_client_keeps_working() -
     mesh = make_mesh()
     async with trio.open_nursery() as nursery:
         echo = await start_echo(nursery)
-        _server, address = await start_server(nursery, mesh)
+        _server, address, metrics = await start_counted_server(nursery, mesh)
         async with pool_for(mesh) as pool:
             raw = await RawH2.connect(mesh, address)
             request = [(b":method", b"CONNECT"), (b":authority", f"127.0.0.1:{echo}".encode())]
@@ -218,4 +226,5 @@ async def test_rapid_reset_flood_gets_goaway_while_good_client_keeps_working() -
             errors = _refusals(logs, "hbone protocol error, connection closed")
             assert len(errors) == 1 and "rapid-reset" in str(errors[0]["reason"])
             await raw.stream.aclose()
+            await wait_refused(metrics, {"rapid_reset": 1})
         nursery.cancel_scope.cancel()

@@ -102,7 +102,8 @@ class EnrolledPod:
                     inbound_handler(self),
                     tls_handshake(lambda: state.certs.server_context(self.identity),
                                   trust_domain, timeout=cfg.handshake_timeout),
-                    handshake_timeout=cfg.handshake_timeout)
+                    handshake_timeout=cfg.handshake_timeout,
+                    on_refused=state.metrics.hbone_refused)
                 async with HbonePool(self._connect, idle_timeout=cfg.hbone_idle_timeout
                                      ) as pool, trio.open_nursery() as nursery:
                     self._pool = pool
