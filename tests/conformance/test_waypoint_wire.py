@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import trio
 
+from common.tcp import TcpStream
 from deploy.local import echo
 from tests.conformance.tables import Case, Observation, Table, check, load_tables
 from tests.unit.waypoint_helpers import Client
@@ -33,7 +34,6 @@ from waypoint.app import Options, Waypoint, bench_config_from
 from waypoint.listener import serve_stream
 from waypoint.mirror import Mirrorer
 from waypoint.proxy import PeerInfo
-from waypoint.upstream import RawSocketStream, tune
 
 TABLES = load_tables()
 UNOBSERVABLE = ("route_name",)
@@ -96,8 +96,7 @@ async def _serve(nursery: trio.Nursery, waypoint: Waypoint, peer: PeerInfo) -> i
                     sock, _ = listener.accept()
                 except BlockingIOError:
                     continue
-                tune(sock)
-                nursery.start_soon(serve_stream, RawSocketStream(sock), waypoint.proxy,
+                nursery.start_soon(serve_stream, TcpStream(sock), waypoint.proxy,
                                    PeerInfo(source_ip="127.0.0.1", destination=peer.destination,
                                             port=peer.port, source_labels=peer.source_labels,
                                             source_namespace=peer.source_namespace), None)
@@ -178,13 +177,13 @@ async def recorder(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Recorder]:
     yield rec
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("table", TABLES, ids=lambda t: t.name)
-async def test_table_over_the_wire(table: Table, recorder: Recorder) -> None:
+async def run_table(table: Table, start_runner: Callable[[trio.Nursery], Awaitable[Any]],
+                    transport: str) -> None:
+    """Every case of ``table`` through a runner (``observe(case)``) that
+    ``start_runner`` starts in a nursery; fails with every case that did not hold."""
     failures: list[str] = []
     async with trio.open_nursery() as nursery:
-        runner = WireRunner(nursery, table, recorder)
-        await runner.start()
+        runner = await start_runner(nursery)
         for case in table.cases:
             expected = {k: v for k, v in case.expected.items() if k not in UNOBSERVABLE}
             wire_case = Case(case.table, case.index, case.name, case.request, expected,
@@ -195,5 +194,15 @@ async def test_table_over_the_wire(table: Table, recorder: Recorder) -> None:
                 failures.append(f"{case.id}: {'; '.join(problems)}")
         nursery.cancel_scope.cancel()
     print(f"\n{table.name}: {len(table.cases) - len(failures)}/{len(table.cases)} cases pass "
-          f"over the wire")
+          f"over {transport}")
     assert failures == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table", TABLES, ids=lambda t: t.name)
+async def test_table_over_the_wire(table: Table, recorder: Recorder) -> None:
+    async def start(nursery: trio.Nursery) -> WireRunner:
+        runner = WireRunner(nursery, table, recorder)
+        await runner.start()
+        return runner
+    await run_table(table, start, "the wire")

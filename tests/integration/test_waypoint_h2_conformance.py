@@ -14,13 +14,13 @@ from collections.abc import Mapping, Sequence
 import pytest
 import trio
 
-from tests.conformance.tables import Case, Table, check, load_tables
+from tests.conformance.tables import Case, Table, load_tables
 from tests.conformance.test_waypoint_wire import (
-    UNOBSERVABLE,
     Recorder,
     WireRunner,
     _serve,
     recorder,  # noqa: F401 -- fixture
+    run_table,
 )
 from tests.integration.h2_support import H2Client
 from tests.unit.waypoint_helpers import Reply
@@ -70,19 +70,8 @@ class H2WireRunner(WireRunner):
 @pytest.mark.slow
 @pytest.mark.parametrize("table", TABLES, ids=lambda t: t.name)
 async def test_table_over_h2(table: Table, recorder: Recorder) -> None:  # noqa: F811
-    failures: list[str] = []
-    async with trio.open_nursery() as nursery:
+    async def start(nursery: trio.Nursery) -> H2WireRunner:
         runner = H2WireRunner(nursery, table, recorder)
         await runner.start()
-        for case in table.cases:
-            expected = {k: v for k, v in case.expected.items() if k not in UNOBSERVABLE}
-            wire_case = Case(case.table, case.index, case.name, case.request, expected,
-                             case.backend_response_headers)
-            observations = [await runner.observe(wire_case) for _ in range(case.samples)]
-            problems = check(wire_case, observations)
-            if problems:
-                failures.append(f"{case.id}: {'; '.join(problems)}")
-        nursery.cancel_scope.cancel()
-    print(f"\n{table.name}: {len(table.cases) - len(failures)}/{len(table.cases)} cases pass "
-          f"over h2c")
-    assert failures == []
+        return runner
+    await run_table(table, start, "h2c")
