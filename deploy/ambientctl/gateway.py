@@ -3,9 +3,12 @@
 ``apply`` writes the Gateway (class ``pyambient``: an HTTP listener, and an HTTPS one
 per ``--tls-secret``), then its ServiceAccount, Deployment (``waypoint --mode ingress``)
 and Service with owner references; ``--dry-run`` prints them as YAML and talks to no
-server.  On the local cluster it also starts the host-port forwarder
+server.  On Kubernetes (a server that serves RBAC) it also applies the gateway's RBAC
+(:func:`deploy.install.proxy_rbac`: read the mesh, write its own Gateway's status, read
+its TLS Secrets).  On the local cluster it also starts the host-port forwarder
 (:mod:`deploy.local.hostports`) so the listeners are reachable from the host at
-``127.0.0.1``; ``status`` waits for a Ready pod and prints those addresses.
+``127.0.0.1``.  ``status`` waits until the gateway has written ``Programmed=True`` on its
+Gateway (:mod:`waypoint.gateway_status`) and a pod is Ready, then prints those addresses.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 
 from common.errors import ConfigError, KubeApiError
 from common.kube import Gateway, KubeClient, Pod
+from deploy import install
 from deploy.ambientctl.waypoint import (
     DEFAULT_WAIT,
     POLL_INTERVAL,
@@ -30,6 +34,10 @@ from deploy.ambientctl.waypoint import (
     _run,
     _wait_timeout,
     apply_object,
+    apply_rbac,
+    client_config,
+    rbac_paths,
+    serves_rbac,
 )
 from deploy.gateway_objects import (
     DEFAULT_HTTP_PORT,
@@ -43,19 +51,35 @@ from deploy.gateway_objects import (
     listener_ports,
 )
 from deploy.local import cluster
-from deploy.waypoint_objects import GATEWAY_NAME_LABEL, Owner, pod_ready
+from deploy.waypoint_objects import (
+    DEFAULT_IMAGE,
+    GATEWAY_NAME_LABEL,
+    Owner,
+    condition_of,
+    pod_ready,
+)
 
 #: How long ``apply`` waits for the forwarder to write its addresses.
 FORWARDER_START = 15.0
 
 
-def spec_from(args: argparse.Namespace, namespace: str) -> GatewaySpec:
+def spec_from(args: argparse.Namespace, namespace: str, *,
+              kubernetes: bool = False) -> GatewaySpec:
+    """The gateway asked for; without ``--image`` the local cluster's image, or on
+    Kubernetes the one ``ambientctl install`` deploys."""
+    image = args.image or (install.DEFAULT_IMAGE if kubernetes else DEFAULT_IMAGE)
     spec = GatewaySpec(namespace=namespace, name=args.name,
                        http_port=None if args.no_http else args.http_port,
                        https_port=args.https_port, tls_secrets=tuple(args.tls_secret),
-                       hostname=args.hostname, **({"image": args.image} if args.image else {}))
+                       hostname=args.hostname, image=image)
     spec.check()
     return spec
+
+
+def rbac_objects(spec: GatewaySpec, owner: Owner | None = None) -> list[dict[str, Any]]:
+    """On Kubernetes: read the mesh, write the Gateway's status, read its TLS Secrets."""
+    return install.proxy_rbac(spec.namespace, spec.name, secrets=spec.tls_secrets,
+                              owner=owner.reference() if owner is not None else None)
 
 
 def local_cluster_name(args: argparse.Namespace) -> str | None:
@@ -111,24 +135,33 @@ def start_forwarder(cluster_name: str, namespace: str, name: str) -> dict[str, s
     return trio.run(wait)
 
 
-async def apply_gateway(client: KubeClient, spec: GatewaySpec) -> bool:
+async def apply_gateway(client: KubeClient, spec: GatewaySpec, *,
+                        kubernetes: bool = False) -> bool:
     changed = await apply_object(client, gateway(spec)) != "unchanged"
     stored = await client.get(Gateway, spec.name, spec.namespace)
     owner = Owner(spec.name, stored.metadata.uid or "")
     for body in dependants(spec, listener_ports(stored.spec), owner):
         changed |= await apply_object(client, body) != "unchanged"
+    if kubernetes:
+        changed |= await apply_rbac(client, rbac_objects(spec, owner))
     return changed
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     if args.dry_run:
-        spec = spec_from(args, args.namespace or "default")
-        print(yaml.safe_dump_all(gateway_objects(spec), sort_keys=False), end="")
+        # No server is asked: a kubeconfig says the target is Kubernetes.
+        kubernetes = bool(args.kubeconfig or args.context)
+        namespace = client_config(args).namespace if kubernetes else \
+            args.namespace or "default"
+        spec = spec_from(args, namespace, kubernetes=kubernetes)
+        objects = gateway_objects(spec) + (rbac_objects(spec) if kubernetes else [])
+        print(yaml.safe_dump_all(objects, sort_keys=False), end="")
         return 0
 
     async def work(client: KubeClient) -> tuple[GatewaySpec, bool]:
-        spec = spec_from(args, args.namespace)
-        return spec, await apply_gateway(client, spec)
+        kubernetes = await serves_rbac(client)
+        spec = spec_from(args, args.namespace, kubernetes=kubernetes)
+        return spec, await apply_gateway(client, spec, kubernetes=kubernetes)
 
     spec, changed = _run(args, work)
     print(f"gateway {spec.namespace}/{spec.name} applied{'' if changed else ' (unchanged)'}",
@@ -154,7 +187,20 @@ async def gateway_readiness(client: KubeClient, namespace: str, name: str
     pods = (await client.list(Pod, namespace,
                               label_selector=f"{GATEWAY_NAME_LABEL}={name}")).items
     ready = sum(1 for p in pods if pod_ready(p))
-    return ready > 0, f"pods ready {ready}/{len(pods)}"
+    counted = f"pods ready {ready}/{len(pods)}"
+    programmed = condition_of(gw, "Programmed")
+    if programmed is None:
+        return False, (f"no Programmed condition yet (the gateway writes it once it is "
+                       f"ready); {counted}")
+    if programmed.get("status") != "True":
+        return False, (f"Programmed={programmed.get('status')} ({programmed.get('reason')}: "
+                       f"{programmed.get('message')}); {counted}")
+    observed = programmed.get("observedGeneration")
+    if isinstance(observed, int) and observed < (gw.metadata.generation or 1):
+        return False, (f"the status is for generation {observed}, the Gateway is at "
+                       f"{gw.metadata.generation}; {counted}")
+    addresses = ",".join(str(a.get("value")) for a in gw.status.get("addresses") or [])
+    return ready > 0, f"{counted}, address {addresses or 'none'}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -193,6 +239,14 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if exc.code == 404:
                 return False
             raise
+        if await serves_rbac(client):
+            # Cluster-scoped, so not collected with the Gateway as the rest is.
+            for path in rbac_paths(args.namespace, args.name):
+                try:
+                    await client.request("DELETE", path)
+                except KubeApiError as exc:
+                    if exc.code != 404:
+                        raise
         return True
 
     found = _run(args, work)
@@ -224,7 +278,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="kubernetes.io/tls Secret for the HTTPS listener (repeatable: "
                        "SNI picks among them)")
     apply.add_argument("--hostname", help="listener hostname (default: any)")
-    apply.add_argument("--image", help="container image")
+    apply.add_argument("--image", help=f"container image (default {DEFAULT_IMAGE} on the "
+                       f"local cluster, {install.DEFAULT_IMAGE} on Kubernetes)")
     apply.add_argument("--dry-run", action="store_true",
                        help="print the objects as YAML and change nothing")
     apply.set_defaults(func=cmd_apply)

@@ -74,6 +74,12 @@ _CREATE_RACES = 2
 _RBAC_API = "/apis/rbac.authorization.k8s.io/v1"
 _BINDING = ResourceType(kind="ClusterRoleBinding", group="rbac.authorization.k8s.io",
                         version="v1", plural="clusterrolebindings", namespaced=False)
+_ROLE = ResourceType(kind="Role", group="rbac.authorization.k8s.io", version="v1",
+                     plural="roles", namespaced=True)
+_ROLE_BINDING = ResourceType(kind="RoleBinding", group="rbac.authorization.k8s.io",
+                             version="v1", plural="rolebindings", namespaced=True)
+#: REST coordinates of the RBAC kinds ``apply`` writes on Kubernetes.
+RBAC_TYPES = {rt.kind: rt for rt in (_BINDING, _ROLE, _ROLE_BINDING)}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -139,10 +145,10 @@ def spec_from(args: argparse.Namespace, namespace: str, *, kubernetes: bool) -> 
 
 def dry_run_yaml(spec: WaypointSpec, *, kubernetes: bool) -> str:
     """The objects as multi-document YAML (no owner references: no uid exists yet); on
-    Kubernetes also the ClusterRoleBinding."""
+    Kubernetes also the RBAC objects (:func:`deploy.install.proxy_rbac`)."""
     objects = waypoint_objects(spec)
     if kubernetes:
-        objects.append(install.waypoint_rbac(spec.namespace, spec.name))
+        objects += install.proxy_rbac(spec.namespace, spec.name)
     return yaml.safe_dump_all(objects, sort_keys=False)
 
 
@@ -173,8 +179,8 @@ async def apply_object(client: KubeClient, body: dict[str, Any],
 
 
 async def apply_waypoint(client: KubeClient, spec: WaypointSpec, *, kubernetes: bool) -> bool:
-    """Write the four objects (on Kubernetes also the ClusterRoleBinding that lets the
-    waypoint read the mesh's objects); True when any was created or changed."""
+    """Write the four objects (on Kubernetes also the RBAC that lets the waypoint read the
+    mesh's objects and write its Gateway's status); True when any was created or changed."""
     changed = False
     try:
         outcome = await apply_object(client, gateway(spec))
@@ -190,9 +196,17 @@ async def apply_waypoint(client: KubeClient, spec: WaypointSpec, *, kubernetes: 
     for body in dependants(spec, owner):
         changed |= await apply_object(client, body) != "unchanged"
     if kubernetes:
-        # Cluster-scoped, so it cannot be owned by the Gateway: delete removes it by name.
-        binding = install.waypoint_rbac(spec.namespace, spec.name)
-        changed |= await apply_object(client, binding, _BINDING) != "unchanged"
+        changed |= await apply_rbac(client, install.proxy_rbac(
+            spec.namespace, spec.name, owner=owner.reference()))
+    return changed
+
+
+async def apply_rbac(client: KubeClient, objects: list[dict[str, Any]]) -> bool:
+    """Apply a proxy's RBAC objects (the ClusterRoleBinding is cluster-scoped, so it cannot
+    be owned by the Gateway: delete removes it by name); True when any changed."""
+    changed = False
+    for body in objects:
+        changed |= await apply_object(client, body, RBAC_TYPES[body["kind"]]) != "unchanged"
     return changed
 
 
@@ -260,14 +274,26 @@ async def readiness(client: KubeClient, namespace: str, name: str
     ready = sum(1 for p in pods if pod_ready(p))
     programmed = condition_of(gw, "Programmed")
     if programmed is None:
-        return gw, False, ("the Gateway has no Programmed condition yet (no controller has "
-                           f"written its status); pods ready {ready}/{len(pods)}")
+        return gw, False, (f"no Programmed condition yet (the waypoint writes it once it is "
+                           f"ready); pods ready {ready}/{len(pods)}: "
+                           f"{_unwritten_hint(namespace, name)}")
     if programmed.get("status") != "True":
         return gw, False, (f"Programmed={programmed.get('status')} "
                            f"({programmed.get('reason')}: {programmed.get('message')})")
+    observed = programmed.get("observedGeneration")
+    if isinstance(observed, int) and observed < (gw.metadata.generation or 1):
+        return gw, False, (f"the status is for generation {observed}, the Gateway is at "
+                           f"{gw.metadata.generation}: waiting for a ready waypoint to "
+                           f"observe it; {_unwritten_hint(namespace, name)}")
     if ready == 0:
         return gw, False, f"no waypoint pod is Ready ({ready}/{len(pods)})"
     return gw, True, f"pods ready {ready}/{len(pods)}"
+
+
+def _unwritten_hint(namespace: str, name: str) -> str:
+    return (f"check `ambientctl logs -n {namespace} deploy/{name}` (kubectl logs on "
+            f"Kubernetes, where it needs get and patch on gateways/status: "
+            f"Role {install.gateway_status_role_name(name)})")
 
 
 async def wait_ready(client: KubeClient, namespace: str, name: str,
@@ -302,8 +328,7 @@ async def delete_waypoint(client: KubeClient, namespace: str, name: str) -> None
     paths = [by_kind(kind).object_path(name, namespace)
              for kind in ("Deployment", "Service", "ServiceAccount")]
     if await serves_rbac(client):
-        paths.append(_BINDING.object_path(
-            install.waypoint_rbac(namespace, name)["metadata"]["name"]))
+        paths += rbac_paths(namespace, name)
     for path in paths:
         try:
             stored = await client.request("GET", path)
@@ -312,6 +337,13 @@ async def delete_waypoint(client: KubeClient, namespace: str, name: str) -> None
         except KubeApiError as exc:
             if exc.code != 404:  # already collected by the owner's garbage collector
                 raise
+
+
+def rbac_paths(namespace: str, name: str) -> list[str]:
+    """Where a proxy's RBAC objects live (what delete removes when no collector did)."""
+    return [RBAC_TYPES[o["kind"]].object_path(o["metadata"]["name"],
+                                              o["metadata"].get("namespace"))
+            for o in install.proxy_rbac(namespace, name)]
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

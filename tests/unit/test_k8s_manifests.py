@@ -18,6 +18,7 @@ from deploy.install import (
     CAPABILITIES,
     CRD_GROUPS,
     CRD_SOURCES,
+    GATEWAY_TEMPLATE_SECRET,
     KUBERNETES_VERSION,
     NAMESPACE,
     OLDEST_KUBERNETES_VERSION,
@@ -27,7 +28,9 @@ from deploy.install import (
     ZTUNNEL,
     InstallOptions,
     base_files,
+    gateway_status_rbac,
     install_objects,
+    proxy_rbac,
     waypoint_rbac,
 )
 from tests.manifest_checks import problems
@@ -94,14 +97,53 @@ def test_every_base_manifest_validates(version: str) -> None:
     assert _all_problems(objects, version) == []
 
 
+def _filled(template: str) -> list[dict[str, Any]]:
+    text = (K8S / template).read_text()
+    return _docs(text.replace(WAYPOINT_TEMPLATE_NAMESPACE, "demo").replace(
+        WAYPOINT_TEMPLATE_NAME, "waypoint").replace(GATEWAY_TEMPLATE_SECRET, "edge-cert"))
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_the_waypoint_rbac_template_validates_once_filled(version: str) -> None:
-    text = (K8S / "waypoint-rbac-template.yaml").read_text()
-    filled = text.replace(WAYPOINT_TEMPLATE_NAMESPACE, "demo").replace(
-        WAYPOINT_TEMPLATE_NAME, "waypoint")
-    (binding,) = _docs(filled)
-    assert binding == waypoint_rbac("demo", "waypoint")
-    assert _all_problems([binding], version) == []
+    objects = _filled("waypoint-rbac-template.yaml")
+    assert objects == proxy_rbac("demo", "waypoint")
+    assert objects[0] == waypoint_rbac("demo", "waypoint")
+    assert _all_problems(objects, version) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_gateway_rbac_template_validates_once_filled(version: str) -> None:
+    objects = _filled("gateway-rbac-template.yaml")
+    assert objects == proxy_rbac("demo", "waypoint", secrets=["edge-cert"])
+    assert _all_problems(objects, version) == []
+
+
+@pytest.mark.parametrize("secrets", [(), ("edge-cert", "other-cert")])
+def test_a_proxy_may_write_only_its_own_gateway_status_in_its_namespace(
+        secrets: tuple[str, ...]) -> None:
+    owner = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+             "name": "edge", "uid": "u-1", "controller": True}
+    binding, role, role_binding = proxy_rbac("demo", "edge", secrets=secrets, owner=owner)
+    assert binding["kind"] == "ClusterRoleBinding"
+    assert binding["roleRef"]["name"] == "pyambient-waypoint"  # reads only (checked above)
+    assert role["kind"] == "Role" and role["metadata"]["namespace"] == "demo"
+    status_rule, *secret_rules = role["rules"]
+    assert status_rule == {"apiGroups": ["gateway.networking.k8s.io"],
+                           "resources": ["gateways/status"], "resourceNames": ["edge"],
+                           "verbs": ["get", "patch"]}
+    assert secret_rules == ([{"apiGroups": [""], "resources": ["secrets"],
+                              "resourceNames": sorted(secrets), "verbs": ["get"]}]
+                            if secrets else [])
+    assert role_binding["kind"] == "RoleBinding"
+    assert role_binding["metadata"]["namespace"] == "demo"
+    assert role_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                       "kind": "Role", "name": role["metadata"]["name"]}
+    assert role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "edge",
+                                         "namespace": "demo"}]
+    # Deleting the Gateway deletes them (same namespace); the binding is deleted by name.
+    assert role["metadata"]["ownerReferences"] == [owner] == \
+        role_binding["metadata"]["ownerReferences"]
+    assert _all_problems([binding, role, role_binding], KUBERNETES_VERSION) == []
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -144,6 +186,31 @@ def test_waypoint_apply_dry_run_for_kubernetes_validates(
     assert "ClusterRoleBinding" in kinds, kinds
     (binding,) = _by_kind(objects, "ClusterRoleBinding")
     assert binding == waypoint_rbac("demo", "waypoint")
+    assert [o for o in objects if o["kind"] in ("Role", "RoleBinding")] == \
+        gateway_status_rbac("demo", "waypoint")
+    (deployment,) = _by_kind(objects, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        InstallOptions().image
+    assert _all_problems(objects, version) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gateway_apply_dry_run_for_kubernetes_validates(
+        version: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kind",
+        "clusters": [{"name": "kind", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "kind", "user": {"token": "t"}}],
+        "contexts": [{"name": "kind", "context": {"cluster": "kind", "user": "kind",
+                                                  "namespace": "demo"}}]}))
+    assert ambientctl(["gateway", "apply", "--dry-run", "--kubeconfig", str(kubeconfig),
+                       "--name", "edge", "--tls-secret", "edge-cert"]) == 0
+    objects = _docs(capsys.readouterr().out)
+    assert [o["kind"] for o in objects] == ["Gateway", "ServiceAccount", "Deployment",
+                                            "Service", "ClusterRoleBinding", "Role",
+                                            "RoleBinding"]
+    assert objects[4:] == proxy_rbac("demo", "edge", secrets=["edge-cert"])
     (deployment,) = _by_kind(objects, "Deployment")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
         InstallOptions().image

@@ -172,11 +172,13 @@ def test_dry_run_yaml_parses_to_the_four_kinds() -> None:
     docs = list(yaml.safe_load_all(dry_run_yaml(spec, kubernetes=False)))
     assert [d["kind"] for d in docs] == ["Gateway", "ServiceAccount", "Deployment", "Service"]
     assert docs[0]["metadata"]["labels"] == {"istio.io/waypoint-for": "all"}
-    # For Kubernetes, also the binding that lets the waypoint's account read the mesh.
+    # For Kubernetes, also the bindings that let the waypoint's account read the mesh and
+    # write its own Gateway's status.
     docs = list(yaml.safe_load_all(dry_run_yaml(spec, kubernetes=True)))
-    assert docs[-1]["kind"] == "ClusterRoleBinding"
-    assert docs[-1]["subjects"] == [{"kind": "ServiceAccount", "name": "waypoint",
-                                     "namespace": "a"}]
+    assert [d["kind"] for d in docs[4:]] == ["ClusterRoleBinding", "Role", "RoleBinding"]
+    for binding in (docs[4], docs[6]):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "waypoint",
+                                        "namespace": "a"}]
 
 
 def test_translator_sees_the_waypoint_with_the_account_identity() -> None:
@@ -354,6 +356,10 @@ async def test_on_kubernetes_apply_binds_the_account_and_delete_unbinds_it() -> 
         assert await apply_waypoint(client, spec, kubernetes=kubernetes)
         assert not await apply_waypoint(client, spec, kubernetes=kubernetes)
         assert fake.objects[binding]["roleRef"]["name"] == "pyambient-waypoint"
-        assert len(fake.objects) == 5
+        assert len(fake.objects) == 7  # + ClusterRoleBinding, Role, RoleBinding
+        role = fake.objects["/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/"
+                            "pyambient-gateway-status-reviews-wp"]
+        assert role["rules"][0]["resources"] == ["gateways/status"]
+        assert role["metadata"]["ownerReferences"][0]["name"] == "reviews-wp"
         await delete_waypoint(client, "shop", "reviews-wp")
         assert fake.objects == {}
