@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    mode=args.mode,
                    ratelimit_redis=(_address(args.ratelimit_redis) if args.ratelimit_redis
                                     else None),
-                   ratelimit_timeout=args.ratelimit_timeout)
+                   ratelimit_timeout=args.ratelimit_timeout,
+                   pod_ip=os.environ.get("POD_IP") or None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from waypoint.clusters import (
     Clusters,
     EndpointSource,
     EndpointSpec,
+    own_workload,
     snapshot_endpoints,
     static_endpoints,
 )
@@ -89,6 +90,8 @@ class Options:
     ratelimit_redis: tuple[str, int] | None = None
     ratelimit_timeout: float = 0.25
     mode: str = "mesh"  # or "ingress" (waypoint.ingress)
+    #: This pod's IP ($POD_IP): finds the waypoint's own node, so its locality, in discovery.
+    pod_ip: str | None = None
 
     @property
     def identity(self) -> SpiffeId:
@@ -260,6 +263,8 @@ class Waypoint:
             def source(cluster: Any, snap: Snapshot = snap) -> list[EndpointSpec]:
                 return snapshot_endpoints(snap, cluster)
 
+            if (own := own_workload(snap, self.options.pod_ip)) is not None:
+                self.clusters.set_client(*own)
             await self.clusters.update(table, source)
             ratelimits, issues = policies_from(kube_objects(
                 (*snap.http_routes, *snap.virtual_services)))
@@ -296,6 +301,8 @@ class Waypoint:
                 "issues": [str(i) for i in state.table.issues],
                 "ratelimits": sorted("/".join(k) for k in self.rate_limiter.policies),
                 "objects": self.served_objects,
+                # Where locality-aware picks are ranked from (empty: not known yet).
+                "locality": str(self.clusters.client_locality or ""),
                 # Pod IPs whose workload-addressed traffic this waypoint forwards.
                 "workloads": state.workloads.served,
                 "version": state.table.version})

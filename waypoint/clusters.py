@@ -97,6 +97,17 @@ class ClusterState:
                                          client_labels=self._client_labels, cluster=cluster.name)
             self.set_endpoints(self.endpoints.values())
 
+    def set_client(self, locality: Locality, labels: Mapping[str, str]) -> None:
+        """The waypoint's own locality changed (learnt from discovery): a new picker, as
+        the priority levels are ranked relative to it."""
+        self._client_locality = locality
+        self._client_labels = labels
+        res = self.cluster.resilience
+        self.picker = EndpointPicker((), res.load_balancer, res.outlier_detection,
+                                     client_locality=locality, client_labels=labels,
+                                     cluster=self.cluster.name)
+        self.set_endpoints(self.endpoints.values())
+
     def sweep(self, now: float) -> None:
         """Run outlier detection's interval work when it is due."""
         outlier = self.cluster.resilience.outlier_detection
@@ -143,6 +154,15 @@ class Clusters:
             state = self.by_name.pop(name)
             await state.pool.close_idle()
 
+    def set_client(self, locality: Locality, labels: Mapping[str, str]) -> None:
+        """Where the waypoint itself runs: locality-aware picks prefer hosts near it."""
+        if locality == self.client_locality and labels == self.client_labels:
+            return
+        self.client_locality = locality
+        self.client_labels = labels
+        for state in self.by_name.values():
+            state.set_client(locality, labels)
+
     async def run_sweeps(self, period: float = 1.0) -> None:
         """Outlier-detection intervals for every cluster, until cancelled."""
         while True:
@@ -157,6 +177,16 @@ def _locality(snapshot_locality: object) -> Locality:
     zone = getattr(snapshot_locality, "zone", "")
     subzone = getattr(snapshot_locality, "subzone", "")
     return Locality(region, zone, subzone)
+
+
+def own_workload(snapshot: Snapshot, pod_ip: str | None
+                 ) -> tuple[Locality, Mapping[str, str]] | None:
+    """Locality and labels of the waypoint's own pod (found by its IP), None while the
+    snapshot does not know it.  Istio's waypoint, an Envoy, is likewise placed by its node."""
+    workload = snapshot.workloads_by_ip.get(pod_ip) if pod_ip else None
+    if workload is None:
+        return None
+    return _locality(workload.locality), workload.labels
 
 
 def snapshot_endpoints(snapshot: Snapshot, cluster: Cluster) -> list[EndpointSpec]:
