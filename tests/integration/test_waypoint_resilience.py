@@ -146,3 +146,243 @@ async def test_outlier_detection_ejects_the_failing_pod_and_lets_it_back(
         while not await failing_again():  # noqa: ASYNC110 -- polls the cluster, bounded
             await trio.sleep(0.05)
     assert trio.current_time() - ejected_at >= 3.0
+
+
+# --- retry codes and the attempt bound, counted at the echo pods -----------------------------
+
+
+async def _log_lines(cluster: LocalCluster, kube: KubeClient, namespace: str,
+                     selector: str) -> list[str]:
+    """The request-log lines of every pod matching ``selector`` (the echo app logs one
+    line per answered request: ``source proto method target status time``)."""
+    from common.kube import Pod
+    from tests.integration.test_waypoint_mesh import _sh
+
+    lines: list[str] = []
+    for pod in (await kube.list(Pod, namespace, label_selector=selector)).items:
+        lines += (await _sh(cluster, "logs", "-n", namespace, pod.metadata.name)).splitlines()
+    return lines
+
+
+async def test_retry_codes_500_leave_503_alone_and_tries_stay_within_attempts(
+        cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
+    import json
+    import uuid
+
+    from tests.integration.conftest import wait_for
+
+    mesh = await Mesh(cluster, kube, namespace).up()
+    attempts = 2
+    # Both reviews pods (no subset): a retry goes to the other pod, so only counting at
+    # every pod shows how many tries a request made.
+    await mesh.apply(vs([{"retries": {"attempts": attempts, "retryOn": "500"},
+                          "route": [{"destination": {"host": "reviews"}}]}]))
+    await mesh.until(lambda r: r.status == 200, what="reviews answering")
+    client = await mesh.connect()
+    run = uuid.uuid4().hex[:8]
+    rounds = 5
+    for i in range(rounds):
+        for status in (503, 500):
+            reply = await mesh.get(f"/codes-{run}-{status}-{i}?status={status}", client=client)
+            assert reply.status == status, reply
+            # The echo app's body describes the try that answered last.
+            tries = 1 + attempts if status == 500 else 1
+            seen = json.loads(reply.body)["headers"].get("x-envoy-attempt-count")
+            assert seen == str(tries), (status, seen)
+
+    def hits(lines: list[str], status: int, i: int) -> int:
+        marker = f"/codes-{run}-{status}-{i}?"
+        return sum(1 for line in lines if marker in line)
+
+    async def all_logged() -> list[str] | None:
+        lines = await _log_lines(cluster, kube, namespace, "app=reviews")
+        done = all(hits(lines, 503, i) >= 1 and hits(lines, 500, i) >= 1 + attempts
+                   for i in range(rounds))
+        return lines if done else None
+    lines = await wait_for(all_logged, 30, interval=0.5, what="every try in the pods' logs")
+    # A 503 is not in `codes`: tried once.  A 500 is: tried 1 + attempts times, never more.
+    assert [hits(lines, 503, i) for i in range(rounds)] == [1] * rounds, lines
+    assert [hits(lines, 500, i) for i in range(rounds)] == [1 + attempts] * rounds, lines
+
+
+# --- fault delay: a bimodal latency distribution --------------------------------------------
+
+
+async def test_fault_delay_at_50_percent_splits_latencies_in_two(
+        cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
+    mesh = await Mesh(cluster, kube, namespace).up()
+    delay = 2.0
+    await mesh.apply(vs([{"fault": {"delay": {"fixedDelay": f"{delay:g}s",
+                                              "percentage": {"value": 50}}},
+                          "retries": {"attempts": 0},
+                          "route": [{"destination": {"host": "reviews"}}]}]))
+    await mesh.until(lambda r: r.status == 200, what="reviews answering")
+    n = 40
+    # Connections first, so that the requests themselves start together and their
+    # latencies do not include the connection set-up of 40 clients at once.
+    clients = [await mesh.connect() for _ in range(n)]
+    latencies: list[float] = []
+
+    async def one(client: Any) -> None:
+        start = trio.current_time()
+        reply = await mesh.get("/delay-probe", client=client)
+        latencies.append(trio.current_time() - start)
+        assert reply.status == 200, reply
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(one, client)
+    for client in clients:
+        await client.stream.aclose()
+    slow = [t for t in latencies if t >= delay]
+    fast = [t for t in latencies if t < delay / 2]
+    # Two modes and nothing between: near 0 (not delayed) and >= 2 s (delayed).
+    assert len(slow) + len(fast) == n, sorted(latencies)
+    # Delayed ~ Binomial(40, 0.5): mean 20, sd 3.2; 10..30 is +-3.2 sd (p(fail) ~ 0.2 %).
+    assert n // 4 <= len(slow) <= 3 * n // 4, sorted(latencies)
+    assert max(slow) < delay + 1.0, sorted(latencies)
+
+
+# --- locality: stay in the waypoint's zone, fail over to the other, come back ---------------
+
+
+# The zone pods: answer 200 with their node's name, or 500 while the flag file exists
+# (pods are processes on this machine, so a test can flip a zone's health with a file).
+_ZONE_SERVER = (
+    "import http.server as h, os, sys\n"
+    "FLAG = sys.argv[1]\n"
+    "BODY = os.environ.get('NODE_NAME', '').encode()\n"
+    "class H(h.BaseHTTPRequestHandler):\n"
+    "    protocol_version = 'HTTP/1.1'\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(500 if os.path.exists(FLAG) else 200)\n"
+    "        self.send_header('content-length', str(len(BODY)))\n"
+    "        self.end_headers()\n"
+    "        self.wfile.write(BODY)\n"
+    "    def log_message(self, *args):\n"
+    "        pass\n"
+    "h.ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()\n")
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+async def test_locality_stays_in_zone_fails_over_and_comes_back(
+        cluster: LocalCluster, kube: KubeClient, namespace: str, tmp_path: Any) -> None:
+    import json
+
+    from common.kube import Node, Pod
+    from tests.integration.conftest import echo_service, ready_pods, service_ip, wait_for
+    from tests.integration.test_waypoint_mesh import WAYPOINT_PODS, _sh
+    from tests.integration.ztunnel_support import AMBIENT, fabric_get, label_namespace
+    from tests.unit.waypoint_helpers import Reply
+
+    ns = namespace
+    enroll: dict[str, str | None] = {**AMBIENT}
+    await label_namespace(kube, ns, enroll)
+    await _sh(cluster, "waypoint", "apply", "-n", ns, "--enroll-namespace")
+    waypoint = (await ready_pods(kube, ns, 1, WAYPOINT_PODS, within=180))[0]
+    # Zone A is where the waypoint runs: the waypoint is the client of the endpoint pick
+    # (as Istio's waypoint Envoy is); the client pod runs there too.
+    nodes = {n.metadata.name: n for n in (await kube.list(Node)).items}
+    home = str(waypoint.spec.node_name)
+    away = next(name for name in nodes if name != home)
+    zone_a = nodes[home].metadata.labels[ZONE_LABEL]
+    assert nodes[away].metadata.labels[ZONE_LABEL] != zone_a, "the nodes share a zone"
+    flag = tmp_path / "zone-a-fails"  # zone B's flag is never created
+    tmp_path.chmod(0o755)
+    for name, node in (("loc-a-0", home), ("loc-a-1", home), ("loc-b-0", away)):
+        pod_flag = flag if node == home else tmp_path / "zone-b-fails"
+        await kube.create(Pod.model_validate({
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": "loc"}},
+            "spec": {"nodeName": node, "containers": [{
+                "name": "zone", "image": "python",
+                "command": ["python", "-c", _ZONE_SERVER, str(pod_flag)],
+                "ports": [{"containerPort": 8080}]}]}}))
+    await kube.create(Pod.model_validate({
+        "metadata": {"name": "client", "namespace": ns, "labels": {"app": "client"}},
+        "spec": {"nodeName": home, "containers": [{"name": "c", "image": "ambient/echo"}]}}))
+    await kube.create(echo_service("loc", ns, {"app": "loc"}))
+    pods = await ready_pods(kube, ns, 5, within=180)
+    mesh = Mesh(cluster, kube, ns)
+    mesh.client_pod = next(p for p in pods if p.metadata.name == "client")
+    mesh.vip = await service_ip(kube, ns, "loc")
+    zone_ips = {str(p.status.pod_ip) for p in pods if p.metadata.name.startswith("loc-")}
+    interval, ejection = 2.0, 3.0
+    await mesh.apply(
+        {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+         "metadata": {"name": "loc"},
+         "spec": {"host": "loc", "trafficPolicy": {
+             "loadBalancer": {"simple": "ROUND_ROBIN", "localityLbSetting": {"enabled": True}},
+             "outlierDetection": {"consecutive5xxErrors": 2, "interval": f"{interval:g}s",
+                                  "baseEjectionTime": f"{ejection:g}s",
+                                  "maxEjectionPercent": 100}}}},
+        {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+         "metadata": {"name": "loc"},
+         "spec": {"hosts": ["loc"], "http": [{"retries": {"attempts": 0},
+                                              "route": [{"destination": {"host": "loc"}}]}]}})
+
+    # The waypoint knows its own zone and all three zone pods (observed in its config).
+    async def configured() -> bool:
+        try:
+            dump = json.loads(await fabric_get(cluster, str(waypoint.status.pod_ip), 15000,
+                                               "/config_dump"))
+        except (OSError, ValueError, trio.TooSlowError):
+            return False
+        in_dump = {ep.rsplit(":", 1)[0] for eps in dump.get("clusters", {}).values()
+                   for ep in eps}
+        return zone_a in dump.get("locality", "") and zone_ips <= in_dump
+    await wait_for(configured, 60, interval=0.2, what="the waypoint's locality and endpoints")
+
+    client = None
+
+    async def get() -> Reply:
+        nonlocal client
+        if client is None:
+            client = await mesh.connect()
+        with trio.fail_after(10):
+            return await client.request("/", host="loc:8080")
+
+    async def first_answer() -> Reply | None:
+        nonlocal client
+        try:
+            return await get()
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+            client = None
+            return None
+    await wait_for(first_answer, 60, interval=0.3, what="the loc service answering")
+
+    # 1. Healthy: only zone A (the waypoint's) answers, from both of its pods.
+    replies = [await get() for _ in range(30)]
+    assert {(r.status, r.body.decode()) for r in replies} == {(200, home)}, replies
+
+    async def streak(node: str, length: int = 10, within: float = 20.0) -> float:
+        """Seconds until ``length`` replies in a row come from ``node`` with 200."""
+        start = trio.current_time()
+        run = 0
+        seen: list[tuple[float, int, str]] = []
+        with trio.move_on_after(within):
+            while run < length:
+                reply = await get()
+                now = trio.current_time() - start
+                seen.append((round(now, 2), reply.status, reply.body.decode()))
+                run = run + 1 if (reply.status, reply.body.decode()) == (200, node) else 0
+                if run == 1:
+                    began = now
+            return began
+        raise AssertionError(f"no {length} replies in a row from {node} within {within} s: "
+                             f"{seen[-40:]}")
+
+    # 2. Zone A fails: both its pods are ejected after 2 errors each, and zone B serves
+    #    within one outlier interval.
+    flag.touch()
+    failover = await streak(away)
+    assert failover < interval, failover
+    assert {(r.status, r.body.decode()) for r in [await get() for _ in range(20)]} == {
+        (200, away)}
+    # 3. Zone A recovers: back to it once its ejection time is over.
+    flag.unlink()
+    back = await streak(home, within=ejection + 2 * interval + 10)
+    assert back <= ejection + interval, back
+    assert {(r.status, r.body.decode()) for r in [await get() for _ in range(20)]} == {
+        (200, home)}
