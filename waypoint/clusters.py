@@ -148,8 +148,13 @@ class Clusters:
                 continue
             if cluster != state.cluster:
                 state.reconfigure(cluster)
+            before = state.endpoints
             state.set_endpoints(source(cluster))
-            await state.pool.close_idle(keep=set(state.endpoints))
+            # Idle connections survive only to endpoints reached the same way as before:
+            # a changed identity or TLS origination needs a new connection.
+            keep = {address for address, spec in state.endpoints.items()
+                    if (old := before.get(address)) is not None and old.info == spec.info}
+            await state.pool.close_idle(keep=keep)
         for name in gone:
             state = self.by_name.pop(name)
             await state.pool.close_idle()

@@ -33,7 +33,7 @@ from common.errors import ConnectRefusedError, ConnectTimeoutError
 from common.model import Snapshot, WaypointRef
 from common.service_entries import ExternalService, entry_index, resolve_entry_host
 from waypoint.routing.catalog import DEFAULT_DOMAIN, ServiceInfo, ServicePortInfo
-from waypoint.tls_origination import Origination, originate
+from waypoint.tls_origination import SHARED_CONTEXTS, ContextCache, Origination, originate
 from waypoint.upstream import EndpointInfo, Transport, open_tcp
 
 __all__ = ["EgressTransport", "ExternalEndpoint", "ExternalServiceInfo", "egress_served",
@@ -88,10 +88,12 @@ class EgressTransport:
     itself (resolve, TCP, maybe TLS) and hands every other endpoint to ``inner``."""
 
     def __init__(self, inner: Transport, *, dial: Dial = open_tcp,
-                 resolve: Resolve = resolve_entry_host) -> None:
+                 resolve: Resolve = resolve_entry_host,
+                 contexts: ContextCache = SHARED_CONTEXTS) -> None:
         self.inner = inner
         self._dial = dial
         self._resolve = resolve
+        self._contexts = contexts
 
     async def connect(self, endpoint: EndpointInfo, timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
         if type(endpoint) is not ExternalEndpoint:
@@ -114,7 +116,7 @@ class EgressTransport:
             if endpoint.origination is None:
                 return stream
             phase = "TLS handshake"
-            return await originate(stream, endpoint.origination, where)
+            return await originate(stream, endpoint.origination, where, self._contexts)
         assert scope.cancelled_caught
         raise ConnectTimeoutError(f"no {phase} with external endpoint {where} within "
                                   f"{timeout:g} s")

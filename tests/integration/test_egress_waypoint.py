@@ -14,6 +14,7 @@ Path: client pod -> its ztunnel -> (HBONE, authority = the entry's VIP:80) the w
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from common.kube import (
     DestinationRule,
     KubeClient,
     Pod,
+    Secret,
     ServiceEntry,
     VirtualService,
 )
@@ -192,6 +194,26 @@ async def test_egress_waypoint_originates_tls_retries_and_denies(
     before = https.hits["/admin/x"]
     assert (await _get(client_pod, vip, "/admin/x")) is not None
     assert https.hits["/admin/x"] == before
+
+    # The CA from a Secret (credentialName) instead of a file: with the file gone from the
+    # rule, only the Secret's CA can verify the server (the system roots do not know it).
+    await kube.create(Secret.model_validate({
+        "metadata": {"name": "api-ca", "namespace": namespace},
+        "data": {"cacert": base64.b64encode(https.certs.ca_file.read_bytes()).decode()}}))
+    rule = await kube.patch(DestinationRule, "api-tls", {"spec": {"trafficPolicy": {
+        "portLevelSettings": [{"port": {"number": 80},
+                               "tls": {"mode": "SIMPLE", "credentialName": "api-ca"}}]}}},
+        namespace)
+    await _served(cluster, kube, namespace, {
+        f"DestinationRule/{namespace}/api-tls": rule.metadata.resource_version or ""},
+        f"{HOST}:80")
+    handshakes = len(https.sni)
+    secret_reply = await _get(client_pod, vip, "/from-secret")
+    assert secret_reply is not None and secret_reply.status == 200, secret_reply
+    assert https.hits["/from-secret"] == 1
+    # A new TLS connection (pooled ones made under the old rule were closed), so it was
+    # this verification that passed.
+    assert len(https.sni) > handshakes
 
 
 async def test_static_endpoints_are_dialled_by_ztunnel_without_a_waypoint(

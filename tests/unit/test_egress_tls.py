@@ -3,18 +3,28 @@ egress transport dialling a loopback HTTPS server with a CA of the test's own.""
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from common.errors import ConnectRefusedError, HandshakeError, NameResolutionError
+from common.errors import (
+    CertificateError,
+    ConnectRefusedError,
+    HandshakeError,
+    KubeApiError,
+    NameResolutionError,
+)
 from common.kube.objects import KubeObject
 from tests.unit.egress_helpers import ExternalServer, server_certs
 from waypoint.egress import EgressTransport, ExternalEndpoint
-from waypoint.tls_origination import Origination, origination_for, tls_section
+from waypoint.tls_origination import ContextCache, Origination, origination_for, tls_section
 from waypoint.upstream import EndpointInfo
+
+HOST = "api.example.com"
 
 
 def rule(name: str, spec: dict[str, Any], created: str = "2026-01-01T00:00:00Z") -> KubeObject:
@@ -45,6 +55,15 @@ def test_port_level_tls_beats_top_level_and_exact_hosts_beat_wildcards() -> None
     assert origination_for("SIMPLE", [], "x.example.org", 80) == Origination("x.example.org")
     assert tls_section([rule("bad", {"host": "api.example.com", "bogus": 1})],
                        "api.example.com", 80) is None
+
+
+def test_credential_name_names_a_secret_in_the_rules_namespace() -> None:
+    rules = [rule("api", {"host": "api.example.com", "trafficPolicy": {"tls": {
+        "mode": "SIMPLE", "credentialName": "api-ca", "caCertificates": "/ignored.pem"}}})]
+    origination = origination_for("SIMPLE", rules, "api.example.com", 443)
+    assert origination == Origination("api.example.com", "/ignored.pem",
+                                      credential=("demo", "api-ca"))
+    assert origination is not None and origination.ca_source == "Secret demo/api-ca"
 
 
 class Tcp:
@@ -146,3 +165,41 @@ async def test_mesh_endpoints_go_to_the_inner_transport() -> None:
 
     await EgressTransport(Inner()).connect(EndpointInfo("10.1.0.5", 8080, hbone=True), 1)
     assert seen == [EndpointInfo("10.1.0.5", 8080, hbone=True)]
+
+
+class Secrets:
+    """A fake Secret store that counts reads."""
+
+    def __init__(self, data: Mapping[str, Mapping[str, str]]) -> None:
+        self.data = data
+        self.reads = 0
+
+    async def __call__(self, namespace: str, name: str) -> Mapping[str, str]:
+        self.reads += 1
+        await trio.lowlevel.checkpoint()
+        if (namespace, name) == ("demo", "missing"):
+            raise KubeApiError(404, "NotFound", 'secrets "missing" not found')
+        return self.data[f"{namespace}/{name}"]
+
+
+async def test_the_ca_of_a_credential_name_secret_verifies_and_is_cached(
+        https: tuple[ExternalServer, int], mock_clock: trio.testing.MockClock) -> None:
+    server, port = https
+    assert server.certs is not None
+    pem = base64.b64encode(server.certs.ca_file.read_bytes()).decode()
+    secrets = Secrets({"demo/api-ca": {"ca.crt": pem}, "demo/empty": {"tls.crt": pem}})
+    contexts = ContextCache(secrets, ttl=60)
+    transport = EgressTransport(Tcp(), contexts=contexts)
+    origination = Origination(HOST, credential=("demo", "api-ca"))
+    for _ in range(2):
+        stream = await transport.connect(ExternalEndpoint("127.0.0.1", port,
+                                                          origination=origination), 5)
+        assert (await _request(stream, HOST)).startswith(b"HTTP/1.1 200")
+    assert secrets.reads == 1
+    mock_clock.jump(61)  # the CA is read again after the TTL (a rotated Secret applies)
+    await contexts.get(origination)
+    assert secrets.reads == 2
+    with pytest.raises(CertificateError, match="has no CA bundle"):
+        await contexts.get(Origination(HOST, credential=("demo", "empty")))
+    with pytest.raises(CertificateError, match="cannot be read"):
+        await contexts.get(Origination(HOST, credential=("demo", "missing")))

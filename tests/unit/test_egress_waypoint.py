@@ -8,18 +8,22 @@ import random
 from collections import Counter
 from typing import Any
 
+import trio
+import trio.testing
+
 from common.kube import DestinationRule, VirtualService
 from common.kube.objects import KubeObject
 from common.model import Snapshot, WaypointRef
 from common.service_entries import entry_index
 from common.translate import translate
 from tests.unit.mesh_objects import namespace, pod, waypoint_gateway, waypoint_pod
-from waypoint.clusters import snapshot_endpoints
+from waypoint.clusters import Clusters, snapshot_endpoints
 from waypoint.egress import ExternalEndpoint
 from waypoint.routing.model import RouteTable
 from waypoint.routing.snapshot import update_from_snapshot
 from waypoint.routing.translate import RouteTableStore
 from waypoint.tls_origination import Origination
+from waypoint.upstream import TcpTransport, UpstreamConnection
 from ztunnel.decide import Passthrough, ViaWaypoint, decide_outbound
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -227,3 +231,26 @@ def test_resolution_none_dials_the_entrys_address() -> None:
     assert table.lookup("198.51.100.7", 80) is not None
     (spec_,) = snapshot_endpoints(snap, table.clusters["outbound|80||raw.example.com"])
     assert spec_.info == ExternalEndpoint("198.51.100.7", 80)
+
+
+async def test_idle_connections_do_not_outlive_a_change_of_tls_origination() -> None:
+    def with_sni(sni: str) -> Snapshot:
+        return mesh(entry("api", API, labels=USE), dr({
+            "host": "api.example.com", "trafficPolicy": {"tls": {"mode": "SIMPLE",
+                                                                 "sni": sni}}}))
+    first = with_sni("one.example.com")
+    clusters = Clusters(TcpTransport())
+    await clusters.update(_table(first), lambda c: snapshot_endpoints(first, c))
+    state = clusters.by_name["outbound|80||api.example.com"]
+    spec = state.endpoints["192.0.2.10:8443"]
+    host = next(h for h in state.picker.hosts if h.address == spec.address)
+    assert state.breaker.try_connection()
+    stream, _peer = trio.testing.memory_stream_pair()
+    await state.pool.release(UpstreamConnection(stream, host, spec.info), reusable=True)
+    assert state.pool.idle_count(spec.address) == 1
+    again = with_sni("one.example.com")
+    await clusters.update(_table(again), lambda c: snapshot_endpoints(again, c))
+    assert state.pool.idle_count(spec.address) == 1  # reached the same way: kept
+    changed = with_sni("two.example.com")
+    await clusters.update(_table(changed), lambda c: snapshot_endpoints(changed, c))
+    assert state.pool.idle_count(spec.address) == 0

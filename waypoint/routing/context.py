@@ -46,7 +46,7 @@ IGNORED_FIELDS = frozenset({
     "DestinationRuleSpec.exportTo", "TCPSettings.tcpKeepalive",
     "TCPSettings.maxConnectionDuration", "HTTPSettings.h2UpgradePolicy",
     "HTTPSettings.useClientProtocol", "LoadBalancerSettings.warmupDurationSecs",
-    "ClientTLSSettings.credentialName", "ClientTLSSettings.clientCertificate",
+    "ClientTLSSettings.clientCertificate",
     "ClientTLSSettings.privateKey", "ClientTLSSettings.subjectAltNames",
     "ClientTLSSettings.caCrl", "HTTPMatchRequest.statPrefix", "HTTPRouteRule.sessionPersistence",
 })
