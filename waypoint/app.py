@@ -44,6 +44,7 @@ from common.errors import ConfigError
 from common.identity import SpiffeId
 from common.logging import get_logger
 from common.model import DEFAULT_TRUST_DOMAIN, HBONE_PORT, Snapshot
+from common.tcp import TcpStream
 from waypoint import h2_shell
 from waypoint.clusters import (
     Clusters,
@@ -67,7 +68,7 @@ from waypoint.routing.snapshot import update_from_snapshot
 from waypoint.routing.translate import RouteTableStore, translate
 from waypoint.routing.workloads import workload_index
 from waypoint.telemetry import RequestMetrics
-from waypoint.upstream import EndpointInfo, RawSocketStream, TcpTransport, Transport, tune
+from waypoint.upstream import EndpointInfo, TcpTransport, Transport
 
 _log = get_logger("waypoint")
 
@@ -213,10 +214,9 @@ class Waypoint:
         listener.setblocking(False)
 
         async def handle(sock: socket.socket, address: Any) -> None:
-            tune(sock)
             peer = PeerInfo(source_ip=str(address[0]), destination=destination, port=port,
                             destination_ip=destination or "0.0.0.0")
-            await serve_stream(RawSocketStream(sock), self.proxy, peer, passthrough,
+            await serve_stream(TcpStream(sock), self.proxy, peer, passthrough,
                                timeouts=self.timeouts)
 
         async with trio.open_nursery() as nursery:

@@ -48,6 +48,7 @@ from common.errors import ConfigError, KubeApiError
 from common.identity import SpiffeId
 from common.logging import get_logger
 from common.model import HBONE_PORT, Service, Snapshot
+from common.tcp import TcpStream, tune
 from waypoint.app import Waypoint
 from waypoint.clusters import EndpointSpec, snapshot_endpoints
 from waypoint.h2_upstream import ProtocolTransport
@@ -60,7 +61,7 @@ from waypoint.routing.catalog import ApiObject, ServiceInfo, ServicePortInfo
 from waypoint.routing.model import Cluster
 from waypoint.routing.snapshot import api_object, service_info
 from waypoint.routing.translate import RouteTableStore
-from waypoint.upstream import EndpointInfo, RawSocketStream, tune
+from waypoint.upstream import EndpointInfo
 
 _log = get_logger("waypoint.ingress")
 
@@ -535,7 +536,7 @@ class Ingress(Waypoint):
                     raw.close()
                     return
             else:
-                stream = RawSocketStream(raw)
+                stream = TcpStream(raw)
             await serve_stream(stream, self.proxy, peer, None, timeouts=self.timeouts)
 
         async with trio.open_nursery() as nursery:

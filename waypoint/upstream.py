@@ -20,9 +20,7 @@ a connection slot; closes run shielded.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +29,7 @@ import trio
 
 from common.errors import ConnectRefusedError, ConnectTimeoutError, MeshError, UpstreamError
 from common.identity import SpiffeId
+from common.tcp import open_tcp as open_tcp  # re-exported: waypoint.egress dials with it
 from waypoint.http import NEED_DATA, Event, RequestWriter, ResponseParser, Signal
 from waypoint.resilience import CircuitBreaker, Host
 
@@ -63,124 +62,6 @@ class Transport(Protocol):
         ...
 
 
-class RawSocketStream(trio.abc.HalfCloseableStream):
-    """A trio stream over a connected non-blocking stdlib TCP socket.
-
-    Each call tries the system call first and waits for readiness only when it
-    would block.  A proxy's sends nearly always complete at once, so a send costs
-    one syscall and no trip through trio's scheduler (``trio.SocketStream`` pays a
-    checkpoint and several context managers per call, a measurable share of a
-    small request's budget).  To stay fair to other tasks when a peer keeps the
-    socket busy, every ``_YIELD_EVERY`` calls that did not wait yield once
-    (shielded, so data already taken is never lost to a cancellation).
-    """
-
-    __slots__ = ("_calls", "_closed", "_drained", "socket")
-
-    _YIELD_EVERY = 16
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.socket = sock
-        self._closed = False
-        self._calls = 0
-        # The last read did not fill its buffer: the socket is most likely empty now, so
-        # the next read waits for readiness first instead of paying a failing recv (a
-        # syscall and an exception) -- the usual case for request/response traffic.
-        self._drained = False
-
-    async def _fair(self) -> None:
-        self._calls += 1
-        if self._calls >= self._YIELD_EVERY:
-            self._calls = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        sock = self.socket
-        size = max_bytes or READ_SIZE
-        waited = False
-        if self._drained:
-            await trio.lowlevel.wait_readable(sock)
-            waited = True
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                waited = True
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            self._drained = len(data) < size
-            if waited:
-                self._calls = 0
-            else:
-                await self._fair()
-            return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        sock = self.socket
-        view = memoryview(data)
-        total = len(view)
-        sent = 0
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            try:
-                sent += sock.send(view[sent:] if sent else view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                self._calls = 0
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            if sent >= total:
-                await self._fair()
-                return
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self.socket)
-
-    async def send_eof(self) -> None:
-        await trio.lowlevel.checkpoint()
-        with contextlib.suppress(OSError):
-            self.socket.shutdown(socket.SHUT_WR)
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            trio.lowlevel.notify_closing(self.socket)
-            self.socket.close()
-        await trio.lowlevel.checkpoint()
-
-
-def tune(sock: socket.socket) -> None:
-    """Non-blocking, Nagle off (small requests and responses must leave at once)."""
-    sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def open_tcp(ip: str, port: int) -> RawSocketStream:
-    """Connect to ``ip:port`` (an address, not a name); raises ``OSError``."""
-    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        tune(sock)
-        err = sock.connect_ex((ip, port))
-        if err == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        else:
-            await trio.lowlevel.checkpoint()
-        if err:
-            raise OSError(err, os.strerror(err))
-    except BaseException:
-        sock.close()
-        raise
-    return RawSocketStream(sock)
-
-
 class TcpTransport:
     """Plain TCP (bench mode, and endpoints whose workload is not in the mesh)."""
 
@@ -194,7 +75,8 @@ class TcpTransport:
                 f"is the endpoint up and reachable from the waypoint?") from exc
         except OSError as exc:
             raise ConnectRefusedError(
-                f"cannot connect to {endpoint.ip}:{endpoint.port}: {exc.strerror or exc}; "
+                f"cannot connect to {endpoint.ip}:{endpoint.port}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc}; "
                 f"is the backend listening on that port?") from exc
 
 

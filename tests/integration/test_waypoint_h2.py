@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from common.tcp import TcpStream
 from deploy.local import echo
 from tests.integration.h2_support import (
     GrpcBackend,
@@ -29,7 +30,6 @@ from tests.integration.h2_support import (
 from waypoint.app import Options, Waypoint, bench_config_from
 from waypoint.listener import serve_stream
 from waypoint.proxy import PeerInfo
-from waypoint.upstream import RawSocketStream, tune
 
 GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
@@ -140,8 +140,7 @@ async def _listen(nursery: trio.Nursery, waypoint: Waypoint) -> int:
                     sock, _ = listener.accept()
                 except BlockingIOError:
                     continue
-                tune(sock)
-                nursery.start_soon(serve_stream, RawSocketStream(sock), waypoint.proxy,
+                nursery.start_soon(serve_stream, TcpStream(sock), waypoint.proxy,
                                    PeerInfo(source_ip="127.0.0.1"), None)
 
     nursery.start_soon(accept_loop)
