@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import trio
 
-from common.errors import ConnectRefusedError, ConnectTimeoutError
+from common.errors import ConnectRefusedError, ConnectTimeoutError, MeshError
+from common.logging import get_logger
 from common.model import Snapshot, WaypointRef
 from common.service_entries import ExternalService, entry_index, resolve_entry_host
 from waypoint.routing.catalog import DEFAULT_DOMAIN, ServiceInfo, ServicePortInfo
@@ -38,6 +39,8 @@ from waypoint.upstream import EndpointInfo, Transport, open_tcp
 
 __all__ = ["EgressTransport", "ExternalEndpoint", "ExternalServiceInfo", "egress_served",
            "egress_service_infos"]
+
+_log = get_logger("waypoint.egress")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,15 @@ class EgressTransport:
     async def connect(self, endpoint: EndpointInfo, timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
         if type(endpoint) is not ExternalEndpoint:
             return await self.inner.connect(endpoint, timeout)
+        try:
+            return await self._external(endpoint, timeout)
+        except MeshError as exc:
+            # The pipeline answers 503 (connect failure) without the reason: say it here.
+            _log.warning("external endpoint unreachable", endpoint=endpoint.ip,
+                         port=endpoint.port, reason=str(exc))
+            raise
+
+    async def _external(self, endpoint: ExternalEndpoint, timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
         where = f"{endpoint.ip}:{endpoint.port}"
         phase = "resolve" if endpoint.resolve else "connect"
         with trio.move_on_after(timeout) as scope:
