@@ -42,6 +42,8 @@ WP = "tests/security/test_waypoint_http.py::"
 API = "tests/reliability/test_api_objects.py::"
 FLT = "tests/reliability/test_faults.py::"
 LOAD = "tests/reliability/test_load.py::"
+CF = "tests/integration/test_cluster_faults.py::"
+KILLED = CF + "test_destination_pod_killed_mid_stream_ends_the_stream_and_others_serve["
 SMUGGLE = WP + "test_hostile_request_is_refused_and_nothing_reaches_the_backend["
 
 CASES: list[Case] = [
@@ -109,11 +111,26 @@ CASES: list[Case] = [
          "tests/unit/test_routing_robustness.py"),
     case("Faults", "upstream killed mid-stream", "client sees a reset, not a hang",
          FLT + "test_upstream_killed_mid_stream"),
+    case("Faults", "cluster: pod behind a Service deleted / SIGKILLed mid-stream, via the waypoint",
+         "stream ends (EOF/reset) within 10 s short of its length, bytes intact, "
+         "new requests answered by the pods left",
+         KILLED + "waypoint-"),
+    case("Faults", "cluster: the same, L4 only (Service with use-waypoint=none)",
+         "stream ends (EOF/reset) within 10 s short of its length, bytes intact, "
+         "new requests answered by the pods left",
+         KILLED + "l4-"),
     case("Faults", "waypoint restarted under load", "errors stop within 2 s of ready",
          FLT + "test_waypoint_restart"),
+    case("Faults", "cluster: waypoint pod deleted under GET load, Deployment replaces it",
+         "no request past its 5 s deadline, none around the waypoint, "
+         "0 errors from 2 s after the new pod is Ready",
+         CF + "test_waypoint_restarted_under_load_errors_stop_within_2s_of_ready"),
     case("Faults", "ztunnel restarted / SIGTERM drain", "streams finish up to the deadline",
          "tests/netns/test_ztunnel_lifecycle.py",
          "tests/integration/test_hbone_pool.py::test_server_drain_lets_streams_finish_then_stops"),
+    case("Faults", "cluster: a node's ztunnel SIGKILLed / SIGTERMed, its supervisor restarts it",
+         "pods re-enrolled, new connections succeed",
+         CF + "test_ztunnel_restarted_on_a_node_new_connections_succeed_once_back"),
     case("Faults", "API server restarted / watch cut", "last snapshot served, converges",
          "tests/integration/test_discovery.py::test_last_snapshot_is_served_while_the_server_is_down_and_watches_resume",
          "tests/integration/test_discovery.py::test_relist_after_410_converges"),
