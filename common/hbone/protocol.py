@@ -30,7 +30,9 @@ Limits: any frame up to the MAX_FRAME_SIZE we advertise is accepted (RFC 9113 4.
 HEADERS and CONTINUATION included; what bounds a header block is its own size
 (MAX_HEADER_LIST_SIZE, checked on each frame header before the frame is buffered), the
 number of CONTINUATION frames in it, and ``h2``'s HPACK decoder bounding the decoded
-list.  A peer refused for breaking or abusing HTTP/2 raises
+list.  Frames of unknown types are skipped as they stream past, never buffered
+(RFC 9113 5.5); a SETTINGS frame may carry at most MAX_SETTINGS_ENTRIES settings.  A
+peer refused for breaking or abusing HTTP/2 raises
 :class:`common.errors.Http2ViolationError` whose ``reason`` says how, in one word.
 
 Our inbound windows are credited (WINDOW_UPDATE) only when the application says the
@@ -65,6 +67,10 @@ MAX_HEADER_LIST_SIZE = 64 * 1024
 # CVE-2024-27316 with empty frames: a header block that never ends costs no bytes, only
 # frames.  64 KiB in the smallest frames any peer must accept (16 KiB) takes 4.
 MAX_CONTINUATION_FRAMES = 32
+# A peer has seven settings to send.  One 1 MiB SETTINGS frame holds 174,762 entries,
+# which h2 takes a quarter of a second to apply, the event loop blocked all along; so,
+# like nghttp2 (Envoy's codec), refuse more than 32 in one frame.
+MAX_SETTINGS_ENTRIES = 32
 # RFC 9113: the initial connection window before any WINDOW_UPDATE, and the largest.
 _DEFAULT_WINDOW = 65_535
 _MAX_WINDOW = 2**31 - 1
@@ -87,6 +93,7 @@ _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length as (hi16, lo8), type, flags, stream
 _DATA = 0x0
 _HEADERS = 0x1
+_SETTINGS = 0x4
 _PUSH_PROMISE = 0x5
 _GOAWAY = 0x7
 _WINDOW_UPDATE = 0x8
@@ -379,6 +386,17 @@ class H2Protocol:
             self._fail(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
                        f"frame of {length} bytes exceeds our max frame size {MAX_FRAME_SIZE}",
                        "protocol_error")
+        if ftype > _CONTINUATION and not self._expect_continuation:
+            # An unknown or extension type is ignored: its payload is skipped as it
+            # arrives, like DATA padding (see _continue_data), with nothing delivered.
+            self._partial.clear()
+            self._data_deliver = False
+            self._pad_left = length
+            return pos
+        if ftype == _SETTINGS and length > 6 * MAX_SETTINGS_ENTRIES:
+            self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                       f"SETTINGS frame with {length // 6} settings, over "
+                       f"{MAX_SETTINGS_ENTRIES}", "flood")
         if ftype != _DATA or self._expect_continuation or stream_id == 0:
             # h2 checks the length and everything else of non-DATA frames itself.
             self._frame_len = 9 + length
