@@ -366,8 +366,14 @@ class Proxy:
         could slip past an L7 DENY (or an ALLOW it does not satisfy) by not speaking
         HTTP, or by staying silent until detection gives up.  When any policy of this
         waypoint applies to the destination, the connection is refused (fail closed).
+        A pod IP whose pod does not use this waypoint is refused too (Istio's waypoint
+        has no filter chain for it).
         """
         state = self.state
+        pod = state.workloads.by_ip.get(destination) if state.workloads else None
+        if pod is not None and not pod.served:
+            return (f"pod {pod.namespace}/{pod.name} does not use this waypoint for workload "
+                    f"traffic (istio.io/use-waypoint, istio.io/waypoint-for workload or all)")
         if not len(state.policies):
             return None
         routes = state.table.lookup(destination, port)

@@ -242,6 +242,22 @@ async def test_pod_not_using_this_waypoint_is_answered_404_without_host_routing(
     assert not elsewhere.seen and not transport.attempts
 
 
+async def test_tcp_pass_through_to_a_pod_follows_its_waypoint_and_the_waypoints_policy(
+        nursery: trio.Nursery) -> None:
+    snap = mesh("workload", ns_use=None, pod_use="waypoint")
+    harness, _ = await pod_harness(nursery, snap, {})
+    proxy = harness.waypoint.proxy
+    assert proxy.tcp_refusal(WEB_1, 5432) is None
+    refusal = proxy.tcp_refusal("10.1.0.1", 5432)
+    assert refusal is not None and "demo/client does not use this waypoint" in refusal
+    guarded = mesh("workload", authorization_policy("deny-admin", "demo", DENY_ADMIN),
+                   ns_use=None, pod_use="waypoint")
+    proxy.state = replace(proxy.state, policies=guarded.waypoint_policies,
+                          workloads=workload_index(guarded, WAYPOINT))
+    refusal = proxy.tcp_refusal(WEB_1, 5432)
+    assert refusal is not None and "HTTP authorization" in refusal
+
+
 async def test_waypoint_policy_applies_to_pod_addressed_requests_service_policy_does_not(
         nursery: trio.Nursery) -> None:
     snap = mesh("workload", authorization_policy("deny-admin", "demo", DENY_ADMIN),
