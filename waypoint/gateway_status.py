@@ -400,9 +400,12 @@ class GatewayStatusWriter:
         snap = self.holder.current if self.holder is not None else None
         if snap is not None and snap.version == 0:
             return None  # the routes are not known yet
+        # Only an ingress gateway counts routes (a waypoint's attach to Services).
+        counts_routes = snap is not None and gw.spec.get("gatewayClassName") in INGRESS_CLASSES
         return gateway_status(
             gw, self._service, self.ready(), self.clock(),
-            routes=[api_object(r) for r in snap.http_routes] if snap is not None else (),
+            routes=[api_object(r) for r in snap.http_routes] if snap is not None and
+            counts_routes else (),
             certificates=self.certificates() if self.certificates is not None else None,
             domain=snap.domain if snap is not None else DEFAULT_DOMAIN)
 
