@@ -12,7 +12,14 @@ Starts, all on 127.0.0.1 with free ports:
 
 Then runs ``wrk -t1 -c16 -d<seconds>s --latency`` against Envoy and the waypoint
 alternately (A B A B ..., ``--rounds`` rounds), and once per round directly against
-nginx, and prints the median req/s, p50 and p99 of each with the ratios.
+nginx, and prints the median req/s, p50 and p99 of each with the ratios, and for the two
+proxies the CPU time each spent per request (user + system time of the process, all
+threads, from ``/proc/<pid>/stat``, divided by the requests wrk completed).  On a shared
+machine CPU time per request is the robust figure: it does not move when a neighbour
+steals the core, while req/s does.
+
+``--profile DIR`` also records the waypoint with py-spy (``--nonblocking``, raw
+folded stacks, one file per round) while its load runs.
 
 ``--pin`` runs the proxy under test (Envoy or the waypoint) on CPU 1 and nginx and wrk
 on CPU 0 (``taskset``), the same for both proxies: on a 2-core machine this keeps the
@@ -77,17 +84,37 @@ PIN_LOAD: list[str] = []
 PIN_PROXY: list[str] = []
 
 
-def wrk(url: str, seconds: int) -> tuple[float, float, float]:
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of process ``pid`` (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+Sample = tuple[float, float, float, float, float]
+
+
+def wrk(url: str, seconds: int, pid: int | None = None) -> Sample:
+    """req/s, p50 ms, p99 ms, and the CPU µs per request of process ``pid``: user +
+    system, and user alone (0.0 without a pid)."""
+    before = cpu_seconds(pid) if pid is not None else (0.0, 0.0)
     out = subprocess.run([*PIN_LOAD, "/usr/bin/wrk", "-t1", "-c16", f"-d{seconds}s",
                           "--latency", url], capture_output=True, text=True, check=True).stdout
+    after = cpu_seconds(pid) if pid is not None else (0.0, 0.0)
+    user = after[0] - before[0]
+    system = after[1] - before[1]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     if "Non-2xx" in out:
         print(f"  warning: non-2xx responses from {url}", file=sys.stderr)
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    return rps, ms("50%"), ms("99%")
+    per_request = 1e6 / max(requests, 1)
+    return rps, ms("50%"), ms("99%"), (user + system) * per_request, user * per_request
 
 
 def main() -> int:
@@ -96,6 +123,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pin", action="store_true",
                         help="proxies on CPU 1, nginx and wrk on CPU 0")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the waypoint with py-spy into this directory")
     args = parser.parse_args()
     if args.pin:
         PIN_LOAD[:] = ["taskset", "-c", "0"]
@@ -131,13 +160,26 @@ def main() -> int:
                        "direct": f"http://127.0.0.1:{backend}/"}
             for url in targets.values():  # warm up (connections, caches)
                 wrk(url, 1)
-            results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
+            pids = {"envoy": procs[1].pid, "waypoint": procs[2].pid, "direct": None}
+            results: dict[str, list[Sample]] = {k: [] for k in targets}
             for rnd in range(args.rounds):
                 for name in ("envoy", "waypoint", "direct"):
-                    result = wrk(targets[name], args.seconds)
+                    spy = None
+                    if args.profile is not None and name == "waypoint":
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        spy = subprocess.Popen(
+                            [str(REPO / ".venv/bin/py-spy"), "record", "-p", str(pids[name]),
+                             "-d", str(args.seconds), "-r", "250", "-f", "raw",
+                             "--nonblocking", "-o", str(args.profile / f"round{rnd + 1}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    result = wrk(targets[name], args.seconds, pids[name])
+                    if spy is not None:
+                        spy.wait(timeout=30)
                     results[name].append(result)
+                    cpu_text = (f"  cpu {result[3]:6.1f} us/req (user {result[4]:6.1f})"
+                                if pids[name] else "")
                     print(f"round {rnd + 1} {name:8s} {result[0]:10.0f} req/s  "
-                          f"p50 {result[1]:7.2f} ms  p99 {result[2]:7.2f} ms", flush=True)
+                          f"p50 {result[1]:7.2f} ms  p99 {result[2]:7.2f} ms{cpu_text}", flush=True)
         finally:
             for proc in reversed(procs):
                 proc.terminate()
@@ -146,12 +188,14 @@ def main() -> int:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    med = {name: tuple(statistics.median(r[i] for r in rs) for i in range(3))
+    med = {name: tuple(statistics.median(r[i] for r in rs) for i in range(5))
            for name, rs in results.items()}
     print(f"\nmedians of {args.rounds} rounds, wrk -t1 -c16 -d{args.seconds}s --latency:")
-    for name, (rps, p50, p99) in med.items():
-        print(f"  {name:8s} {rps:10.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms")
-    print(f"  waypoint / envoy  req/s {med['waypoint'][0] / med['envoy'][0]:.2f}x")
+    for name, (rps, p50, p99, cpu, user) in med.items():
+        extra = f"  cpu {cpu:6.1f} us/req (user {user:6.1f})" if name != "direct" else ""
+        print(f"  {name:8s} {rps:10.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms{extra}")
+    print(f"  waypoint / envoy  req/s {med['waypoint'][0] / med['envoy'][0]:.2f}x  "
+          f"cpu/req {med['waypoint'][3] / med['envoy'][3]:.2f}x")
     print(f"  waypoint / direct req/s {med['waypoint'][0] / med['direct'][0]:.3f}x")
     print(f"  envoy / direct    req/s {med['envoy'][0] / med['direct'][0]:.3f}x")
     return 0
