@@ -220,12 +220,18 @@ class TcpStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("the TCP stream was closed while waiting") from None
         self._check_open()
 
-    async def aclose(self) -> None:
-        """Close the socket (also when cancelled); a task waiting on it gets ClosedResourceError."""
+    def close(self) -> None:
+        """Close the socket now, without waiting (for code that cannot await, such as a
+        timer's callback); a task waiting on it gets ClosedResourceError, and every later
+        call too.  :meth:`aclose` afterwards only checkpoints."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
+
+    async def aclose(self) -> None:
+        """Close the socket (also when cancelled); a task waiting on it gets ClosedResourceError."""
+        self.close()
         await trio.lowlevel.checkpoint()
 
 

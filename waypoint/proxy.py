@@ -80,7 +80,13 @@ from waypoint.routing.match import (
 )
 from waypoint.routing.model import NO_HEADER_OPS, HeaderOps, RouteTable, ServiceRoutes
 from waypoint.routing.workloads import EMPTY_WORKLOADS, PodTarget, WorkloadIndex
-from waypoint.upstream import STREAM_ERRORS, EndpointInfo, PoolOverflow, UpstreamConnection
+from waypoint.upstream import (
+    STREAM_ERRORS,
+    EndpointInfo,
+    PoolOverflow,
+    TryTimer,
+    UpstreamConnection,
+)
 
 _log = get_logger("waypoint.proxy")
 
@@ -112,6 +118,9 @@ _TRACE = frozenset({b"traceparent", b"x-b3-spanid", b"b3"})
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _TEXT = (b"content-type", b"text/plain")
 
+
+#: A try's result: its outcome, and the connection and response head when one came.
+_TryResult = tuple[TryOutcome, UpstreamConnection | None, ResponseHead | None]
 
 # Outcomes of plain responses (no x-envoy-overloaded, no grpc-status) by status: the
 # outcome is immutable, so one per status serves every request.
@@ -265,6 +274,7 @@ class Proxy:
         self.direct = DirectClusters()
         # Connections whose request body is still being sent by a _pump_body task.
         self._pumping: set[int] = set()
+        self._timer = TryTimer()
         # The running trio loop's clock, bound on first use: three calls cheaper per
         # reading than trio.current_time(), read about seven times per request.
         self._now: Callable[[], float] | None = None
@@ -578,17 +588,26 @@ class Proxy:
                     response: ResponseHead | None = None
                     timed_out = False
                     if try_deadline is None:
-                        # No route or per-try timeout (the Gateway API and Istio default):
-                        # a cancel scope costs more than the rest of a small request's
-                        # bookkeeping, so none is opened when nothing could fire it.
+                        # No route or per-try timeout (the Gateway API and Istio default).
                         outcome, conn, response = await self._try(
                             cstate, host, spec.info, up_head, try_pairs, chunks, complete, down)
                     else:
-                        with trio.CancelScope(deadline=try_deadline) as scope:
-                            outcome, conn, response = await self._try(
+                        # A cancel scope per try costs more than the rest of a small
+                        # request's bookkeeping: the usual try (whole body, idle TCP
+                        # connection) has its deadline kept by the shared TryTimer.
+                        idle = cstate.pool.take_interruptible(host) if complete else None
+                        if idle is not None:
+                            result = await self._timed_try(
+                                cstate, idle, host, spec.info, up_head, try_pairs, chunks,
+                                down, try_deadline)
+                        else:
+                            result = await self._scoped_try(
                                 cstate, host, spec.info, up_head, try_pairs, chunks, complete,
-                                down)
-                        timed_out = scope.cancelled_caught
+                                down, try_deadline)
+                        if result is None:
+                            timed_out = True
+                        else:
+                            outcome, conn, response = result
                     if holding_retry:
                         breaker.release_retry()
                         holding_retry = False
@@ -645,60 +664,108 @@ class Proxy:
 
     async def _try(self, cstate: ClusterState, host: Host, endpoint: EndpointInfo,
                    up_head: RequestHead, pairs: Headers, chunks: list[bytes | memoryview],
-                   complete: bool, down: Downstream
-                   ) -> tuple[TryOutcome, UpstreamConnection | None, ResponseHead | None]:
+                   complete: bool, down: Downstream, fresh_only: bool = False) -> _TryResult:
         """One try: a connection, the request, the response head.  A reused keep-alive
-        connection the upstream closed meanwhile is replaced once, transparently."""
+        connection the upstream closed meanwhile is replaced once, transparently
+        (``fresh_only``: this call is that replacement)."""
         pool = cstate.pool
-        for fresh in (False, True):
+        for fresh in ((True,) if fresh_only else (False, True)):
             try:
                 conn = await pool.acquire(host, endpoint)
             except PoolOverflow:
                 raise
             except _CONNECT_ERRORS:
                 return TryOutcome(OutcomeKind.CONNECT_FAILURE, request_started=False), None, None
-            reused = conn.served > 0
-            sent_all = False
-            try:
-                conn.parser.expect_response(up_head.method)
-                writer = conn.writer
-                out: list[bytes | memoryview] = [writer.head(up_head, pairs)]
-                for piece in chunks:
-                    out.extend(writer.data(piece))
-                if complete:
-                    out.append(writer.end())
-                await conn.stream.send_all(b"".join(out))
-                if not complete:
-                    nursery: trio.Nursery | None = getattr(down, "nursery", None)
-                    if nursery is not None:
-                        # Full duplex (streaming gRPC): the rest of the body goes up
-                        # while the response comes down.
-                        self._pumping.add(id(conn))
-                        nursery.start_soon(self._pump_body, down, conn)
-                    else:
-                        while (more := await down.receive_body()) is not None:
-                            await conn.stream.send_all(b"".join(writer.data(more)))
-                        await conn.stream.send_all(writer.end())
-                sent_all = True
-                while True:
-                    event = await conn.next_event()
-                    if isinstance(event, ResponseHead):
-                        if event.status < 200 and event.status != 101:
-                            continue
-                        return _response_outcome(event), conn, event
-                    raise Http1Error(f"upstream sent {type(event).__name__} before a "
-                                     f"response head", 502)
-            except _EXCHANGE_ERRORS as exc:
-                await pool.release(conn, reusable=False)
-                if reused and not fresh and complete and conn.parser.buffered == 0:
-                    _log.debug("reused upstream connection was closed; retrying on a new one",
-                               upstream=host.address, reason=str(exc), sent=sent_all)
-                    continue
-                return TryOutcome(OutcomeKind.RESET), None, None
-            except BaseException:
-                await pool.release(conn, reusable=False)
-                raise
+            result = await self._exchange(cstate, conn, up_head, pairs, chunks, complete, down,
+                                          fresh)
+            if result is not None:
+                return result
         raise AssertionError("unreachable")
+
+    async def _scoped_try(self, cstate: ClusterState, host: Host, endpoint: EndpointInfo,
+                          up_head: RequestHead, pairs: Headers,
+                          chunks: list[bytes | memoryview], complete: bool, down: Downstream,
+                          deadline: float, fresh_only: bool = False) -> _TryResult | None:
+        """:meth:`_try` under a cancel scope ending at ``deadline``; ``None``: timed out."""
+        with trio.CancelScope(deadline=deadline):
+            return await self._try(cstate, host, endpoint, up_head, pairs, chunks, complete,
+                                   down, fresh_only)
+        return None
+
+    async def _timed_try(self, cstate: ClusterState, conn: UpstreamConnection, host: Host,
+                         endpoint: EndpointInfo, up_head: RequestHead, pairs: Headers,
+                         chunks: list[bytes | memoryview], down: Downstream, deadline: float
+                         ) -> _TryResult | None:
+        """A try with its whole body at hand on ``conn``, an idle plain-TCP connection:
+        nothing in it can wait but the stream, so the :class:`TryTimer` keeps its deadline
+        instead of a cancel scope (the usual request's case).  ``None``: timed out."""
+        timer = self._timer
+        entry = timer.start(deadline, conn)
+        try:
+            result = await self._exchange(cstate, conn, up_head, pairs, chunks, True, down,
+                                          False)
+        finally:
+            timer.stop(entry)
+        if conn.interrupted:
+            if result is not None and result[1] is not None:
+                # The head came in as the deadline passed: a cancel scope would have
+                # cancelled the try at its last checkpoint all the same.
+                await cstate.pool.release(conn, reusable=False)
+            return None
+        if result is None:  # the upstream had closed it: one fresh connection, scoped
+            return await self._scoped_try(cstate, host, endpoint, up_head, pairs, chunks, True,
+                                          down, deadline, fresh_only=True)
+        return result
+
+    async def _exchange(self, cstate: ClusterState, conn: UpstreamConnection,
+                        up_head: RequestHead, pairs: Headers, chunks: list[bytes | memoryview],
+                        complete: bool, down: Downstream, fresh: bool) -> _TryResult | None:
+        """Send the request on ``conn`` and read the response head.  ``None``: ``conn``
+        was a reused keep-alive connection the upstream had closed before reading the
+        request (released; the caller replaces it once)."""
+        pool = cstate.pool
+        reused = conn.served > 0
+        sent_all = False
+        try:
+            conn.parser.expect_response(up_head.method)
+            writer = conn.writer
+            out: list[bytes | memoryview] = [writer.head(up_head, pairs)]
+            for piece in chunks:
+                out.extend(writer.data(piece))
+            if complete:
+                out.append(writer.end())
+            await conn.stream.send_all(b"".join(out))
+            if not complete:
+                nursery: trio.Nursery | None = getattr(down, "nursery", None)
+                if nursery is not None:
+                    # Full duplex (streaming gRPC): the rest of the body goes up
+                    # while the response comes down.
+                    self._pumping.add(id(conn))
+                    nursery.start_soon(self._pump_body, down, conn)
+                else:
+                    while (more := await down.receive_body()) is not None:
+                        await conn.stream.send_all(b"".join(writer.data(more)))
+                    await conn.stream.send_all(writer.end())
+            sent_all = True
+            while True:
+                event = await conn.next_event()
+                if isinstance(event, ResponseHead):
+                    if event.status < 200 and event.status != 101:
+                        continue
+                    return _response_outcome(event), conn, event
+                raise Http1Error(f"upstream sent {type(event).__name__} before a "
+                                 f"response head", 502)
+        except _EXCHANGE_ERRORS as exc:
+            await pool.release(conn, reusable=False)
+            if (reused and not fresh and complete and conn.parser.buffered == 0
+                    and not conn.interrupted):
+                _log.debug("reused upstream connection was closed; retrying on a new one",
+                           upstream=conn.host.address, reason=str(exc), sent=sent_all)
+                return None
+            return TryOutcome(OutcomeKind.RESET), None, None
+        except BaseException:
+            await pool.release(conn, reusable=False)
+            raise
 
     async def _pump_body(self, down: Downstream, conn: UpstreamConnection) -> None:
         """Send the rest of a streamed request body; a failure shows on the response side

@@ -13,14 +13,23 @@ Semantics (Envoy "Router filter" headers; Istio "Virtual Service" ``timeout`` an
 * ``x-envoy-expected-rq-timeout-ms`` tells the upstream how long this try may
   take: the per-try timeout if set, else what is left of the route timeout; the
   header is absent when no timeout applies.
+
+:class:`Alarms` is the bookkeeping behind the shell's per-try deadlines: a trio cancel
+scope per try cost more CPU than the rest of a small request's routing, so the shell
+keeps one timer for all tries and acts only on the few that overrun.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from waypoint.resilience.config import RetryPolicy, TimeoutPolicy
+
+T = TypeVar("T")
 
 #: 504 body Envoy sends when the route or per-try timeout fires.
 TIMEOUT_BODY = b"upstream request timeout"
@@ -92,3 +101,66 @@ def deadlines(now: float, timeouts: TimeoutPolicy, retries: RetryPolicy | None =
     if per_try is not None and route is not None and per_try >= route:
         per_try = None
     return Deadlines(None if route is None else now + route, per_try)
+
+
+class Alarms(Generic[T]):
+    """Deadlines of work in flight, each with a target to act on when it passes.
+
+    Built for per-try timeouts, where nearly every try ends long before its deadline:
+    :meth:`add` is a heap push, :meth:`cancel` only marks the entry (it leaves the heap
+    when it reaches the top, or when dead entries outnumber the live ones and the heap
+    is rebuilt, so memory stays proportional to the work in flight).  The I/O shell
+    sleeps until :meth:`next_deadline` and then acts on :meth:`pop_due`.
+    """
+
+    __slots__ = ("_heap", "_live", "_seq")
+
+    #: Dead entries tolerated beyond twice the live ones before a rebuild.
+    _SLACK = 1024
+
+    def __init__(self) -> None:
+        # [deadline, sequence, target or None once cancelled]: lists compare by deadline
+        # then by the unique sequence, never by target.
+        self._heap: list[list[Any]] = []
+        self._live = 0
+        self._seq = 0
+
+    def __len__(self) -> int:
+        """Live (not cancelled, not yet due) entries."""
+        return self._live
+
+    def add(self, deadline: float, target: T) -> list[Any]:
+        """Watch ``deadline`` for ``target``; returns the entry to :meth:`cancel`."""
+        self._seq += 1
+        entry = [deadline, self._seq, target]
+        heapq.heappush(self._heap, entry)
+        self._live += 1
+        if len(self._heap) > 2 * self._live + self._SLACK:
+            self._heap = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
+        return entry
+
+    def cancel(self, entry: list[Any]) -> None:
+        """The work ended before its deadline (a no-op once it was popped as due)."""
+        if entry[2] is not None:
+            entry[2] = None
+            self._live -= 1
+
+    def pop_due(self, now: float) -> list[T]:
+        """Targets whose deadline is ``now`` or earlier, each returned once; also drops
+        the cancelled entries at the top, so :meth:`next_deadline` is a live one."""
+        heap = self._heap
+        due: list[T] = []
+        while heap and (heap[0][2] is None or heap[0][0] <= now):
+            entry = heapq.heappop(heap)
+            target = entry[2]
+            if target is not None:
+                entry[2] = None
+                self._live -= 1
+                due.append(target)
+        return due
+
+    def next_deadline(self) -> float:
+        """The earliest deadline in the heap (``inf`` when empty); after :meth:`pop_due`,
+        a live entry's."""
+        return self._heap[0][0] if self._heap else math.inf

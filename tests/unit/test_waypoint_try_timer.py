@@ -1,0 +1,201 @@
+"""Per-try deadlines without a cancel scope per try: the Alarms core, the TryTimer shell,
+and the pipeline's timeouts on real TCP upstream connections (where the timer is used)."""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from common.tcp import TcpStream
+from deploy.local import echo
+from tests.unit.waypoint_helpers import Client
+from waypoint.app import Options, Waypoint, bench_config_from
+from waypoint.listener import serve_stream
+from waypoint.proxy import PeerInfo
+from waypoint.resilience import Host
+from waypoint.resilience.timeouts import Alarms
+from waypoint.upstream import EndpointInfo, TryTimer, UpstreamConnection
+
+# --- the sans-I/O core ---------------------------------------------------------------
+
+
+def test_alarms_give_due_targets_once_in_deadline_order() -> None:
+    alarms: Alarms[str] = Alarms()
+    late = alarms.add(2.0, "b")
+    alarms.add(1.0, "a")
+    alarms.cancel(alarms.add(1.5, "cancelled"))
+    assert alarms.pop_due(0.5) == [] and alarms.next_deadline() == 1.0
+    assert alarms.pop_due(2.0) == ["a", "b"]
+    alarms.cancel(late)  # the work ended after its alarm went off: nothing to undo
+    assert len(alarms) == 0 and alarms.pop_due(10.0) == []
+    assert alarms.next_deadline() == math.inf
+
+
+def test_alarms_next_deadline_after_pop_is_a_live_one() -> None:
+    alarms: Alarms[int] = Alarms()
+    entries = [alarms.add(float(i), i) for i in range(1, 6)]
+    for entry in entries[:4]:
+        alarms.cancel(entry)  # finished early, as nearly every try does
+    assert alarms.pop_due(0.0) == []
+    assert alarms.next_deadline() == 5.0
+
+
+def test_alarms_memory_follows_the_live_entries_not_the_history() -> None:
+    alarms: Alarms[int] = Alarms()
+    keep = [alarms.add(1e9, i) for i in range(3)]
+    for i in range(50_000):
+        alarms.cancel(alarms.add(float(i), i))
+    assert len(alarms) == len(keep)
+    assert len(alarms._heap) <= 2 * len(keep) + Alarms._SLACK + 1
+
+
+# --- the trio shell ------------------------------------------------------------------
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+async def connection() -> AsyncIterator[tuple[UpstreamConnection, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    conn = UpstreamConnection(TcpStream(ours), Host("127.0.0.1:1"),
+                              EndpointInfo("127.0.0.1", 1))
+    yield conn, theirs
+    await conn.aclose()
+    theirs.close()
+
+
+async def test_timer_interrupts_a_waiting_receive_at_the_deadline(
+        autojump_clock: trio.testing.MockClock,
+        connection: tuple[UpstreamConnection, socket.socket]) -> None:
+    conn, _ = connection
+    timer = TryTimer()
+    start = trio.current_time()
+    entry = timer.start(start + 0.25, conn)
+    with pytest.raises(trio.ClosedResourceError):
+        await conn.stream.receive_some(100)
+    timer.stop(entry)
+    assert conn.interrupted
+    assert trio.current_time() - start == pytest.approx(0.25)
+
+
+async def test_timer_leaves_a_try_alone_once_stopped(
+        autojump_clock: trio.testing.MockClock,
+        connection: tuple[UpstreamConnection, socket.socket]) -> None:
+    conn, peer = connection
+    timer = TryTimer()
+    entry = timer.start(trio.current_time() + 0.25, conn)
+    peer.send(b"HTTP/1.1 200 OK\r\n")
+    assert await conn.stream.receive_some(100) == b"HTTP/1.1 200 OK\r\n"
+    timer.stop(entry)
+    await trio.sleep(1.0)
+    assert not conn.interrupted
+    peer.send(b"more")
+    assert await conn.stream.receive_some(100) == b"more"
+
+
+async def test_timer_wakes_early_for_a_deadline_earlier_than_its_alarm(
+        autojump_clock: trio.testing.MockClock,
+        connection: tuple[UpstreamConnection, socket.socket]) -> None:
+    conn, _ = connection
+    other_sock, other_peer = socket.socketpair()
+    other = UpstreamConnection(TcpStream(other_sock), Host("127.0.0.1:2"),
+                               EndpointInfo("127.0.0.1", 2))
+    timer = TryTimer()
+    start = trio.current_time()
+    far = timer.start(start + 10.0, other)  # the timer sleeps until t+10 ...
+    timer.start(start + 0.5, conn)  # ... and must wake at t+0.5 for this one
+    with pytest.raises(trio.ClosedResourceError):
+        await conn.stream.receive_some(100)
+    assert trio.current_time() - start == pytest.approx(0.5)
+    assert conn.interrupted and not other.interrupted
+    timer.stop(far)
+    await other.aclose()
+    other_peer.close()
+
+
+# --- the pipeline on real TCP upstream connections ----------------------------------
+
+
+@pytest.fixture
+def timed_tries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Deadlines given to TryTimer.start: proof that the tries ran under the timer."""
+    seen: list[float] = []
+    original = TryTimer.start
+
+    def start(self: TryTimer, deadline: float, conn: UpstreamConnection) -> list[Any]:
+        seen.append(deadline)
+        return original(self, deadline, conn)
+
+    monkeypatch.setattr(TryTimer, "start", start)
+    return seen
+
+
+async def _waypoint(nursery: trio.Nursery, route: dict[str, Any]) -> Client:
+    """A bench-mode waypoint routing ``echo`` to a real echo server over TCP, and a
+    keep-alive client connection into it."""
+    server = echo.Server(echo.Identity(pod="echo", namespace="default"))
+    ports = await nursery.start(echo.serve, [0], server, "127.0.0.1")
+    waypoint = Waypoint(Options(name="waypoint", namespace="default", access_log=False))
+    await waypoint.apply_bench(bench_config_from({
+        "namespace": "default",
+        "services": [{"name": "echo", "ports": [80], "vips": ["10.96.0.9"],
+                      "endpoints": [{"address": f"127.0.0.1:{ports[0]}"}]}],
+        "objects": [{"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                     "metadata": {"name": "echo", "namespace": "default"},
+                     "spec": {"hosts": ["echo"],
+                              "http": [{**route,
+                                        "route": [{"destination": {"host": "echo"}}]}]}}]}))
+    ours, theirs = socket.socketpair()
+    nursery.start_soon(serve_stream, TcpStream(theirs), waypoint.proxy,
+                       PeerInfo(source_ip="127.0.0.1", destination="10.96.0.9", port=80), None)
+    return Client(TcpStream(ours))
+
+
+async def test_route_timeout_on_a_reused_tcp_connection_answers_504_and_recovers(
+        timed_tries: list[float]) -> None:
+    async with trio.open_nursery() as nursery:
+        client = await _waypoint(nursery, {"timeout": "0.3s"})
+        with trio.fail_after(10):
+            # The first request leaves an idle upstream connection: the next try runs on
+            # it under the shared timer rather than a cancel scope.
+            assert (await client.request("/")).status == 200
+            start = trio.current_time()
+            reply = await client.request("/?delay=5s")
+            elapsed = trio.current_time() - start
+            assert reply.status == 504 and reply.body == b"upstream request timeout"
+            assert 0.3 <= elapsed < 2.0
+            # The timed-out connection is closed, never reused: the next request gets
+            # a clean answer, and so does one after it on a reused connection.
+            assert (await client.request("/")).status == 200
+            assert (await client.request("/")).status == 200
+        # Requests 2 and 4 found an idle connection (3 opened a new one, under a scope).
+        assert len(timed_tries) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_per_try_timeouts_on_tcp_connections_are_retried_then_answer_504(
+        timed_tries: list[float]) -> None:
+    async with trio.open_nursery() as nursery:
+        client = await _waypoint(nursery, {
+            "timeout": "10s",
+            "retries": {"attempts": 2, "perTryTimeout": "0.2s", "retryOn": "5xx"}})
+        with trio.fail_after(10):
+            assert (await client.request("/")).status == 200
+            start = trio.current_time()
+            reply = await client.request("/?delay=5s")
+            elapsed = trio.current_time() - start
+            # Three tries of 0.2 s each (the first on the reused connection), then 504.
+            assert reply.status == 504 and reply.body == b"upstream request timeout"
+            assert 0.6 <= elapsed < 3.0
+            assert (await client.request("/")).status == 200
+        assert timed_tries  # the first slow try at least ran under the timer
+        nursery.cancel_scope.cancel()
