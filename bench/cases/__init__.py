@@ -3,4 +3,5 @@
 Each module has ``run(ctx: bench.harness.Context) -> list[CaseResult]``.
 """
 
-CASES = ("l4_requests", "l4_bulk", "l4_churn", "l7", "memory", "control_scale")
+CASES = ("l4_requests", "l4_bulk", "l4_churn", "l7", "memory", "control_scale",
+         "resilience_idle")
