@@ -178,15 +178,24 @@ async def test_non_connect_and_malformed_authority_get_400_on_a_live_connection(
             assert await raw.request(get) == 400
             bad_authority = [(b":method", b"CONNECT"), (b":authority", b"echo.default:80")]
             assert await raw.request(bad_authority) == 400
-            # The same connection still tunnels a good request.
+            # A good CONNECT that ends its stream at once has no tunnel to carry.
             good = [(b":method", b"CONNECT"), (b":authority", f"127.0.0.1:{echo}".encode())]
+            ended = raw.h2.get_next_available_stream_id()
+            raw.h2.send_headers(ended, good, end_stream=True)
+            await raw.flush()
+            answers = [e for e in await raw.events_until(h2.events.ResponseReceived)
+                       if isinstance(e, h2.events.ResponseReceived)]
+            assert dict(answers[0].headers)[b":status"] == b"400"
+            # The same connection still tunnels a good request.
             assert await raw.request(good) == 200
         refused = _refusals(logs, "hbone request refused")
-        assert [entry["status"] for entry in refused] == [400, 400]
+        assert [entry["status"] for entry in refused] == [400, 400, 400]
         assert "CONNECT" in str(refused[0]["reason"])
         assert "IP address" in str(refused[1]["reason"])
+        assert [entry["refusal"] for entry in refused] == [
+            "not_connect", "bad_authority", "bad_request"]
         # Counted as they were answered (no wait): the good request counted nothing.
-        assert refusals(metrics) == {"not_connect": 1, "bad_authority": 1}
+        assert refusals(metrics) == {"not_connect": 1, "bad_authority": 1, "bad_request": 1}
         await raw.stream.aclose()
         nursery.cancel_scope.cancel()
 
