@@ -197,13 +197,16 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
         found = set(netns.pids_in(inodes)) if inodes else set()
         return (found | _pids_with_argument_under(directory)) - {os.getpid()}
 
-    for stray in strays():
-        with contextlib.suppress(OSError):
-            os.kill(stray, signal.SIGKILL)
-            removed.append(f"process {stray}")
-    # SIGKILL is asynchronous: wait (bounded) until the kernel has taken them out.
+    # SIGKILL is asynchronous, and a process caught mid-fork can leave a child that the
+    # first sweep did not see: sweep until none is left (bounded).
+    killed: set[int] = set()
     deadline = time.monotonic() + STOP_TIMEOUT
-    while strays() and time.monotonic() < deadline:
+    while (found := strays()) and time.monotonic() < deadline:
+        for stray in found - killed:
+            with contextlib.suppress(OSError):
+                os.kill(stray, signal.SIGKILL)
+                killed.add(stray)
+                removed.append(f"process {stray}")
         time.sleep(_POLL)
     # Pods first, nodes, then the fabric: each deletion takes its veths along.
     for ns in sorted(namespaces, key=lambda n: (n.endswith("fabric"), "-node" in n)):

@@ -51,7 +51,9 @@ class Replicas:
         # Every replica up first: a connection left silent too long is taken for a
         # server-first protocol by the waypoint's sniffer and closed.
         for port in self.ports:
-            with trio.fail_after(15):
+            # Generous: a waypoint process imports everything before it listens, which
+            # takes many seconds on a loaded 2-core machine.
+            with trio.fail_after(60):
                 while True:
                     try:
                         probe = await trio.open_tcp_stream("127.0.0.1", port)
