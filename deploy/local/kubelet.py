@@ -4,8 +4,9 @@ For each pod on its node the kubelet runs one task: allocate an address from the
 pod CIDR, create the pod's namespace and veth (:mod:`.network`), start every container
 (:class:`~.runtime.ContainerRunner`), and write ``status`` back (phase, podIP, hostIP,
 conditions, containerStatuses with restartCount).  A pod is Ready once each container's
-first port accepts a TCP connection made from the node's namespace (the echo app without
-declared ports is probed on 8080; other containers without ports are ready when started).
+``readinessProbe.httpGet`` answers 2xx/3xx or, without one, once its first port accepts a
+TCP connection made from the node's namespace (the echo app without declared ports is
+probed on 8080; other containers without ports are ready when started).
 When the pod disappears from the API the task is cancelled and its cleanup, shielded,
 stops the processes, deletes the namespace (the veth and route go with it) and frees the
 address.
@@ -23,6 +24,7 @@ from structlog.typing import FilteringBoundLogger
 
 from common.errors import KubeApiError
 from common.kube import KubeClient, Pod
+from common.kube.objects import Container
 from common.logging import get_logger
 from common.translate import NETNS_ANNOTATION
 from deploy.local import netns, network
@@ -215,13 +217,14 @@ class Kubelet:
                                       api_port=network.KUBERNETES_PORT),
                     log_path=log_path,
                     restart_policy=(pod.spec.model_extra or {}).get("restartPolicy"),
-                    report=report, probe=self._prober(ip, ports[:1]), clock=now)
+                    report=report, probe=self._prober(ip, *readiness_target(container, ports)),
+                    clock=now)
                 entries.append((container.name, container.image or "", runner.state))
                 nursery.start_soon(runner.run)
             await report(ContainerState())
             logger.info("pod_started", ip=ip)
 
-    def _prober(self, ip: str, ports: list[int]) -> Probe:
+    def _prober(self, ip: str, ports: list[int], path: str | None) -> Probe:
         async def probe() -> bool:
             for port in ports:
                 sock = await netns.trio_socket_in(self.node_netns)
@@ -230,7 +233,8 @@ class Kubelet:
                     await sock.bind((PROBE_SOURCE, 0))
                     with trio.move_on_after(PROBE_TIMEOUT):
                         await sock.connect((ip, port))
-                        continue
+                        if path is None or await _http_ok(sock, f"{ip}:{port}", path):
+                            continue
                     return False
                 except OSError:
                     return False
@@ -239,3 +243,36 @@ class Kubelet:
             return True
         return probe
 
+
+def readiness_target(container: Container, ports: list[int]) -> tuple[list[int], str | None]:
+    """Where readiness is probed: the container's ``readinessProbe.httpGet`` (port by
+    number or name, and path) when it has one, else a TCP connect to its first port.
+
+    A process often listens before it can serve (the waypoint opens its readiness port
+    before its first configuration arrives), so an ``httpGet`` probe must be asked, not
+    just connected to."""
+    probe = (container.model_extra or {}).get("readinessProbe") or {}
+    http_get = probe.get("httpGet") if isinstance(probe, dict) else None
+    if not isinstance(http_get, dict) or "port" not in http_get:
+        return ports[:1], None
+    port = http_get["port"]
+    if isinstance(port, str) and not port.isdigit():
+        named = [p.container_port for p in container.ports or [] if p.name == port]
+        if not named:
+            return ports[:1], None  # a name no port has: keep the connect probe
+        port = named[0]
+    return [int(port)], str(http_get.get("path") or "/")
+
+
+async def _http_ok(sock: trio.socket.SocketType, host: str, path: str) -> bool:
+    """GET ``path`` on a connected socket: a 2xx or 3xx status means ready (Kubernetes)."""
+    await sock.send(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n" not in head and len(head) < 1024:
+        chunk = await sock.recv(1024)
+        if not chunk:
+            break
+        head += chunk
+    parts = head.split(b" ", 2)
+    return len(parts) > 1 and parts[0].startswith(b"HTTP/") and parts[1].isdigit() \
+        and 200 <= int(parts[1]) < 400
