@@ -20,6 +20,7 @@ directory would bring up a second cluster under the same name).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections import Counter
@@ -44,6 +45,8 @@ from tests.integration.stream_server import BLOCK, BLOCKS, expected
 from tests.integration.test_waypoint_mesh import WAYPOINT_PODS, Mesh
 from tests.integration.ztunnel_support import (
     AMBIENT,
+    config_dump,
+    fabric_get,
     label_namespace,
     netns_of,
     open_from,
@@ -199,6 +202,47 @@ class StreamMesh:
     async def stream_pods(self) -> list[Pod]:
         return await ready_pods(self.kube, self.ns, 2, label_selector="app=stream", within=120)
 
+    async def dataplane_ips(self, path: str, service: str) -> set[str] | None:
+        """The endpoint IPs of ``service`` that the proxy in front of it would pick now:
+        the waypoint's cluster for it, or (L4) the client node's ztunnel's service entry."""
+        try:
+            if path == "l4":
+                dump = await config_dump(self.cluster, "node-0")
+                svc = next((s for s in dump["services"]
+                            if s["namespace"] == self.ns and s["name"] == service), None)
+                return None if svc is None else {e["ip"] for e in svc["endpoints"]
+                                                 if e["ready"]}
+            (waypoint,) = [p for p in (await self.kube.list(
+                Pod, self.ns, label_selector=WAYPOINT_PODS)).items if is_ready(p)]
+            dump = json.loads(await fabric_get(self.cluster, str(waypoint.status.pod_ip),
+                                               15000, "/config_dump"))
+            name = f"outbound|{PORT}||{service}.{self.ns}.svc.cluster.local"
+            found = dump["clusters"].get(name)
+            return None if found is None else {a.rsplit(":", 1)[0] for a in found}
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, ValueError, KeyError):
+            return None
+
+    async def settled(self, path: str, service: str, victim: Pod, kill: str) -> None:
+        """Until two stream pods are Ready again (a replacement for a deleted one, the
+        killed one restarted) and the proxy in front of the service picks exactly them."""
+        async def probe() -> bool:
+            pods = (await self.kube.list(Pod, self.ns, label_selector="app=stream")).items
+            ready = [p for p in pods if is_ready(p)]
+            if len(ready) != 2 or len(pods) != 2:
+                return False
+            uids = {p.metadata.uid: p for p in ready}
+            if kill == "delete" and victim.metadata.uid in uids:
+                return False
+            if kill == "sigkill":
+                again = uids.get(victim.metadata.uid)
+                statuses = (again.status.model_extra or {}).get("containerStatuses", []) \
+                    if again else []
+                if not any(c.get("restartCount", 0) >= 1 for c in statuses):
+                    return False
+            return await self.dataplane_ips(path, service) == {
+                str(p.status.pod_ip) for p in ready}
+        await wait_for(probe, 120, interval=0.2, what=f"{service}'s endpoints settled")
+
 
 async def _receive_until_end(stream: trio.SocketStream, into: bytearray) -> str:
     """Read until EOF ("eof") or an error ("reset: ..."); bytes go to ``into``."""
@@ -265,6 +309,8 @@ async def test_destination_pod_killed_mid_stream_ends_the_stream_and_others_serv
         recovered = await wait_for(lambda: answers(client_ns, vip, service), 30,
                                    interval=0.1, what=f"{service} answering after the kill")
         recovered_ms = (trio.current_time() - killed_at) * 1000
+        # Then, once the data plane has caught up with the API, every request succeeds.
+        await mesh.settled(path, service, victim, kill)
         served = [recovered]
         for _ in range(20):
             answer = await get_once(client_ns, vip, host=service)
@@ -273,8 +319,6 @@ async def test_destination_pod_killed_mid_stream_ends_the_stream_and_others_serv
         assert all((VIA_WAYPOINT in a.headers) == (path == "waypoint") for a in served)
         if kill == "delete":
             assert victim.metadata.name not in {a.headers["x-pod"] for a in served}
-        # The Deployment (delete) or the kubelet (SIGKILL) brings the replica back.
-        await mesh.stream_pods()
     record_property("bytes_lost", len(received) - same)
     record_property(f"{path}_{kill}_end", f"{outcome.split(':')[0]} {round(ended_ms)}ms")
     record_property(f"{path}_{kill}_recovered_ms", round(recovered_ms))
