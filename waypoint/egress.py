@@ -62,10 +62,18 @@ def external_service_info(entry: ExternalService, domain: str = DEFAULT_DOMAIN
                                vips=entry.addresses, domain=domain, host=entry.host)
 
 
-def egress_service_infos(snapshot: Snapshot) -> list[ExternalServiceInfo]:
-    """Every entry host of the mesh (any route may name one as a backend)."""
-    return [external_service_info(e, snapshot.domain)
-            for e in entry_index(snapshot).by_key.values()]
+def egress_service_infos(snapshot: Snapshot, waypoint: WaypointRef | None = None
+                         ) -> list[ExternalServiceInfo]:
+    """The entry hosts of the mesh (any route may name one as a backend), one entry per
+    host: where entries of several namespaces name one host, the one that uses
+    ``waypoint`` wins, else the oldest (routes name hosts, not entries)."""
+    chosen: dict[str, ExternalService] = {}
+    for entry in entry_index(snapshot).by_key.values():  # oldest first
+        current = chosen.get(entry.host)
+        if current is None or (waypoint is not None and entry.waypoint == waypoint
+                               and current.waypoint != waypoint):
+            chosen[entry.host] = entry
+    return [external_service_info(e, snapshot.domain) for e in chosen.values()]
 
 
 def egress_served(snapshot: Snapshot, waypoint: WaypointRef) -> set[tuple[str, str]]:

@@ -254,3 +254,18 @@ async def test_idle_connections_do_not_outlive_a_change_of_tls_origination() -> 
     changed = with_sni("two.example.com")
     await clusters.update(_table(changed), lambda c: snapshot_endpoints(changed, c))
     assert state.pool.idle_count(spec.address) == 0
+
+
+def test_a_host_also_named_by_an_entry_elsewhere_routes_to_the_waypoints_own() -> None:
+    elsewhere = entry("api", {**API, "endpoints": [{"address": "203.0.113.1"}]}, ns="other",
+                      created="2027-01-01T00:00:00Z")
+    snap = mesh(namespace("other"), elsewhere, entry("api", API, labels=USE), vs({
+        "hosts": ["api.example.com"],
+        "http": [{"route": [{"destination": {"host": "api.example.com"}}],
+                  "retries": {"attempts": 3, "retryOn": "503"}}]}))
+    table = _table(snap)
+    routes = table.lookup("api.example.com", 80)
+    assert routes is not None and routes.rest[0].rule.source.kind == "VirtualService"
+    cluster = table.clusters["outbound|80||api.example.com"]
+    assert {s.info.ip for s in snapshot_endpoints(snap, cluster)} == {"192.0.2.10",
+                                                                      "192.0.2.11"}

@@ -47,7 +47,7 @@ def update_from_snapshot(store: RouteTableStore, snapshot: Snapshot,
                          waypoint: WaypointRef) -> RouteTable:
     """Translate ``snapshot`` for ``waypoint`` into ``store`` (a bug keeps the last table)."""
     services = [service_info(s, snapshot.domain) for s in snapshot.services_by_key.values()]
-    services.extend(egress_service_infos(snapshot))
+    services.extend(egress_service_infos(snapshot, waypoint))
     objects = [api_object(o) for group in (snapshot.destination_rules, snapshot.http_routes,
                                            snapshot.virtual_services, snapshot.service_entries)
                for o in group]
