@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from common.errors import KubeApiError
 from common.kube import Gateway, KubeClient, KubeConfig, Namespace, Service
 from deploy.local.apiserver.server import serve
 from waypoint.gateway_status import GatewayStatusWriter
@@ -95,12 +96,12 @@ async def test_writes_once_ready_then_follows_generation_and_service(
         gw = await eventually(unaddressed, "Programmed=False")
         assert condition(gw, "Programmed")["reason"] == "AddressNotAssigned"
         assert "addresses" not in gw.status
-        writes = writer.writes
-        rv = gw.metadata.resource_version
+        # Its own writes come back through the watch and are not written again.
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert writer.writes == 3
+        rv = (await client.get(Gateway, "waypoint", "shop")).metadata.resource_version
+        assert rv == gw.metadata.resource_version
         nursery.cancel_scope.cancel()
-    # Its own writes came back through the watch and were not written again.
-    assert writes == 3
-    assert (await client.get(Gateway, "waypoint", "shop")).metadata.resource_version == rv
 
 
 async def test_a_stale_copy_is_refused_and_the_newer_one_written(client: KubeClient) -> None:
@@ -129,3 +130,38 @@ async def test_a_stale_copy_is_refused_and_the_newer_one_written(client: KubeCli
     # Both patched from the same resourceVersion: one won, the other got 409 and then
     # found the stored status equal to its own.
     assert sum(w.writes for w in writers) == 1
+
+
+async def test_a_forbidden_write_is_retried_with_backoff_until_granted(
+        client: KubeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RBAC missing (403): the writer keeps trying, boundedly, and succeeds once granted."""
+    await client.create(Service.model_validate({
+        "metadata": {"name": "waypoint", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 15008}]}}))
+    refused: list[float] = []
+    real_patch = client.patch
+
+    async def patch(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("status") and len(refused) < 3:
+            refused.append(trio.current_time())
+            raise KubeApiError(403, "Forbidden", "gateways.gateway.networking.k8s.io "
+                               "\"waypoint\" is forbidden: cannot patch resource "
+                               "\"gateways/status\"")
+        return await real_patch(*args, **kwargs)
+
+    monkeypatch.setattr(client, "patch", patch)
+    writer = GatewayStatusWriter(client, "shop", "waypoint", ready=lambda: True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+
+        async def written() -> Gateway | None:
+            gw = await client.get(Gateway, "waypoint", "shop")
+            return gw if gw.status.get("conditions") else None
+
+        gw = await eventually(written, "a status after three refusals")
+        nursery.cancel_scope.cancel()
+    assert len(refused) == 3 and writer.writes == 1
+    assert condition(gw, "Programmed")["status"] == "True"
+    # Retries wait (backoff, floor 0.05 s), never spin; the first two attempts may be
+    # woken by the start-up events instead.
+    assert refused[2] - refused[1] >= 0.04, refused
