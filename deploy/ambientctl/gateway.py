@@ -164,8 +164,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return spec, await apply_gateway(client, spec, kubernetes=kubernetes)
 
     spec, changed = _run(args, work)
-    print(f"gateway {spec.namespace}/{spec.name} applied{'' if changed else ' (unchanged)'}",
-          flush=True)
+    where = f"{spec.namespace}/{spec.name}"
+    print(f"gateway {where} applied{'' if changed else ' (unchanged)'}", flush=True)
+    if args.wait:
+        ok, why = _run(args, lambda client: wait_gateway(client, spec.namespace, spec.name,
+                                                          args.wait_timeout))
+        if not ok:
+            print(f"error: timed out after {args.wait_timeout:g}s waiting for gateway "
+                  f"{where}: {why}", file=sys.stderr)
+            return 1
+        print(f"gateway {where} is ready ({why})", flush=True)
     local = local_cluster_name(args)
     if local is not None:
         forwards = start_forwarder(local, spec.namespace, spec.name)
@@ -203,17 +211,22 @@ async def gateway_readiness(client: KubeClient, namespace: str, name: str
     return ready > 0, f"{counted}, address {addresses or 'none'}"
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    async def work(client: KubeClient) -> tuple[bool, str]:
-        with trio.move_on_after(args.wait_timeout):
-            while True:
-                ok, why = await gateway_readiness(client, args.namespace, args.name)
-                if ok:
-                    return ok, why
-                await trio.sleep(POLL_INTERVAL)
-        return await gateway_readiness(client, args.namespace, args.name)
+async def wait_gateway(client: KubeClient, namespace: str, name: str,
+                       within: float) -> tuple[bool, str]:
+    """Poll :func:`gateway_readiness` until ready or ``within`` seconds passed (looked at
+    least once); the last answer."""
+    with trio.move_on_after(within):
+        while True:
+            ok, why = await gateway_readiness(client, namespace, name)
+            if ok:
+                return ok, why
+            await trio.sleep(POLL_INTERVAL)
+    return await gateway_readiness(client, namespace, name)
 
-    ok, why = _run(args, work)
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ok, why = _run(args, lambda client: wait_gateway(client, args.namespace, args.name,
+                                                      args.wait_timeout))
     where = f"{args.namespace}/{args.name}"
     if not ok:
         print(f"gateway {where} not ready: {why}", file=sys.stderr)
@@ -282,9 +295,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        f"local cluster, {install.DEFAULT_IMAGE} on Kubernetes)")
     apply.add_argument("--dry-run", action="store_true",
                        help="print the objects as YAML and change nothing")
+    apply.add_argument("-w", "--wait", action="store_true",
+                       help="wait until the gateway has written Programmed=True and a pod "
+                            "is Ready")
+    _wait_timeout(apply)
     apply.set_defaults(func=cmd_apply)
     status = gsub.add_parser("status", parents=common,
-                             help="wait for a Ready pod; print the host addresses")
+                             help="wait for Programmed and a Ready pod; print the host "
+                                  "addresses")
     status.add_argument("--name", default=DEFAULT_NAME)
     _wait_timeout(status)
     status.set_defaults(func=cmd_status, wait_timeout=DEFAULT_WAIT)

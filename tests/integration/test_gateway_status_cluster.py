@@ -88,8 +88,10 @@ async def test_the_ingress_gateway_counts_its_attached_routes(
         "spec": {"parentRefs": [{"name": "edge", "sectionName": "http"}],
                  "rules": [{"backendRefs": [{"name": "echo", "port": 80}]}]}}))
     try:
-        await _ambientctl(cluster, "gateway", "apply", "-n", namespace, "--name", "edge",
-                          "--http-port", "8080")
+        applied = await _ambientctl(cluster, "gateway", "apply", "-n", namespace, "--name",
+                                    "edge", "--http-port", "8080", "--wait",
+                                    "--wait-timeout", "90s")
+        assert f"gateway {namespace}/edge is ready (pods ready 1/1, address " in applied
 
         async def counted() -> Gateway | None:
             gw = await programmed_at(kube, namespace, "edge")
