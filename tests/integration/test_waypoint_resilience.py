@@ -164,22 +164,16 @@ async def _log_lines(cluster: LocalCluster, kube: KubeClient, namespace: str,
     return lines
 
 
-async def test_retry_codes_500_leave_503_alone_and_tries_stay_within_attempts(
-        cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
+async def _tries_counted_at_the_pods(mesh: Mesh, attempts: int, label: str) -> None:
+    """Requests answered 503 (not a retry code) and 500 (the retry code): the final reply's
+    attempt count, and every try in the reviews pods' request logs."""
     import json
     import uuid
 
     from tests.integration.conftest import wait_for
 
-    mesh = await Mesh(cluster, kube, namespace).up()
-    attempts = 2
-    # Both reviews pods (no subset): a retry goes to the other pod, so only counting at
-    # every pod shows how many tries a request made.
-    await mesh.apply(vs([{"retries": {"attempts": attempts, "retryOn": "500"},
-                          "route": [{"destination": {"host": "reviews"}}]}]))
-    await mesh.until(lambda r: r.status == 200, what="reviews answering")
     client = await mesh.connect()
-    run = uuid.uuid4().hex[:8]
+    run = f"{label}-{uuid.uuid4().hex[:8]}"
     rounds = 5
     for i in range(rounds):
         for status in (503, 500):
@@ -188,21 +182,75 @@ async def test_retry_codes_500_leave_503_alone_and_tries_stay_within_attempts(
             # The echo app's body describes the try that answered last.
             tries = 1 + attempts if status == 500 else 1
             seen = json.loads(reply.body)["headers"].get("x-envoy-attempt-count")
-            assert seen == str(tries), (status, seen)
+            assert seen == str(tries), (label, status, seen)
+    await client.stream.aclose()
 
     def hits(lines: list[str], status: int, i: int) -> int:
         marker = f"/codes-{run}-{status}-{i}?"
         return sum(1 for line in lines if marker in line)
 
     async def all_logged() -> list[str] | None:
-        lines = await _log_lines(cluster, kube, namespace, "app=reviews")
+        lines = await _log_lines(mesh.cluster, mesh.kube, mesh.ns, "app=reviews")
         done = all(hits(lines, 503, i) >= 1 and hits(lines, 500, i) >= 1 + attempts
                    for i in range(rounds))
         return lines if done else None
     lines = await wait_for(all_logged, 30, interval=0.5, what="every try in the pods' logs")
-    # A 503 is not in `codes`: tried once.  A 500 is: tried 1 + attempts times, never more.
-    assert [hits(lines, 503, i) for i in range(rounds)] == [1] * rounds, lines
-    assert [hits(lines, 500, i) for i in range(rounds)] == [1 + attempts] * rounds, lines
+    # A 503 is not in the codes: tried once.  A 500 is: 1 + attempts tries, never more.
+    assert [hits(lines, 503, i) for i in range(rounds)] == [1] * rounds, (label, lines)
+    assert [hits(lines, 500, i) for i in range(rounds)] == [1 + attempts] * rounds, (
+        label, lines)
+
+
+async def test_retry_codes_500_leave_503_alone_and_tries_stay_within_attempts(
+        cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
+    from common.kube import HTTPRoute, VirtualService
+    from tests.integration.conftest import wait_for
+    from tests.integration.test_waypoint_mesh import PORT
+
+    mesh = await Mesh(cluster, kube, namespace).up()
+    # Both reviews pods (no subset): a retry goes to the other pod, so only counting at
+    # every pod shows how many tries a request made.
+    await mesh.apply(vs([{"retries": {"attempts": 2, "retryOn": "500"},
+                          "route": [{"destination": {"host": "reviews"}}]}]))
+    await mesh.until(lambda r: r.status == 200, what="reviews answering")
+    await _tries_counted_at_the_pods(mesh, 2, "vs")
+    # The same with Gateway API: an HTTPRoute rule with retry codes [500], the
+    # VirtualService gone (observed in the waypoint's config, not inferred from replies).
+    await kube.delete(VirtualService, "reviews", namespace)
+    route = await kube.create(HTTPRoute.model_validate({
+        "metadata": {"name": "reviews-retry", "namespace": namespace},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews",
+                                 "port": PORT}],
+                 "rules": [{"backendRefs": [{"name": "reviews", "port": PORT}],
+                            "retry": {"codes": [500], "attempts": 3,
+                                      "backoff": "10ms"}}]}}))
+    await mesh.served(f"HTTPRoute/{namespace}/reviews-retry",
+                      route.metadata.resource_version or "")
+    await wait_for(lambda: _not_served(mesh, f"VirtualService/{namespace}/reviews"), 60,
+                   interval=0.2, what="the VirtualService gone from the waypoint")
+    await _tries_counted_at_the_pods(mesh, 3, "httproute")
+
+
+async def _not_served(mesh: Mesh, key: str) -> bool:
+    """True once no Ready waypoint pod lists ``key`` in its /config_dump objects."""
+    import json
+
+    from common.kube import Pod
+    from tests.integration.conftest import is_ready
+    from tests.integration.test_waypoint_mesh import WAYPOINT_PODS
+    from tests.integration.ztunnel_support import fabric_get
+
+    pods = (await mesh.kube.list(Pod, mesh.ns, label_selector=WAYPOINT_PODS)).items
+    ready = [p for p in pods if is_ready(p) and not p.metadata.deletion_timestamp]
+    for pod in ready:
+        try:
+            dump = json.loads(await fabric_get(mesh.cluster, str(pod.status.pod_ip), 15000,
+                                               "/config_dump"))
+        except (OSError, ValueError, trio.TooSlowError):
+            return False
+        if key in dump.get("objects", {}):
+            return False
+    return bool(ready)
 
 
 # --- fault delay: a bimodal latency distribution --------------------------------------------
