@@ -39,7 +39,6 @@ from waypoint.http import (
     Headers,
     RequestHead,
     RequestParser,
-    ResponseHead,
     ResponseWriter,
     reason_phrase,
 )
@@ -132,9 +131,8 @@ class H1Connection:
             self._close_after = True
         if self._close_after or not head.keep_alive:
             headers = [*headers, (b"connection", b"close")]
-        event = ResponseHead(status=status, headers=headers,
-                             reason=reason or reason_phrase(status), version=b"1.1")
-        self._out.append(self.writer.head(event, method))
+        self._out.append(self.writer.status_head(status, reason or reason_phrase(status),
+                                                 headers, method))
 
     def write_data(self, data: bytes | memoryview) -> None:
         self._out.extend(self.writer.data(data))

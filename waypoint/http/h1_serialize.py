@@ -230,16 +230,20 @@ class ResponseWriter(_Writer):
         A 1xx (other than 101) is informational: the final response's head follows.
         ``headers`` replaces ``event.headers``.
         """
+        return self.status_head(event.status, event.reason,
+                                event.headers if headers is None else headers,
+                                request_method, event.version)
+
+    def status_head(self, status: int, reason: bytes, headers: Headers,
+                    request_method: bytes = b"GET", version: bytes = b"1.1") -> bytes:
+        """:meth:`head` from the fields, for a shell that has no event to pass (a
+        frozen event built only to be serialized cost more than the rest of this)."""
         if self._mode != _DONE or self.must_close:
             self._check_idle()
-        status = event.status
-        version = event.version
         if not 100 <= status <= 999 or (version != b"1.1" and version != b"1.0"):
             raise LocalProtocolError(f"cannot write status {status} / version {version!r}")
-        if headers is None:
-            headers = event.headers
         out, mode, length, close = _head_bytes(
-            b"HTTP/%s %d %s\r\n" % (version, status, event.reason), headers)
+            b"HTTP/%s %d %s\r\n" % (version, status, reason), headers)
         if status < 200:
             if status == 101:
                 self.must_close = True
