@@ -302,7 +302,7 @@ class Proxy:
                           source_labels=peer.source_labels,
                           source_namespace=peer.source_namespace)
         try:
-            pod = state.workloads.by_ip.get(peer.destination or "") if state.workloads else None
+            pod = state.workloads.by_ip.get(peer.destination or "")
             if pod is not None:
                 await self._to_pod(head, down, peer, request, pod, log, started)
                 return
