@@ -21,12 +21,20 @@ steals the core, while req/s does.
 ``--profile DIR`` also records the waypoint with py-spy (``--nonblocking``, raw
 folded stacks, one file per round) while its load runs.
 
+``--compare LABEL=DIR ...`` measures waypoint builds against each other instead (no
+Envoy, no direct): one waypoint per source tree ``DIR`` (a copy of ``common/`` and
+``waypoint/``, e.g. from ``git archive``), run from that directory, alternately
+(A B B A ...); with ``--together`` all of them under load at the same time, so a
+neighbour's burst hits every build alike (the steadiest CPU-per-request comparison on a
+busy machine).  Prints the median and the minimum CPU per request of each.
+
 ``--pin`` runs the proxy under test (Envoy or the waypoint) on CPU 1 and nginx and wrk
 on CPU 0 (``taskset``), the same for both proxies: on a 2-core machine this keeps the
 load generator's and the backend's wake-ups from preempting the proxy mid-request,
 which otherwise costs the slower proxy disproportionately.
 
-Run: ``.venv/bin/python bench/l7.py [--seconds 10] [--rounds 3] [--pin]``.
+Run: ``.venv/bin/python bench/l7.py [--seconds 10] [--rounds 3] [--pin]``, or
+``.venv/bin/python bench/l7.py --compare before=/tmp/a after=. [--together]``.
 """
 
 from __future__ import annotations
@@ -99,22 +107,75 @@ Sample = tuple[float, float, float, float, float]
 def wrk(url: str, seconds: int, pid: int | None = None) -> Sample:
     """req/s, p50 ms, p99 ms, and the CPU µs per request of process ``pid``: user +
     system, and user alone (0.0 without a pid)."""
-    before = cpu_seconds(pid) if pid is not None else (0.0, 0.0)
-    out = subprocess.run([*PIN_LOAD, "/usr/bin/wrk", "-t1", "-c16", f"-d{seconds}s",
-                          "--latency", url], capture_output=True, text=True, check=True).stdout
-    after = cpu_seconds(pid) if pid is not None else (0.0, 0.0)
-    user = after[0] - before[0]
-    system = after[1] - before[1]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    if "Non-2xx" in out:
-        print(f"  warning: non-2xx responses from {url}", file=sys.stderr)
+    return wrk_many([(url, pid)], seconds)[0]
 
-    def ms(label: str) -> float:
-        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
-        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    per_request = 1e6 / max(requests, 1)
-    return rps, ms("50%"), ms("99%"), (user + system) * per_request, user * per_request
+
+def wrk_many(jobs: list[tuple[str, int | None]], seconds: int) -> list[Sample]:
+    """:func:`wrk` for each ``(url, pid)``, all loads running at the same time."""
+    before = [cpu_seconds(pid) if pid is not None else (0.0, 0.0) for _, pid in jobs]
+    loads = [subprocess.Popen([*PIN_LOAD, "/usr/bin/wrk", "-t1", "-c16", f"-d{seconds}s",
+                               "--latency", url], stdout=subprocess.PIPE, text=True)
+             for url, _ in jobs]
+    outs = [load.communicate(timeout=seconds + 60)[0] for load in loads]
+    samples = []
+    for (url, pid), out, start in zip(jobs, outs, before, strict=True):
+        after = cpu_seconds(pid) if pid is not None else (0.0, 0.0)
+        user = after[0] - start[0]
+        system = after[1] - start[1]
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        if "Non-2xx" in out:
+            print(f"  warning: non-2xx responses from {url}", file=sys.stderr)
+
+        def ms(label: str, out: str = out) -> float:
+            value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+            return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+        per_request = 1e6 / max(requests, 1)
+        samples.append((rps, ms("50%"), ms("99%"), (user + system) * per_request,
+                        user * per_request))
+    return samples
+
+
+def start_waypoint(tree: Path, config: Path, port: int) -> subprocess.Popen[bytes]:
+    """The waypoint in bench mode, from the source tree ``tree``."""
+    proc = subprocess.Popen(
+        [*PIN_PROXY, str(REPO / ".venv/bin/python"), "-m", "waypoint", "--name", "bench",
+         "--namespace", "bench", "--bench-config", str(config),
+         "--bench-listen", f"127.0.0.1:{port}", "--no-access-log"],
+        cwd=tree, env={**os.environ, "PYAMBIENT_LOG": "warning"})
+    wait_port(port, proc, f"waypoint from {tree}", deadline=60.0)
+    return proc
+
+
+def compare(trees: dict[str, Path], config: Path, args: argparse.Namespace,
+            procs: list[subprocess.Popen[bytes]]) -> int:
+    """The ``--compare`` mode: waypoint builds against each other."""
+    ports = {label: free_port() for label in trees}
+    pids: dict[str, int | None] = {}
+    for label, tree in trees.items():
+        procs.append(start_waypoint(tree, config, ports[label]))
+        pids[label] = procs[-1].pid
+    urls = {label: f"http://127.0.0.1:{port}/" for label, port in ports.items()}
+    wrk_many([(url, None) for url in urls.values()], 1)  # warm up
+    results: dict[str, list[Sample]] = {label: [] for label in trees}
+    labels = list(trees)
+    for rnd in range(args.rounds):
+        order = labels if rnd % 2 == 0 else labels[::-1]
+        groups = [order] if args.together else [[label] for label in order]
+        for group in groups:
+            samples = wrk_many([(urls[label], pids[label]) for label in group], args.seconds)
+            for label, sample in zip(group, samples, strict=True):
+                results[label].append(sample)
+                print(f"round {rnd + 1} {label:10s} {sample[0]:8.0f} req/s  cpu "
+                      f"{sample[3]:6.1f} us/req (user {sample[4]:6.1f})", flush=True)
+    how = "at the same time" if args.together else "alternately"
+    print(f"\n{args.rounds} rounds of wrk -t1 -c16 -d{args.seconds}s, builds loaded {how}:")
+    for label, rs in results.items():
+        print(f"  {label:10s} cpu us/req median {statistics.median(r[3] for r in rs):6.1f} "
+              f"min {min(r[3] for r in rs):6.1f}  (user median "
+              f"{statistics.median(r[4] for r in rs):6.1f} min {min(r[4] for r in rs):6.1f})  "
+              f"req/s median {statistics.median(r[0] for r in rs):7.0f}")
+    return 0
 
 
 def main() -> int:
@@ -125,7 +186,15 @@ def main() -> int:
                         help="proxies on CPU 1, nginx and wrk on CPU 0")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the waypoint with py-spy into this directory")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=DIR", default=None,
+                        help="compare waypoint builds from these source trees (no Envoy)")
+    parser.add_argument("--together", action="store_true",
+                        help="with --compare: load all builds at the same time")
     args = parser.parse_args()
+    trees = None
+    if args.compare is not None:
+        trees = {label: Path(tree).resolve() for label, _, tree in
+                 (item.partition("=") for item in args.compare)}
     if args.pin:
         PIN_LOAD[:] = ["taskset", "-c", "0"]
         PIN_PROXY[:] = ["taskset", "-c", "1"]
@@ -139,22 +208,18 @@ def main() -> int:
             .replace("@LISTEN_PORT@", str(envoy_port)).replace("@BACKEND_PORT@", str(backend)))
         (d / "waypoint.yaml").write_text(
             WAYPOINT_TEMPLATE.read_text().replace("@BACKEND@", f"127.0.0.1:{backend}"))
-        env = {**os.environ, "PYAMBIENT_LOG": "warning"}
         try:
             procs.append(subprocess.Popen([*PIN_LOAD, "/usr/sbin/nginx", "-c",
                                            str(d / "nginx.conf"), "-p", tmp]))
             wait_port(backend, procs[-1], "nginx")
+            if trees is not None:
+                return compare(trees, d / "waypoint.yaml", args, procs)
             procs.append(subprocess.Popen([*PIN_PROXY, str(REPO / ".venv/bin/envoy"), "-c",
                                            str(d / "envoy.yaml"), "--concurrency", "1",
                                            "--use-dynamic-base-id", "-l", "error"],
                                           stdout=subprocess.DEVNULL))
             wait_port(envoy_port, procs[-1], "envoy")
-            procs.append(subprocess.Popen(
-                [*PIN_PROXY, str(REPO / ".venv/bin/python"), "-m", "waypoint", "--name", "bench",
-                 "--namespace", "bench", "--bench-config", str(d / "waypoint.yaml"),
-                 "--bench-listen", f"127.0.0.1:{waypoint_port}", "--no-access-log"],
-                cwd=REPO, env=env))
-            wait_port(waypoint_port, procs[-1], "waypoint")
+            procs.append(start_waypoint(REPO, d / "waypoint.yaml", waypoint_port))
             targets = {"envoy": f"http://127.0.0.1:{envoy_port}/",
                        "waypoint": f"http://127.0.0.1:{waypoint_port}/",
                        "direct": f"http://127.0.0.1:{backend}/"}
