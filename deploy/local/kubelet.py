@@ -159,7 +159,7 @@ class Kubelet:
         finally:
             with trio.CancelScope(shield=True):
                 if ip is not None:
-                    await network.delete_pod_network(pod_netns)
+                    await network.delete_pod_network(self.node_netns, pod_netns, ip)
                     self.ipam.release(ip)
                 del self.sandboxes[uid]
                 logger.info("pod_removed", ip=ip)

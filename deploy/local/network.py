@@ -96,15 +96,23 @@ class Names:
 
 @dataclass
 class PodIPAM:
-    """Pod addresses of one node: .2 to .254 of its pod CIDR, lowest free first."""
+    """Pod addresses of one node: .2 to .254 of its pod CIDR, handed out in turn.
+
+    A released address is the last to come back (like host-local IPAM's round robin):
+    something of the old pod may still hold on to it for a while (a namespace kept
+    alive by an orphaned socket, a proxy's connection state, a cache entry).
+    """
 
     index: int
     used: set[int] = field(default_factory=set)
+    last: int = 1
 
     def allocate(self) -> str:
-        for octet in range(2, 255):
+        for step in range(1, 254):
+            octet = (self.last - 2 + step) % 253 + 2
             if octet not in self.used:
                 self.used.add(octet)
+                self.last = octet
                 return str(pod_cidr(self.index).network_address + octet)
         raise ClusterError(f"node {node_name(self.index)} has no free pod address "
                            f"in {pod_cidr(self.index)}: delete pods or add nodes")
@@ -189,7 +197,10 @@ async def create_pod_network(node_netns: str, pod_netns: str, pod_ip: str,
     A namespace of the same name left by a supervisor that died is replaced.
     """
     if netns.exists(pod_netns):
-        await delete_pod_network(pod_netns)
+        await delete_pod_network(node_netns, pod_netns, pod_ip)
+    # A veth of this address left by an earlier pod (see delete_pod_network) would make
+    # `link add` fail with "File exists".
+    await netns.arun(["ip", "-n", node_netns, "link", "del", veth_name(pod_ip)], check=False)
     await netns.arun(["ip", "netns", "add", pod_netns])
     await netns.arun(["ip", "-n", node_netns, "-batch", "-"],
                      input_text="\n".join(pod_node_side_commands(pod_ip, pod_netns)) + "\n")
@@ -198,6 +209,12 @@ async def create_pod_network(node_netns: str, pod_netns: str, pod_ip: str,
                                            *pod_side_commands(pod_ip, gateway)]) + "\n")
 
 
-async def delete_pod_network(pod_netns: str) -> None:
-    """Remove the pod's namespace; its veth pair and the node's route to it go too."""
+async def delete_pod_network(node_netns: str, pod_netns: str, pod_ip: str) -> None:
+    """Remove the pod's veth pair (the node's route to it goes with it), then its namespace.
+
+    The veth is deleted from the node's side first: the namespace itself lives on while
+    anything holds it (an orphaned socket still retransmitting its FIN keeps it for
+    minutes), and with it the pair, the route and the address's veth name.
+    """
+    await netns.arun(["ip", "-n", node_netns, "link", "del", veth_name(pod_ip)], check=False)
     await netns.arun(["ip", "netns", "delete", pod_netns], check=False)

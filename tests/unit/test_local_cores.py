@@ -55,11 +55,17 @@ def test_cluster_names_must_be_short_dns_labels(bad: str) -> None:
         network.check_cluster_name(bad)
 
 
-def test_ipam_hands_out_lowest_free_address_and_reuses_released_ones() -> None:
+def test_ipam_hands_out_addresses_in_turn_and_reuses_a_released_one_last() -> None:
     ipam = network.PodIPAM(1)
     assert [ipam.allocate() for _ in range(3)] == ["10.244.1.2", "10.244.1.3", "10.244.1.4"]
     ipam.release("10.244.1.3")
-    assert ipam.allocate() == "10.244.1.3"
+    assert ipam.allocate() == "10.244.1.5"  # not the one just released
+    for _ in range(6, 255):
+        ipam.allocate()  # .6 to .254
+    assert ipam.allocate() == "10.244.1.3"  # wrapped round to the only free one
+    assert ipam.used == set(range(2, 255))
+    ipam.release("10.244.1.200")
+    assert ipam.allocate() == "10.244.1.200"
 
 
 def test_ipam_reports_exhaustion() -> None:
