@@ -182,13 +182,18 @@ class LogLevel:
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:
-    """A listening socket (SO_REUSEADDR) for :meth:`AdminServer.serve`."""
+    """A listening socket (SO_REUSEADDR), for :meth:`AdminServer.serve` and the proxies.
+
+    The backlog is the kernel's maximum (``net.core.somaxconn``), as Envoy's: with a short
+    queue a burst of connections while the process is busy overflows it, and the kernel
+    drops handshakes the clients already took as complete (they see resets).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(64)
+        sock.listen(socket.SOMAXCONN)
     except BaseException:
         sock.close()
         raise

@@ -121,7 +121,8 @@ async def test_non_http_is_refused_where_the_waypoint_enforces_http_policy(
     assert dialed == []
 
 
-async def test_silent_client_is_passed_through_after_the_detection_timeout() -> None:
+async def test_sniff_reports_a_silent_client_as_tcp_without_bytes_at_its_timeout() -> None:
+    # serve_stream then closes it on an undeclared port, passes it through on a TCP one.
     async with trio.open_nursery() as nursery:
         clock_start = trio.current_time()
         kind, data = await listener.sniff(trio.testing.memory_stream_pair()[1], timeout=0.05)
