@@ -142,6 +142,18 @@ def timed_tries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 async def _waypoint(nursery: trio.Nursery, route: dict[str, Any]) -> Client:
     """A bench-mode waypoint routing ``echo`` to a real echo server over TCP, and a
     keep-alive client connection into it."""
+    waypoint = await _bench_waypoint(nursery, route)
+    return _connect(nursery, waypoint)
+
+
+def _connect(nursery: trio.Nursery, waypoint: Waypoint) -> Client:
+    ours, theirs = socket.socketpair()
+    nursery.start_soon(serve_stream, TcpStream(theirs), waypoint.proxy,
+                       PeerInfo(source_ip="127.0.0.1", destination="10.96.0.9", port=80), None)
+    return Client(TcpStream(ours))
+
+
+async def _bench_waypoint(nursery: trio.Nursery, route: dict[str, Any]) -> Waypoint:
     server = echo.Server(echo.Identity(pod="echo", namespace="default"))
     ports = await nursery.start(echo.serve, [0], server, "127.0.0.1")
     waypoint = Waypoint(Options(name="waypoint", namespace="default", access_log=False))
@@ -154,10 +166,7 @@ async def _waypoint(nursery: trio.Nursery, route: dict[str, Any]) -> Client:
                      "spec": {"hosts": ["echo"],
                               "http": [{**route,
                                         "route": [{"destination": {"host": "echo"}}]}]}}]}))
-    ours, theirs = socket.socketpair()
-    nursery.start_soon(serve_stream, TcpStream(theirs), waypoint.proxy,
-                       PeerInfo(source_ip="127.0.0.1", destination="10.96.0.9", port=80), None)
-    return Client(TcpStream(ours))
+    return waypoint
 
 
 async def test_route_timeout_on_a_reused_tcp_connection_answers_504_and_recovers(
@@ -198,4 +207,30 @@ async def test_per_try_timeouts_on_tcp_connections_are_retried_then_answer_504(
             assert 0.6 <= elapsed < 3.0
             assert (await client.request("/")).status == 200
         assert timed_tries  # the first slow try at least ran under the timer
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_timeouts_leak_no_connection_or_request_slot(
+        timed_tries: list[float]) -> None:
+    async with trio.open_nursery() as nursery:
+        waypoint = await _bench_waypoint(nursery, {"timeout": "0.3s"})
+        statuses: list[int] = []
+
+        async def client_run() -> None:
+            client = _connect(nursery, waypoint)
+            for path in ("/", "/?delay=5s", "/", "/?delay=5s", "/"):
+                statuses.append((await client.request(path)).status)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as clients:
+                for _ in range(12):
+                    clients.start_soon(client_run)
+        assert sorted(set(statuses)) == [200, 504]
+        assert statuses.count(504) == 24 and statuses.count(200) == 36
+        assert timed_tries  # the timer, not only cancel scopes, was in play
+        (state,) = waypoint.clusters.by_name.values()
+        # Every connection still counted open is idle in the pool (none leaked by an
+        # interrupted try), and no request slot is left taken.
+        assert state.breaker.active_connections == state.pool.idle_count()
+        assert state.breaker.active_requests == 0
         nursery.cancel_scope.cancel()
