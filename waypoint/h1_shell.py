@@ -184,7 +184,9 @@ class H1Connection:
         timeouts = self.timeouts
         proxy = self.proxy
         peer = self.peer
-        now = trio.current_time()
+        # The run's clock, bound once: read about three times per request.
+        clock = trio.lowlevel.current_clock().current_time
+        now = clock()
         scope.deadline = now + (timeouts.header if parser.buffered else timeouts.idle)
         bounded_head = bool(parser.buffered)
         while True:
@@ -194,7 +196,7 @@ class H1Connection:
                     # A head arrived in pieces: it must complete within the header timeout.
                     bounded_head = True
                     scope.deadline = min(scope.deadline,
-                                         trio.current_time() + timeouts.header)
+                                         clock() + timeouts.header)
                 data = await self.stream.receive_some(READ_SIZE)
                 if not data:
                     parser.feed_eof()
@@ -212,12 +214,13 @@ class H1Connection:
             # Deadlines move lazily: setting one costs more than the rest of a small
             # request's bookkeeping, so the scope is only touched when the deadline is
             # about to be too close (or was tightened for a partial head).
-            now = trio.current_time()
+            now = clock()
             if bounded_head or scope.deadline - now < timeouts.stream_idle:
                 scope.deadline = now + max(timeouts.stream_idle, timeouts.idle / 2)
                 bounded_head = False
             await proxy.handle(event, self, peer)
-            await self.flush()
+            if self._out:  # usually sent already, with the response's end
+                await self.flush()
             if not self._body_done:
                 if not event.has_body and isinstance(parser.next_event(), EndOfMessage):
                     self._body_done = True  # the usual case, without a trip through _drain
@@ -228,9 +231,9 @@ class H1Connection:
             self._head = None
             if parser.buffered:  # a pipelined request is partly here already
                 bounded_head = True
-                scope.deadline = trio.current_time() + timeouts.header
-            elif scope.deadline - trio.current_time() < timeouts.idle / 2:
-                scope.deadline = trio.current_time() + timeouts.idle
+                scope.deadline = clock() + timeouts.header
+            elif scope.deadline - clock() < timeouts.idle / 2:
+                scope.deadline = clock() + timeouts.idle
 
     async def _drain(self) -> None:
         drained = 0
