@@ -114,10 +114,22 @@ done
 
 log "adding the waypoint of $TEST_NAMESPACE"
 # On Kubernetes this also binds the waypoint's ServiceAccount to pyambient-waypoint.
+# --wait returns once the waypoint itself has written Programmed=True for the Gateway's
+# current generation and one of its pods is Ready (there is no istiod to write it).
 "$PYTHON" -m deploy.ambientctl waypoint apply -n "$TEST_NAMESPACE" --name "$WAYPOINT" \
-    --image "$IMAGE" --kubeconfig "$KUBECONFIG"
+    --image "$IMAGE" --kubeconfig "$KUBECONFIG" --wait --wait-timeout 300
 kubectl get clusterrolebinding "pyambient-waypoint-$TEST_NAMESPACE-$WAYPOINT" >/dev/null
-kubectl -n "$TEST_NAMESPACE" rollout status "deployment/$WAYPOINT" --timeout=300s
+programmed_jsonpath='{.metadata.generation} {.status.conditions[?(@.type=="Programmed")].status} {.status.conditions[?(@.type=="Programmed")].observedGeneration}'
+# The echo ends the line, so that read succeeds; a missing condition leaves both empty.
+read -r generation programmed observed < <(
+    kubectl -n "$TEST_NAMESPACE" get gateway "$WAYPOINT" -o jsonpath="$programmed_jsonpath"
+    echo)
+if [ "${programmed:-}" != True ] || [ "${observed:-}" != "$generation" ]; then
+    kubectl -n "$TEST_NAMESPACE" get gateway "$WAYPOINT" -o yaml >&2 || true
+    die "gateway $TEST_NAMESPACE/$WAYPOINT: Programmed=${programmed:-unset} for generation" \
+        "${observed:-unset}, want True for generation $generation (see the waypoint's logs)"
+fi
+echo "e2e: gateway $TEST_NAMESPACE/$WAYPOINT Programmed=True (generation $generation)" >&2
 
 log "running tests/kind"
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words on purpose

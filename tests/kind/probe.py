@@ -20,7 +20,7 @@ def main() -> None:
     if parts.query:
         target += "?" + parts.query
     for _ in range(count):
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=10)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=10)
         try:
             conn.request(method, target, headers=headers)
             response = conn.getresponse()

@@ -1,11 +1,12 @@
-"""Helpers of the kind tests: kubectl, the in-pod probe, ztunnel's endpoints, polling."""
+"""Helpers of the kind tests: kubectl, the in-pod probe, ztunnel's endpoints, polling, the
+waypoint's Gateway status."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ CLUSTER = os.environ.get("KIND_CLUSTER_NAME", "pyambient-e2e")
 IMAGE = os.environ.get("PYAMBIENT_IMAGE", "pyambient:e2e")
 NAMESPACE = "mesh-e2e"
 LATE_NAMESPACE = "mesh-e2e-late"
+WAYPOINT = "waypoint"  # the Gateway deploy/kind/e2e.sh applies in NAMESPACE
 # How long the mesh may take to act on an API change (snapshot, enrolment, routes).
 SETTLE = 60.0
 POLL = 1.0
@@ -122,3 +124,31 @@ def counter(metrics: str, name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(match.group(2))
     return total
+
+
+def gateway_status_problems(gateway: Mapping[str, Any], cluster_ips: list[str]) -> list[str]:
+    """What is wrong with a waypoint Gateway's ``status`` (empty: nothing), as written by
+    the waypoint itself: ``Accepted`` and ``Programmed`` True for the Gateway's current
+    generation, the Service's cluster IPs as its addresses, listener ``mesh`` programmed."""
+    generation = (gateway.get("metadata") or {}).get("generation") or 1
+    status = gateway.get("status") or {}
+    found = []
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    for kind in ("Accepted", "Programmed"):
+        cond = conditions.get(kind)
+        if cond is None:
+            found.append(f"no {kind} condition")
+        elif cond.get("status") != "True" or cond.get("observedGeneration") != generation:
+            found.append(f"{kind}={cond.get('status')} for generation "
+                         f"{cond.get('observedGeneration')} (Gateway at {generation}): "
+                         f"{cond.get('reason')}: {cond.get('message')}")
+    addresses = [a.get("value") for a in status.get("addresses") or []]
+    if addresses != cluster_ips:
+        found.append(f"addresses {addresses}, want the Service's cluster IPs {cluster_ips}")
+    listeners = {x.get("name"): x for x in status.get("listeners") or []}
+    mesh = listeners.get("mesh")
+    listener_programmed = [c for c in (mesh or {}).get("conditions") or []
+                           if c.get("type") == "Programmed" and c.get("status") == "True"]
+    if not listener_programmed:
+        found.append(f"listener 'mesh' not Programmed=True: {mesh}")
+    return found

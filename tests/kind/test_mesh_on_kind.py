@@ -1,5 +1,6 @@
 """The local-cluster scenarios on a real Kubernetes cluster (kind): mTLS between nodes,
-enrolment by label, waypoint 90/10, retries, fault injection, L4 and L7 policy.
+enrolment by label, the waypoint's own Gateway status, waypoint 90/10, retries, fault
+injection, L4 and L7 policy.
 
 deploy/kind/e2e.sh sets the cluster up (mesh, test apps from manifests/apps.yaml, the
 namespace's waypoint) and runs these; each test applies its own routes or policies and
@@ -15,15 +16,17 @@ from typing import Any
 
 import pytest
 
-from common.kube import KubeClient, Namespace
+from common.kube import Gateway, KubeClient, Namespace, Service
 from tests.kind.support import (
     LATE_NAMESPACE,
     NAMESPACE,
+    WAYPOINT,
     apply,
     counter,
     delete,
     enrolled_pods,
     eventually,
+    gateway_status_problems,
     pod_of,
     probe,
     ztunnel_get,
@@ -93,6 +96,15 @@ async def test_enrolment_by_namespace_label(kube: KubeClient) -> None:
         return True if late.metadata.name not in await enrolled_pods(kube, node) else None
     await eventually(released, f"ztunnel on {node} to release {late.metadata.name}")
     assert _ok(await probe(f"http://late.{LATE_NAMESPACE}.svc.cluster.local/", 3)) == 3
+
+
+async def test_waypoint_writes_its_gateway_status(kube: KubeClient) -> None:
+    # e2e.sh applied the waypoint with --wait, so the status is there before any test runs.
+    gateway = await kube.get(Gateway, WAYPOINT, NAMESPACE)
+    service = await kube.get(Service, WAYPOINT, NAMESPACE)
+    ips = service.spec.cluster_ips or [str(service.spec.cluster_ip)]
+    raw = gateway.model_dump(by_alias=True, mode="json")
+    assert gateway_status_problems(raw, ips) == [], raw.get("status")
 
 
 async def test_waypoint_splits_90_10() -> None:
