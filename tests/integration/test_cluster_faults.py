@@ -65,6 +65,12 @@ REQUEST_DEADLINE = 5.0
 # How long after a kill the client's stream must have ended (reset or EOF).
 END_WITHIN = 10.0
 
+# The restart test's load: 4 clients, each starting a GET every 0.1 s at most (40/s).
+# Faster, ztunnel's pooled connection to the waypoint trips its rapid-reset guard on
+# its own (see the xfail below); this test is about the restart, not that.
+LOAD_WORKERS = 4
+LOAD_INTERVAL = 0.1
+
 Record = Callable[[str, object], None]
 
 
@@ -108,6 +114,9 @@ async def get_once(netns: str, ip: str, path: str = "/", host: str = "svc") -> A
             status, headers, body = await _read_head(stream)
             while chunk := await stream.receive_some(65536):
                 body += chunk
+    if "content-length" in headers and len(body) != int(headers["content-length"]):
+        raise trio.BrokenResourceError(f"answer cut at {len(body)} of "
+                                       f"{headers['content-length']} bytes")
     return Answer(status, headers, body)
 
 
@@ -329,11 +338,16 @@ class Outcome:
     started: float
     ended: float
     result: str  # "ok", "status N", "no waypoint", "timeout", or the error's type
+    detail: str = ""
 
 
-async def _load_worker(netns: str, vip: str, stop: trio.Event, log: list[Outcome]) -> None:
+async def _load_worker(netns: str, vip: str, stop: trio.Event, log: list[Outcome],
+                       interval: float = 0.0) -> None:
+    """GETs through the waypoint until ``stop``, one at a time, starting one at most
+    every ``interval`` seconds (0: as fast as they come back)."""
     while not stop.is_set():
         started = trio.current_time()
+        detail = ""
         try:
             answer = await get_once(netns, vip, host="reviews")
             result = ("ok" if VIA_WAYPOINT in answer.headers else "no waypoint") \
@@ -341,10 +355,10 @@ async def _load_worker(netns: str, vip: str, stop: trio.Event, log: list[Outcome
         except trio.TooSlowError:
             result = "timeout"
         except (OSError, trio.BrokenResourceError, ValueError, IndexError) as exc:
-            result = type(exc).__name__
-        log.append(Outcome(started, trio.current_time(), result))
-        if result != "ok":
-            await trio.sleep(0.05)  # a failing path fails fast: do not spin on it
+            result, detail = type(exc).__name__, str(exc)[:120]
+        log.append(Outcome(started, trio.current_time(), result, detail))
+        # A failing path fails fast: pause rather than spin on it.
+        await trio.sleep_until(started + max(interval, 0.05 if result != "ok" else 0.0))
 
 
 async def test_waypoint_restarted_under_load_errors_stop_within_2s_of_ready(
@@ -360,8 +374,8 @@ async def test_waypoint_restarted_under_load_errors_stop_within_2s_of_ready(
         log: list[Outcome] = []
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(_load_worker, client_ns, mesh.vip, stop, log)
+            for _ in range(LOAD_WORKERS):
+                nursery.start_soon(_load_worker, client_ns, mesh.vip, stop, log, LOAD_INTERVAL)
             await trio.sleep(2.0)  # a baseline of the load before the fault
             deleted_at = trio.current_time()
             await kube.delete(Pod, old.metadata.name, namespace)
@@ -398,7 +412,7 @@ async def test_waypoint_restarted_under_load_errors_stop_within_2s_of_ready(
     assert not kinds["timeout"], f"{kinds['timeout']} requests hung past {REQUEST_DEADLINE}s"
     assert len(settled) >= 10, f"only {len(settled)} requests after ready + 2 s"
     assert not late, (f"{len(late)} of {len(settled)} requests failed over 2 s after the new "
-                      f"waypoint was Ready ({sorted({o.result for o in late})}; "
+                      f"waypoint was Ready ({sorted({(o.result, o.detail) for o in late})}; "
                       f"all errors: {dict(kinds)})")
 
 
@@ -445,3 +459,33 @@ async def test_ztunnel_restarted_on_a_node_new_connections_succeed_once_back(
     record_property(f"{role}_first_success_ms", round(first_ok_ms))
     record_property("load_average", round(os.getloadavg()[0], 1))
 
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "common/hbone/protocol.py counts every RST_STREAM a peer sends against the rapid-reset "
+    "budget (200 burst, 100/s), on the client side too: the waypoint resets each finished "
+    "stream, so over ~100 short requests/s ztunnel's pooled connection to the waypoint is "
+    "closed as a 'rapid-reset flood' and the requests in flight on it get EOF"))
+async def test_short_requests_at_a_steady_rate_keep_the_pooled_waypoint_connection(
+        cluster: LocalCluster, kube: KubeClient, namespace: str,
+        record_property: Record) -> None:
+    """8 clients sending GETs on new connections through the waypoint as fast as they
+    come back, for 8 s: every one answered (RST_STREAMs from the server side of a
+    tunnel are no attack on its client)."""
+    with trio.fail_after(200):
+        mesh = await Mesh(cluster, kube, namespace).up()
+        await mesh.until(lambda r: r.status == 200 and VIA_WAYPOINT in r.headers,
+                         what="reviews answering through the waypoint")
+        assert mesh.client_pod is not None
+        log: list[Outcome] = []
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(_load_worker, netns_of(mesh.client_pod), mesh.vip, stop,
+                                   log)
+            await trio.sleep(8.0)  # the duration of the load, not a wait for a condition
+            stop.set()
+    errors = Counter((o.result, o.detail) for o in log if o.result != "ok")
+    record_property("requests_per_s", round(len(log) / 8.0))
+    record_property("errors", sum(errors.values()))
+    assert not errors, f"{sum(errors.values())} of {len(log)} failed: {dict(errors)}"

@@ -169,6 +169,9 @@ CASES: list[Case] = [
          "0 errors, RSS flat", LOAD + "test_2000_keepalive"),
     case("Load", "200 new connections/s for 60 s", "no fd or memory leak, errors < 1 %",
          LOAD + "test_connection_churn"),
+    case("Load", "cluster: short GETs through the waypoint as fast as they come back, 8 s",
+         "0 errors: ztunnel keeps its pooled HBONE connection to the waypoint",
+         CF + "test_short_requests_at_a_steady_rate_keep_the_pooled_waypoint_connection"),
 ]
 
 
