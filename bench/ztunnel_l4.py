@@ -1,30 +1,50 @@
-"""The L4 mesh path against a direct connection: pod → ztunnel → ztunnel → pod.
+"""The L4 mesh path's CPU cost: pod → ztunnel → ztunnel → pod, against Envoy's HBONE pair.
 
-Two hand-built netns pods on a bridge (as in tests/netns), nginx in pod B, and two
-ztunnel "nodes", each in its own process (one core each at most), both captured
-pods enrolled from a hand-built snapshot.  Measured from pod A:
+Hand-built netns pods on one bridge (as in tests/netns), nginx in every server pod, and
+for each system under test a client pod and a server pod:
 
-* small requests: ``wrk -t1 -c16 -d<seconds>s`` to nginx's short 200 (keep-alive);
-* bulk: ``curl`` downloading a ``--bytes`` file from nginx (tmpfs), MB/s;
-* connection churn: the same wrk run with ``Connection: close`` (one TCP connection, and
-  one HBONE stream, per request).
+* ``ours`` (or each ``--compare LABEL=DIR`` build): two ztunnel "nodes", each a process
+  of its own run from that source tree (node1 captures the client pod, node2 serves the
+  server pod), enrolled from a hand-built snapshot;
+* ``envoy``: Envoy's HBONE pair from the reference configs (ANCHORS.md), one worker each,
+  client Envoy on the client pod's loopback, server Envoy on the server pod's IP.
 
-First direct (no capture), then through the two ztunnels.  Compare with Envoy's HBONE
-pair from ``bench/hbone_pair.py`` in the same run of the machine (ANCHORS.md targets:
->= 0.5x Envoy's requests/s, >= 0.8x its bulk throughput).
+Measured from each client pod, alternately (A B A B ..., ``--rounds`` rounds):
 
-Run as root: ``.venv/bin/python bench/ztunnel_l4.py [--seconds 5] [--bytes 268435456]``.
+* small requests: ``wrk -t1 -c16 -d<seconds>s`` to nginx's short 200 (keep-alive):
+  req/s, p50, p99, and the **CPU time per request** of the system's two proxy processes
+  (user + system, all threads, from ``/proc/<pid>/stat``, divided by the requests wrk
+  completed).  On a machine shared with other work CPU per request is the steady figure:
+  it does not move when a neighbour steals the core, while req/s does;
+* with ``--bulk BYTES``: one ``curl`` download of a sparse file of that size, MB/s and CPU
+  seconds per GiB.
+
+``--profile DIR`` records each of the first build's ztunnels with py-spy during its load
+in the last round (raw folded stacks; idle samples excluded, so shares are of CPU).
+
+Run as root: ``.venv/bin/python bench/ztunnel_l4.py [--seconds 5] [--rounds 3]
+[--bulk 268435456] [--compare before=/tmp/before after=.] [--profile /tmp/prof]``
+(a build's tree: e.g. ``git archive HEAD | tar -x -C /tmp/before``, with ``common/``,
+``ztunnel/`` and ``tests/netns/`` in it).  ``node_process`` is also the harness's
+ztunnel node (``python -m bench``).
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import json
+import multiprocessing.synchronize
+import os
 import re
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -32,6 +52,25 @@ import trio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import (  # noqa: E402
+    BACKEND_PORT,
+    CURL,
+    ENVOY_HBONE_PORT,
+    ENVOY_LISTEN_PORT,
+    PYTHON,
+    WRK,
+    Processes,
+    bulk_file,
+    envoy_argv,
+    fill_template,
+    in_netns,
+    parse_wrk,
+    raise_nofile,
+    start_nginx,
+    wait_tcp,
+    without_breakers,
+    write_certs,
+)
 from common.ca import CertificateAuthority  # noqa: E402
 from common.logging import configure  # noqa: E402
 from tests.netns.ztunnel_support import (  # noqa: E402
@@ -42,30 +81,10 @@ from tests.netns.ztunnel_support import (  # noqa: E402
     workload,
 )
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-error_log {dir}/error.log;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir};
-    proxy_temp_path {dir};
-    fastcgi_temp_path {dir};
-    uwsgi_temp_path {dir};
-    scgi_temp_path {dir};
-    server {{
-        listen 8080;
-        location = / {{ return 200 "ok\\n"; }}
-        location /bulk {{ alias {dir}/bulk; sendfile on; }}
-    }}
-}}
-"""
-
 
 def node_process(node: str, ca_dir: str, pods: dict[str, tuple[str, str]],
                  ready: multiprocessing.synchronize.Event) -> None:
+    """One ztunnel node over pods ``a`` (client, node1) and ``b`` (server, node2)."""
     configure("warning")
 
     async def main() -> None:
@@ -84,64 +103,284 @@ def node_process(node: str, ca_dir: str, pods: dict[str, tuple[str, str]],
     trio.run(main)
 
 
-def wrk(ns: str, url: str, seconds: int, *extra: str) -> str:
-    out = subprocess.run(["ip", "netns", "exec", ns, "wrk", "-t1", "-c16", f"-d{seconds}s",
-                          "--latency", *extra, url], capture_output=True, text=True,
-                         check=True).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
-    return (f"{float(rps.group(1)) if rps else 0:,.0f} req/s, p50 {p50 and p50.group(1)}, "
-            f"p99 {p99 and p99.group(1)}")
+# A node run from another source tree (cwd): only that tree's modules are imported, and
+# only the test-support API every tree has.  Prints "ready" once enrolled.
+_NODE_RUNNER = """
+import json, os, signal, sys
+from collections import Counter
+from pathlib import Path
+import trio
+from common.ca import CertificateAuthority
+from common.logging import configure
+from tests.netns.ztunnel_support import Mesh, PodNs, snapshot, workload
+node, ca_dir, pods = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+configure("warning")
+stacks = Counter()
+def sample(signum, frame):
+    names = []
+    while frame is not None:
+        code = frame.f_code
+        names.append(f"{code.co_qualname} ({code.co_filename.rpartition('/site-packages/')[2]}"
+                     f":{frame.f_lineno})")
+        frame = frame.f_back
+    stacks[";".join(reversed(names))] += 1
+def toggle(signum, frame):
+    # First SIGUSR1: sample on CPU time (ITIMER_PROF counts user + system time of the
+    # process), so a preempted process is not sampled; second: stop and write the stacks.
+    if signal.getitimer(signal.ITIMER_PROF)[0] == 0:
+        stacks.clear()
+        signal.signal(signal.SIGPROF, sample)
+        signal.setitimer(signal.ITIMER_PROF, 0.0005, 0.0005)
+    else:
+        signal.setitimer(signal.ITIMER_PROF, 0, 0)
+        with open(os.environ["ZTUNNEL_L4_CPUPROF"] + f"-{node}.txt", "w") as out:
+            for stack, count in stacks.items():
+                out.write(f"{stack} {count}\\n")
+if os.environ.get("ZTUNNEL_L4_CPUPROF"):
+    signal.signal(signal.SIGUSR1, toggle)
+async def main():
+    a = workload(PodNs(*pods["a"]), name="client", namespace="bench", sa="client", node="node1")
+    b = workload(PodNs(*pods["b"]), name="server", namespace="bench", sa="server", node="node2")
+    mesh = Mesh(CertificateAuthority.load(Path(ca_dir)))
+    async with trio.open_nursery() as nursery:
+        await mesh.start(nursery, node)
+        await mesh.publish(snapshot(1, [a, b]))
+        print("ready", flush=True)
+        await trio.sleep_forever()
+trio.run(main)
+"""
 
 
-def bulk(ns: str, url: str, size: int) -> str:
+@dataclass
+class System:
+    label: str
+    netns: str  #: the client pod
+    host: str
+    port: int
+    pids: tuple[int, ...]  #: client-side proxy first
+    samples: list[dict[str, float]] = field(default_factory=list)
+    bulk: list[dict[str, float]] = field(default_factory=list)
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> tuple[float, float, float]:
+    """(user, system, first pid's user + system) CPU time of ``pids`` so far, all
+    threads (Linux /proc)."""
+    user = system = first = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user += int(fields[11])
+        system += int(fields[12])
+        if pid == pids[0]:
+            first = int(fields[11]) + int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick, first / tick
+
+
+def start_ours(procs: Processes, stack: ExitStack, tree: Path, label: str,
+               client: PodNs, server: PodNs, ca_dir: Path,
+               cpuprof: Path | None) -> tuple[int, ...]:
+    spec = json.dumps({"a": [client.name, client.ip], "b": [server.name, server.ip]})
+    pids = []
+    for node in ("node1", "node2"):
+        log = (procs.logs / f"{label}-{node}.log").open("wb")
+        stack.callback(log.close)
+        child = subprocess.Popen([PYTHON, "-c", _NODE_RUNNER, node, str(ca_dir), spec],
+                                 cwd=tree, stdout=subprocess.PIPE, stderr=log,
+                                 env={**os.environ, "PYTHONPATH": str(tree),
+                                      "ZTUNNEL_L4_CPUPROF": str(cpuprof or "")})
+        stack.callback(_stop, child)
+        assert child.stdout is not None
+        if not child.stdout.readline().startswith(b"ready"):
+            raise RuntimeError(f"ztunnel {label}/{node} did not start: see {log.name}")
+        pids.append(child.pid)
+    return tuple(pids)
+
+
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def start_envoy(procs: Processes, work: Path, client: PodNs, server: PodNs) -> tuple[int, int]:
+    certs = write_certs(work / "certs")
+    server_conf = work / "envoy-hbone-server.yaml"
+    server_conf.write_text(without_breakers(fill_template(
+        "envoy-hbone-server.yaml", ADMIN_PORT=19001, HBONE_PORT=ENVOY_HBONE_PORT,
+        BACKEND_PORT=BACKEND_PORT, CERT_DIR=certs,
+    ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
+              f"address: 0.0.0.0, port_value: {ENVOY_HBONE_PORT}")))
+    client_conf = work / "envoy-hbone-client.yaml"
+    client_conf.write_text(without_breakers(fill_template(
+        "envoy-hbone-client.yaml", ADMIN_PORT=19000, LISTEN_PORT=ENVOY_LISTEN_PORT,
+        BACKEND_PORT=BACKEND_PORT, HBONE_PORT=ENVOY_HBONE_PORT, CERT_DIR=certs,
+    ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
+              f"address: {server.ip}, port_value: {ENVOY_HBONE_PORT}")))
+    envoy_s = procs.popen("envoy-hbone-server", envoy_argv(server_conf, 11), netns=server.name)
+    wait_tcp(server.ip, ENVOY_HBONE_PORT, what="envoy HBONE server", netns=server.name,
+             alive=lambda: envoy_s.poll() is None)
+    envoy_c = procs.popen("envoy-hbone-client", envoy_argv(client_conf, 12), netns=client.name)
+    wait_tcp("127.0.0.1", ENVOY_LISTEN_PORT, what="envoy HBONE client", netns=client.name,
+             alive=lambda: envoy_c.poll() is None)
+    return envoy_c.pid, envoy_s.pid
+
+
+def requests(system: System, seconds: int, profile: Path | None = None,
+             profiler: str = "sigprof") -> dict[str, float]:
+    argv = in_netns(system.netns, [WRK, "-t1", "-c16", f"-d{seconds}s", "--latency",
+                                   f"http://{system.host}:{system.port}/"])
+    spies = []
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        for index, pid in enumerate(system.pids):
+            out = profile / f"{system.label}-{'client' if index == 0 else 'server'}"
+            if profiler == "sigprof":
+                os.kill(pid, signal.SIGUSR1)
+            elif profiler == "perf":
+                spies.append(subprocess.Popen(
+                    ["perf", "record", "-F", "1999", "-g", "-p", str(pid), "-o",
+                     f"{out}.perf", "--", "sleep", str(seconds)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            else:
+                spies.append(subprocess.Popen(
+                    # --gil: only samples holding the GIL, i.e. the interpreter working
+                    # (a socket call or epoll wait releases it), not the process waiting.
+                    [str(Path(PYTHON).parent / "py-spy"), "record", "-p", str(pid), "-d",
+                     str(seconds), "-r", "250", "-f", "raw", "--nonblocking", "--gil",
+                     "-o", f"{out}.txt"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL))
+    before = cpu_seconds(system.pids)
+    done = subprocess.run(argv, capture_output=True, text=True, check=True,
+                          timeout=seconds + 60)
+    after = cpu_seconds(system.pids)
+    user, kernel, client = (after[i] - before[i] for i in range(3))
+    for spy in spies:
+        spy.wait(timeout=seconds + 30)
+    if profile is not None and profiler == "sigprof":
+        for pid in system.pids:
+            os.kill(pid, signal.SIGUSR1)
+    result = parse_wrk(done.stdout)
+    total = int(re.search(r"(\d+) requests in", done.stdout).group(1))  # type: ignore[union-attr]
+    sample = {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+              "cpu_us": (user + kernel) / max(total, 1) * 1e6,
+              "sys_us": kernel / max(total, 1) * 1e6,
+              "client_us": client / max(total, 1) * 1e6, "errors": float(result.errors)}
+    system.samples.append(sample)
+    return sample
+
+
+def download(system: System, size: int) -> dict[str, float]:
+    argv = in_netns(system.netns, [CURL, "-sS", "-o", "/dev/null", "-w", "%{size_download}",
+                                   f"http://{system.host}:{system.port}/bulk"])
+    before = cpu_seconds(system.pids)
     started = time.perf_counter()
-    out = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-o", "/dev/null", "-w",
-                          "%{size_download}", url], capture_output=True, text=True,
-                         check=True).stdout
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     elapsed = time.perf_counter() - started
-    assert int(out) == size, out
-    return f"{size / elapsed / 1e6:,.0f} MB/s"
+    if int(done.stdout or 0) != size:
+        raise RuntimeError(f"curl through {system.label}: {done.stdout!r} of {size} bytes")
+    after = cpu_seconds(system.pids)
+    sample = {"mb_s": size / elapsed / 1e6,
+              "cpu_s_gib": (sum(after[:2]) - sum(before[:2])) / (size / 2**30)}
+    system.bulk.append(sample)
+    return sample
+
+
+@contextmanager
+def environment(work: Path, builds: dict[str, Path], with_envoy: bool,
+                bulk_size: int, cpuprof: Path | None) -> Iterator[list[System]]:
+    raise_nofile()
+    bulk = bulk_file(work, max(bulk_size, 1))
+    names = [f"{i}{side}" for i in range(len(builds) + with_envoy) for side in "cs"]
+    with pod_network(names) as pods, Processes(work) as procs, ExitStack() as stack:
+        ca_dir = work / "ca"
+        CertificateAuthority.generate("cluster.local").save(ca_dir)
+        systems = []
+        for i, (label, tree) in enumerate(builds.items()):
+            client, server = pods[f"{i}c"], pods[f"{i}s"]
+            start_nginx(procs, work, f"0.0.0.0:{BACKEND_PORT}", bulk, netns=server.name,
+                        name=f"nginx-{label}")
+            pids = start_ours(procs, stack, tree, label, client, server, ca_dir,
+                              cpuprof and cpuprof / label)
+            systems.append(System(label, client.name, server.ip, BACKEND_PORT, pids))
+        if with_envoy:
+            i = len(builds)
+            client, server = pods[f"{i}c"], pods[f"{i}s"]
+            start_nginx(procs, work, f"0.0.0.0:{BACKEND_PORT}", bulk, netns=server.name,
+                        name="nginx-envoy")
+            pids = start_envoy(procs, work, client, server)
+            systems.append(System("envoy", client.name, "127.0.0.1", ENVOY_LISTEN_PORT, pids))
+        yield systems
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bulk", type=int, default=0, metavar="BYTES",
+                        help="also one download of BYTES per system and round")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
+                        help="builds to compare (default: ours=this tree)")
+    parser.add_argument("--no-envoy", action="store_true")
+    parser.add_argument("--logs", type=Path, metavar="DIR",
+                        help="keep the processes' logs and configs there")
+    parser.add_argument("--profile", type=Path, metavar="DIR")
+    parser.add_argument("--profiler", choices=("sigprof", "py-spy", "perf"), default="sigprof")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp, pod_network(["a", "b"]) as pods:
-        work = Path(tmp)
-        (work / "bulk").write_bytes(b"\0" * args.bytes)
-        (work / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp))
-        ca_dir = work / "ca"
-        CertificateAuthority.generate("cluster.local").save(ca_dir)
-        nginx = subprocess.Popen(["ip", "netns", "exec", pods["b"].name, "nginx", "-c",
-                                  str(work / "nginx.conf")])
-        url = f"http://{pods['b'].ip}:8080"
-        procs: list[multiprocessing.Process] = []
-        try:
-            time.sleep(0.5)  # nginx start-up (a benchmark, not a test)
-            print("direct:          ", wrk(pods["a"].name, url + "/", args.seconds), "|",
-                  bulk(pods["a"].name, url + "/bulk", args.bytes), "| new connection each:",
-                  wrk(pods["a"].name, url + "/", args.seconds, "-H", "Connection: close"))
-            spec = {k: (v.name, v.ip) for k, v in pods.items()}
-            for node in ("node1", "node2"):
-                ready = multiprocessing.Event()
-                proc = multiprocessing.Process(target=node_process,
-                                               args=(node, str(ca_dir), spec, ready))
-                proc.start()
-                procs.append(proc)
-                assert ready.wait(30), f"ztunnel {node} did not start"
-            print("via 2 ztunnels:  ", wrk(pods["a"].name, url + "/", args.seconds), "|",
-                  bulk(pods["a"].name, url + "/bulk", args.bytes), "| new connection each:",
-                  wrk(pods["a"].name, url + "/", args.seconds, "-H", "Connection: close"))
-        finally:
-            for proc in procs:
-                proc.terminate()
-                proc.join(10)
-            nginx.terminate()
-            nginx.wait(10)
+    builds = {"ours": REPO}
+    if args.compare:
+        builds = {}
+        for spec in args.compare:
+            label, _, tree = spec.partition("=")
+            builds[label] = Path(tree).resolve()
+    with tempfile.TemporaryDirectory(prefix="ztunnel-l4-") as tmp:
+        work = args.logs or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        work.chmod(0o755)
+        cpuprof = args.profile if args.profile and args.profiler == "sigprof" else None
+        if cpuprof is not None:
+            cpuprof.mkdir(parents=True, exist_ok=True)
+        with environment(work, builds, not args.no_envoy, args.bulk, cpuprof) as systems:
+            for system in systems:  # warm-up: tunnels and pooled connections open
+                requests(system, 1)
+                system.samples.clear()
+            for round_number in range(1, args.rounds + 1):
+                last = round_number == args.rounds
+                for system in systems if round_number % 2 else reversed(systems):
+                    profile = (args.profile if last and system.label == systems[0].label
+                               else None)
+                    s = requests(system, args.seconds, profile, args.profiler)
+                    print(f"round {round_number} {system.label:8} {s['rps']:8,.0f} req/s "
+                          f"p50 {s['p50_ms']:6.2f} ms p99 {s['p99_ms']:7.2f} ms "
+                          f"{s['cpu_us']:6.1f} us CPU/request ({s['sys_us']:.0f} system, "
+                          f"{s['client_us']:.0f} client side)",
+                          flush=True)
+                    if args.bulk:
+                        b = download(system, args.bulk)
+                        print(f"round {round_number} {system.label:8} {b['mb_s']:8,.0f} MB/s "
+                              f"{b['cpu_s_gib']:.2f} CPU s/GiB", flush=True)
+    envoy = next((s for s in systems if s.label == "envoy"), None)
+    print("median:")
+    for system in systems:
+        rps = statistics.median(s["rps"] for s in system.samples)
+        cpu = statistics.median(s["cpu_us"] for s in system.samples)
+        line = f"  {system.label:8} {rps:8,.0f} req/s {cpu:6.1f} us CPU/request"
+        if envoy is not None and system is not envoy:
+            e_rps = statistics.median(s["rps"] for s in envoy.samples)
+            e_cpu = statistics.median(s["cpu_us"] for s in envoy.samples)
+            line += f"  (vs envoy: {rps / e_rps:.2f}x req/s, {cpu / e_cpu:.2f}x CPU/request)"
+        if system.bulk:
+            mb = statistics.median(b["mb_s"] for b in system.bulk)
+            gib = statistics.median(b["cpu_s_gib"] for b in system.bulk)
+            line += f"; bulk {mb:,.0f} MB/s {gib:.2f} CPU s/GiB"
+            if envoy is not None and system is not envoy and envoy.bulk:
+                e_mb = statistics.median(b["mb_s"] for b in envoy.bulk)
+                line += f" ({mb / e_mb:.2f}x envoy)"
+        print(line)
     return 0
 
 
