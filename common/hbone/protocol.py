@@ -197,13 +197,13 @@ class H2Protocol:
 
     def has_output(self) -> bool:
         """True when :meth:`data_to_send` would return something."""
-        self._flush_h2()
-        return bool(self._out)
+        return bool(self._out or self._h2._data_to_send)
 
     def _flush_h2(self) -> None:
-        pending = self._h2.data_to_send()
-        if pending:
-            self._out.append(pending)
+        # h2's data_to_send copies its buffer and allocates a new one on every call, even
+        # an empty one; this runs several times per message, so look first.
+        if self._h2._data_to_send:
+            self._out.append(self._h2.data_to_send())
 
     @staticmethod
     def _window_update(stream_id: int, increment: int) -> bytes:
@@ -276,6 +276,26 @@ class H2Protocol:
         window: int = min(self._h2.outbound_flow_control_window,
                           stream.outbound_flow_control_window)
         return max(window, 0)
+
+    def frame_small(self, stream_id: int, data: memoryview) -> bytes | None:
+        """All of ``data`` as one DATA frame in one new buffer, when nothing else is queued
+        for the peer and the windows and frame size take it whole; else ``None``, and
+        nothing was done.
+
+        The fast path of a small message: one call and one copy instead of queueing
+        frame pieces to join them again.  Keep ``data`` small (a copy is made).
+        """
+        if self._out or self._h2._data_to_send:
+            return None
+        stream = self._h2.streams.get(stream_id)
+        size = len(data)
+        if (stream is None or stream.closed or size > self._h2.outbound_flow_control_window
+                or size > stream.outbound_flow_control_window
+                or size > self._h2.max_outbound_frame_size):
+            return None
+        self._h2.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
+        return _FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id) + data
 
     def send_data(self, stream_id: int, data: memoryview) -> int:
         """Queue as much of ``data`` as the peer's windows allow; return the bytes taken.
@@ -569,7 +589,10 @@ class H2Protocol:
                                "flood")
             elif isinstance(event, h2.events.StreamReset):
                 self._stop_receiving(event.stream_id)
-                if event.remote_reset:
+                # Only a client can flood with resets (it opens the streams it cancels, and
+                # each costs the server the work of starting one); a server resetting our
+                # finished streams is no attack, and a busy pool sees hundreds a second.
+                if event.remote_reset and not self.client_side:
                     self._count_reset()
             events.append(event)
 

@@ -65,9 +65,8 @@ REQUEST_DEADLINE = 5.0
 # How long after a kill the client's stream must have ended (reset or EOF).
 END_WITHIN = 10.0
 
-# The restart test's load: 4 clients, each starting a GET every 0.1 s at most (40/s).
-# Faster, ztunnel's pooled connection to the waypoint trips its rapid-reset guard on
-# its own (see the xfail below); this test is about the restart, not that.
+# The restart test's load: 4 clients, each starting a GET every 0.1 s at most (40/s):
+# this test is about the restart, not throughput.
 LOAD_WORKERS = 4
 LOAD_INTERVAL = 0.1
 
@@ -461,11 +460,6 @@ async def test_ztunnel_restarted_on_a_node_new_connections_succeed_once_back(
 
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "common/hbone/protocol.py counts every RST_STREAM a peer sends against the rapid-reset "
-    "budget (200 burst, 100/s), on the client side too: the waypoint resets each finished "
-    "stream, so over ~100 short requests/s ztunnel's pooled connection to the waypoint is "
-    "closed as a 'rapid-reset flood' and the requests in flight on it get EOF"))
 async def test_short_requests_at_a_steady_rate_keep_the_pooled_waypoint_connection(
         cluster: LocalCluster, kube: KubeClient, namespace: str,
         record_property: Record) -> None:

@@ -210,6 +210,21 @@ def test_resets_at_a_modest_rate_are_fine() -> None:
     assert not server.closed
 
 
+def test_a_server_resetting_many_streams_is_no_flood_for_the_client() -> None:
+    # A waypoint resets each tunnel it finished; a pool carrying hundreds of short
+    # requests a second must not take that for CVE-2023-44487 and drop the connection.
+    client = H2Protocol(client_side=True, clock=lambda: 0.0)  # all in one instant
+    server = H2Protocol(client_side=False)
+    _pump(client, server)
+    _pump(server, client)
+    for _ in range(RESET_BURST * 2):
+        stream_id = client.send_request(build_request("10.0.0.1:80"))
+        _pump(client, server)
+        server.reset_stream(stream_id)
+        _pump(server, client)
+    assert not client.closed
+
+
 def test_graceful_goaway_lets_open_streams_finish() -> None:
     client, server = _handshake()
     stream_id = _open(client, server)
