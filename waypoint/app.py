@@ -37,12 +37,14 @@ from typing import Any
 
 import trio
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 
 from common.admin import AdminServer, Request, Response, listen_tcp
 from common.authz.model import GatewayRef
 from common.errors import ConfigError
 from common.identity import SpiffeId
 from common.logging import get_logger
+from common.metrics import HboneRefusals
 from common.model import DEFAULT_TRUST_DOMAIN, HBONE_PORT, Snapshot
 from common.tcp import TcpStream
 from waypoint import h2_shell
@@ -196,6 +198,9 @@ class Waypoint:
         # "Kind/ns/name" -> resourceVersion of the route objects now in force: what
         # /config_dump shows so a person (or a test) can tell an update has arrived.
         self.served_objects: dict[str, str] = {}
+        self.rejected_objects: list[str] = []
+        # Refusals of the HBONE listener; registered into each /metrics scrape's registry.
+        self.hbone_refused = HboneRefusals(CollectorRegistry())
         self.timeouts = H1Timeouts()
         self._drain_scopes: list[trio.CancelScope] = []
 
@@ -274,10 +279,14 @@ class Waypoint:
             self.proxy.state = RouterState(table, self.clusters, gateway,
                                            snap.waypoint_policies,
                                            workloads=workload_index(snap, gateway))
+            # A rejected version is not in force (its last good one is, or none): it is
+            # listed under "rejected", not here.
+            rejected = {f"{r.kind}/{r.namespace}/{r.name}" for r in table.rejected}
             self.served_objects = {
-                f"{o.kind}/{o.metadata.namespace}/{o.metadata.name}":
-                    o.metadata.resource_version or ""
-                for o in (*snap.http_routes, *snap.virtual_services, *snap.destination_rules)}
+                key: o.metadata.resource_version or ""
+                for o in (*snap.http_routes, *snap.virtual_services, *snap.destination_rules)
+                if (key := f"{o.kind}/{o.metadata.namespace}/{o.metadata.name}") not in rejected}
+            self.rejected_objects = sorted(rejected)
             self.ready = True
 
     def admin_servers(self) -> list[tuple[int, AdminServer]]:
@@ -285,10 +294,10 @@ class Waypoint:
             return Response.text("ready\n") if self.ready else Response.text("not ready\n", 503)
 
         def metrics(_: Request) -> Response:
-            from prometheus_client import CollectorRegistry, generate_latest
             registry = CollectorRegistry()
             self.metrics.register(registry)
             registry.register(RateLimitCollector(self.rate_limiter))
+            registry.register(self.hbone_refused.counter)
             return Response(200, generate_latest(registry),
                             "text/plain; version=0.0.4; charset=utf-8")
 
@@ -301,10 +310,11 @@ class Waypoint:
                 "issues": [str(i) for i in state.table.issues],
                 "ratelimits": sorted("/".join(k) for k in self.rate_limiter.policies),
                 "objects": self.served_objects,
-                # Where locality-aware picks are ranked from (empty: not known yet).
-                "locality": str(self.clusters.client_locality or ""),
+                "rejected": self.rejected_objects,
                 # Pod IPs whose workload-addressed traffic this waypoint forwards.
                 "workloads": state.workloads.served,
+                # Where locality-aware picks are ranked from (empty: not known yet).
+                "locality": str(self.clusters.client_locality or ""),
                 "version": state.table.version})
 
         o = self.options
@@ -363,7 +373,8 @@ class Waypoint:
                                    snapshot_passthrough(lambda: holder.current, transport),
                                    timeouts=self.timeouts)
             hbone_server = HboneServer(inbound, tls_handshake(
-                lambda: certs.server_context(identity), o.trust_domain))
+                lambda: certs.server_context(identity), o.trust_domain),
+                on_refused=self.hbone_refused)
             self._hbone_server = hbone_server
             await nursery.start(hbone_server.serve, listen_tcp("0.0.0.0", o.hbone_port))
             _log.info("waypoint serving", gateway=f"{o.namespace}/{o.name}",

@@ -9,6 +9,7 @@ ztunnel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from typing import Any
@@ -24,6 +25,8 @@ from common.kube import (
     Pod,
     VirtualService,
 )
+from deploy.local.netns import NETNS_DIR
+from deploy.local.network import Names
 from tests.integration.conftest import (
     LocalCluster,
     echo_deployment,
@@ -224,6 +227,26 @@ async def test_bookinfo_routing_through_the_waypoint(
     assert 'reporter="waypoint"' in line and 'destination_service_name="reviews"' in line
     assert 'source_workload="client"' in line
     assert float(line.rsplit(" ", 1)[1]) >= 20
+    # Plaintext at the waypoint's HBONE port is refused and counted.
+    waypoint_ip = str(next(p.status.pod_ip for p in pods if p.metadata.name == waypoint))
+    await plaintext_at_hbone_port(cluster, waypoint_ip)
+
+    async def refusal_counted() -> bool:
+        text = await fabric_get(cluster, waypoint_ip, 15020, "/metrics")
+        return 'pyambient_hbone_refused_total{reason="not_tls"} 1.0' in text
+    await wait_for(refusal_counted, 20, interval=0.3, what="the waypoint's refusal counted")
+
+
+async def plaintext_at_hbone_port(cluster: LocalCluster, ip: str) -> None:
+    """Speak plain HTTP at ``ip``:15008 from the fabric; the server must close on us."""
+    fabric = str(NETNS_DIR / Names(cluster.name).fabric)
+    stream = await open_from(fabric, ip, 15008)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        with trio.fail_after(10):
+            with contextlib.suppress(trio.BrokenResourceError):
+                while await stream.receive_some(4096):
+                    pass
 
 
 async def test_l7_deny_by_path_and_method_and_l4_service_without_waypoint(
