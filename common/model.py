@@ -171,6 +171,11 @@ class Service:
     traffic.  ``waypoint_of`` is set on a waypoint's own Service: traffic to it is
     never sent to a waypoint.  The ``ready_*`` fields are the ready endpoints grouped
     by locality, so an endpoint pick that prefers the client's zone is a dict hit.
+    ``prefer_close`` is set when the Service asks for traffic to stay close to its
+    client (``spec.trafficDistribution`` ``PreferClose`` or ``PreferSameZone``, else the
+    annotation ``networking.istio.io/traffic-distribution``): Istio's ztunnel then
+    prefers the client's zone, then its region; otherwise it spreads over every ready
+    endpoint.
     """
 
     namespace: str
@@ -187,6 +192,7 @@ class Service:
     ready_endpoints: tuple[Endpoint, ...] = field(repr=False)
     ready_by_zone: Mapping[tuple[str, str], tuple[Endpoint, ...]] = field(repr=False)
     ready_by_region: Mapping[str, tuple[Endpoint, ...]] = field(repr=False)
+    prefer_close: bool = False
 
     @property
     def key(self) -> tuple[str, str]:

@@ -181,6 +181,22 @@ def _group(endpoints: Iterable[Any]) -> tuple[dict[tuple[str, str], tuple[Any, .
             {k: tuple(v) for k, v in by_region.items()})
 
 
+#: Istio's annotation for a Service's traffic distribution, read when the Service has no
+#: ``spec.trafficDistribution`` (the field is newer than the annotation).
+TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
+_CLOSE = frozenset({"preferclose", "prefersamezone"})
+
+
+def _prefer_close(svc: KubeService) -> bool:
+    """Whether the Service asks ztunnel to keep traffic in the client's zone, as istiod
+    reads it: the spec field when set, else the annotation (case-insensitive)."""
+    field_value = (svc.spec.model_extra or {}).get("trafficDistribution")
+    if isinstance(field_value, str) and field_value:
+        return field_value.lower() in _CLOSE
+    annotation = svc.metadata.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "")
+    return annotation.lower() in _CLOSE
+
+
 class MeshTranslator:
     """The translation state of one discovery client; feed it events, take snapshots.
 
@@ -669,7 +685,8 @@ class MeshTranslator:
             vips=_vips(svc), ports=ports, endpoints=endpoints,
             waypoint=self._usable_waypoint(use, True), labels=labels, waypoint_of=waypoint_of,
             ref=ServiceRef(ns, name), ports_by_number={p.port: p for p in ports},
-            ready_endpoints=ready, ready_by_zone=by_zone, ready_by_region=by_region)
+            ready_endpoints=ready, ready_by_zone=by_zone, ready_by_region=by_region,
+            prefer_close=_prefer_close(svc))
 
     def _endpoints(self, key: Key, ports: tuple[ServicePort, ...]) -> tuple[Endpoint, ...]:
         slices = self._objects["EndpointSlice"]

@@ -5,10 +5,11 @@ Outbound (DESIGN.md section 2), for a connection from ``source`` to ``dst_ip:dst
 
 1. ``dst_ip`` is a Service VIP.  The service uses a waypoint and the source is not that
    waypoint: HBONE to a waypoint pod, ``:authority`` the VIP and port
-   (:class:`ViaWaypoint`).  Otherwise pick a ready endpoint, preferring the source's
-   zone, then its region, then any (``rng`` decides among equals), map the service port
-   to the endpoint's target port and continue with step 2 for that endpoint.  No ready
-   endpoint: :class:`Refused`.
+   (:class:`ViaWaypoint`).  Otherwise pick a ready endpoint, uniformly (``rng``), or, when
+   the Service prefers close endpoints (``trafficDistribution: PreferClose``: Istio's
+   FAILOVER load balancing), one in the source's zone, else its region, else any; map
+   the service port to the endpoint's target port and continue with step 2 for that
+   endpoint.  No ready endpoint: :class:`Refused`.
 2. ``dst_ip`` is a pod (directly or picked in step 1).  The connection was addressed to
    the pod itself (not picked in step 1), the pod uses a workload waypoint
    (``istio.io/waypoint-for`` ``workload`` or ``all``; discovery leaves
@@ -53,6 +54,7 @@ from common.authz.evaluate import check_connection
 from common.authz.model import Decision, RequestContext
 from common.identity import SpiffeId
 from common.model import (
+    EMPTY_LOCALITY,
     HBONE_PORT,
     Endpoint,
     Locality,
@@ -283,7 +285,7 @@ def _to_service(snapshot: Snapshot, source: Workload, service: Service, vip: str
         return _via_waypoint(snapshot, source, ref, format_authority(vip, port), rng, service,
                              None)
     endpoint = _pick(service.ready_endpoints, service.ready_by_zone, service.ready_by_region,
-                     source.locality, rng)
+                     source.locality if service.prefer_close else EMPTY_LOCALITY, rng)
     if endpoint is None:
         state = (f"{len(service.endpoints)} endpoints, none ready" if service.endpoints
                  else "no endpoints")

@@ -164,10 +164,6 @@ async def test_prefer_close_service_keeps_l4_traffic_in_the_client_zone_and_fail
     assert set(answers) == set(back), f"back to zone-a once it is Ready again: {answers}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ztunnel/decide.py prefers the client's zone for every Service: the Service model "
-    "(common/model.py, common/translate.py) does not carry trafficDistribution yet, so "
-    "decide.py cannot tell a PreferClose Service from one that should spread"))
 async def test_service_without_traffic_distribution_spreads_over_zones(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     client, vip, zone_a, zone_b = await mesh(cluster, kube, namespace, {})

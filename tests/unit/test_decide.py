@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from common.identity import SpiffeId
-from common.kube.objects import Resource
+from common.kube.objects import Resource, Service
 from common.model import HBONE_PORT, Snapshot, WaypointRef, Workload
 from common.translate import translate
 from tests.unit.mesh_objects import (
@@ -84,7 +84,7 @@ def with_waypoint(waypoint_for: str = "service", name: str = "waypoint") -> list
 
 
 def test_service_vip_to_captured_endpoint_goes_over_hbone_to_the_pod() -> None:
-    result = out(mesh(), WEB_VIP, 80)
+    result = out(mesh(web_service(PREFER_CLOSE)), WEB_VIP, 80)  # the client's zone: web-1
     assert isinstance(result, ToWorkload)
     assert result.hbone_addr == ("10.1.1.1", HBONE_PORT)
     assert result.authority == "10.1.1.1:8080"  # named targetPort resolved by the slice
@@ -205,17 +205,51 @@ def picks(snap: Snapshot, source: str, n: int = 200) -> Counter[str]:
     return seen
 
 
-def test_endpoint_choice_prefers_zone_then_region_then_any() -> None:
-    snap = mesh()
+def web_service(spec: dict[str, Any] | None = None,
+                annotations: dict[str, str] | None = None) -> Service:
+    """The base mesh's ``web`` Service with extra spec fields or annotations."""
+    return Service.model_validate({
+        "metadata": {"name": "web", "namespace": "demo", "annotations": annotations or {}},
+        "spec": {"clusterIP": WEB_VIP, "clusterIPs": [WEB_VIP], "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+                 **(spec or {})}})
+
+
+PREFER_CLOSE = {"trafficDistribution": "PreferClose"}
+
+
+def test_endpoint_choice_spreads_over_every_zone_by_default() -> None:
+    for source in ("10.1.0.1", "10.1.0.2", "10.1.0.3"):
+        spread = picks(mesh(), source)
+        assert set(spread) == {"web-1", "web-2", "web-3"} and min(spread.values()) > 40
+
+
+def test_prefer_close_endpoint_choice_prefers_zone_then_region_then_any() -> None:
+    snap = mesh(web_service(PREFER_CLOSE))
     assert picks(snap, "10.1.0.1") == {"web-1": 200}        # eu/a: same zone
     assert picks(snap, "10.1.0.2") == {"web-3": 200}        # us/c
     spread = picks(snap, "10.1.0.3")                        # no locality: uniform
     assert set(spread) == {"web-1", "web-2", "web-3"} and min(spread.values()) > 40
-    no_zone_a = mesh(endpoint_slice("web", [
+    no_zone_a = mesh(web_service(PREFER_CLOSE), endpoint_slice("web", [
         endpoint("10.1.1.1", "web-1", node_name="n1", ready=False),
         endpoint("10.1.1.2", "web-2", node_name="n2"),
         endpoint("10.1.1.3", "web-3", node_name="n3")]))
     assert picks(no_zone_a, "10.1.0.1") == {"web-2": 200}   # eu/a down: eu/b next
+
+
+@pytest.mark.parametrize(("spec", "annotations", "close"), [
+    ({"trafficDistribution": "PreferSameZone"}, None, True),
+    (None, {"networking.istio.io/traffic-distribution": "preferclose"}, True),
+    # The spec field, when set, wins over the annotation (as istiod reads them).
+    ({"trafficDistribution": "PreferSameNode"},
+     {"networking.istio.io/traffic-distribution": "PreferClose"}, False),
+    (None, {"networking.istio.io/traffic-distribution": "Any"}, False),
+])
+def test_traffic_distribution_is_read_from_the_spec_then_the_annotation(
+        spec: dict[str, Any] | None, annotations: dict[str, str] | None, close: bool) -> None:
+    snap = mesh(web_service(spec, annotations))
+    assert snap.services_by_vip[WEB_VIP].prefer_close is close
+    assert (picks(snap, "10.1.0.1") == {"web-1": 200}) is close
 
 
 def test_waypoint_pod_choice_prefers_the_sources_zone() -> None:
