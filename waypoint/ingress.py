@@ -53,7 +53,7 @@ from waypoint.app import Waypoint
 from waypoint.clusters import EndpointSpec, snapshot_endpoints
 from waypoint.h2_upstream import ProtocolTransport
 from waypoint.http import RequestHead
-from waypoint.listener import serve_stream
+from waypoint.listener import Declared, serve_stream
 from waypoint.mirror import Mirrorer
 from waypoint.proxy import Downstream, PeerInfo, Proxy, RouterState
 from waypoint.ratelimit.limiter import kube_objects, policies_from
@@ -537,7 +537,9 @@ class Ingress(Waypoint):
                     return
             else:
                 stream = TcpStream(raw)
-            await serve_stream(stream, self.proxy, peer, None, timeouts=self.timeouts)
+            # An HTTP(S) listener: HTTP/1.1 or h2c whenever the client speaks, never TCP.
+            await serve_stream(stream, self.proxy, peer, None, timeouts=self.timeouts,
+                               declared=Declared.HTTP)
 
         async with trio.open_nursery() as nursery:
             while True:
