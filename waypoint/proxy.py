@@ -233,9 +233,19 @@ class RouterState:
     def service_ref(self, routes: ServiceRoutes) -> ServiceRef:
         ref = self.service_refs.get(routes.host)
         if ref is None:
-            ref = self.service_refs[routes.host] = ServiceRef(
-                routes.service_namespace, routes.host.split(".", 1)[0])
+            ref = self.service_refs[routes.host] = service_ref_of(routes)
         return ref
+
+
+def service_ref_of(routes: ServiceRoutes) -> ServiceRef:
+    """The Service a policy's targetRef names for this route host.  A Service's host is
+    ``<name>.<namespace>.svc...``; any other host (a ServiceEntry's ``api.example.com``)
+    keeps its whole name, which no Service can have, so a policy for a Service ``api``
+    never applies to it."""
+    labels = routes.host.split(".")
+    if len(labels) >= 3 and labels[1] == routes.service_namespace and labels[2] == "svc":
+        return ServiceRef(routes.service_namespace, labels[0])
+    return ServiceRef(routes.service_namespace, routes.host)
 
 
 class _Log:
