@@ -229,6 +229,7 @@ class H1Connection:
             if self._close_after or self.writer.must_close or not event.keep_alive:
                 return
             self._head = None
+            self._started = False  # so a bad next request still gets its error answer
             if parser.buffered:  # a pipelined request is partly here already
                 bounded_head = True
                 scope.deadline = clock() + timeouts.header

@@ -85,6 +85,23 @@ async def test_keep_alive_reuses_the_upstream_connection(nursery: trio.Nursery) 
     assert backend.connections == 1 and len(backend.seen) == 5
 
 
+async def test_a_malformed_request_after_a_good_one_gets_its_400(
+        nursery: trio.Nursery) -> None:
+    backend = FakeBackend("a")
+    h = await harness(nursery, [], {A: backend})
+    client = h.client()
+    assert (await client.request("/")).status == 200
+    # Content-Length and Transfer-Encoding together: a smuggling shape, refused.
+    await client.stream.send_all(b"POST / HTTP/1.1\r\nhost: echo\r\ncontent-length: 3\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+    answer = b""
+    with trio.move_on_after(5):
+        while b"\r\n\r\n" not in answer:
+            answer += await client.stream.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert len(backend.seen) == 1
+
+
 async def test_unknown_host_is_404_no_route(nursery: trio.Nursery) -> None:
     backend = FakeBackend("a")
     h = await harness(nursery, [], {A: backend})
