@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     service_ip,
     wait_for,
 )
+from tests.integration.test_waypoint_mesh import WAYPOINT_PODS
 from tests.integration.ztunnel_support import (
     AMBIENT,
     config_dump,
@@ -44,7 +45,6 @@ from tests.unit.waypoint_helpers import Client, Reply
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PORT = 8080
-WAYPOINT_PODS = "gateway.networking.k8s.io/gateway-name=waypoint"
 VIA_WAYPOINT = "x-envoy-upstream-service-time"
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                     trio.TooSlowError)
