@@ -264,9 +264,14 @@ class HboneConnection:
     async def _send(self, stream: HboneStream, view: memoryview) -> None:
         if self.closed:
             raise StreamResetError("the HBONE connection is closed")
+        # Before writing: a call cancelled on entry sends nothing (as trio's own streams).
+        await trio.lowlevel.checkpoint_if_cancelled()
         written = self._send_now(stream, view)
         if written is True:
-            await self._after_fast_send()
+            self._fast_sends += 1
+            if self._fast_sends >= _YIELD_EVERY:
+                self._fast_sends = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if written is False:
             # Framed and partly written: the writer finishes it from the backlog.
@@ -304,8 +309,21 @@ class HboneConnection:
         ends the connection the one usual way.
         """
         try_send = self._try_send
-        if (try_send is None or self._writing or self._backlog or self._stopping
-                or len(view) > self.protocol.send_window(stream.stream_id)):
+        if try_send is None or self._writing or self._backlog or self._stopping:
+            return None
+        if len(view) < _COALESCE_BELOW:
+            # The usual small message: one frame in one buffer, one write.
+            frame = self.protocol.frame_small(stream.stream_id, view)
+            if frame is not None:
+                try:
+                    sent = try_send(frame)
+                except TRANSPORT_ERRORS:
+                    sent = 0
+                if sent < len(frame):
+                    self._backlog = [memoryview(frame)[sent:]]
+                    return False
+                return True
+        if len(view) > self.protocol.send_window(stream.stream_id):
             return None
         self.protocol.send_data(stream.stream_id, view)
         chunks = _coalesce(self.protocol.data_to_send())
@@ -319,13 +337,6 @@ class HboneConnection:
                 self._backlog = [memoryview(chunk)[sent:], *chunks[index + 1:]]
                 return False
         return True
-
-    async def _after_fast_send(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._fast_sends += 1
-        if self._fast_sends >= _YIELD_EVERY:
-            self._fast_sends = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _wait_send_window(self, stream: HboneStream) -> None:
         while (not self.closed and stream._error is None

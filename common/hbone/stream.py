@@ -195,7 +195,10 @@ class HboneStream(trio.abc.HalfCloseableStream):
             if not data:
                 await trio.lowlevel.checkpoint()
                 return
-            await self.connection._send(self, memoryview(data).cast("B"))
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            await self.connection._send(self, view)
         finally:
             self._sending = False
 
