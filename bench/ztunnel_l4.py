@@ -25,8 +25,9 @@ in the last round (raw folded stacks; idle samples excluded, so shares are of CP
 Run as root: ``.venv/bin/python bench/ztunnel_l4.py [--seconds 5] [--rounds 3]
 [--bulk 268435456] [--compare before=/tmp/before after=.] [--profile /tmp/prof]``
 (a build's tree: e.g. ``git archive HEAD | tar -x -C /tmp/before``, with ``common/``,
-``ztunnel/`` and ``tests/netns/`` in it).  ``node_process`` is also the harness's
-ztunnel node (``python -m bench``).
+``ztunnel/`` and ``tests/netns/`` in it).  ``--floor`` measures only trio's cost per
+wake-up (a request/response ping-pong in one process, no proxy).  ``node_process`` is also
+the harness's ztunnel node (``python -m bench``).
 """
 
 from __future__ import annotations
@@ -316,6 +317,73 @@ def environment(work: Path, builds: dict[str, Path], with_envoy: bool,
         yield systems
 
 
+def scheduler_floor(rounds: int = 20_000) -> None:
+    """CPU per request/response round trip over a socketpair in one process, two task
+    wake-ups each: bare trio, through TcpStream, and with no scheduler (selectors)."""
+    import selectors
+    import socket
+
+    from common.tcp import TcpStream
+
+    async def bare() -> float:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        wait = trio.lowlevel.wait_readable
+
+        async def echo() -> None:
+            for _ in range(rounds):
+                await wait(b)
+                b.send(b.recv(1024))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo)
+            started = time.process_time()
+            for _ in range(rounds):
+                a.send(b"x" * 100)
+                await wait(a)
+                a.recv(1024)
+            return time.process_time() - started
+
+    async def streams() -> float:
+        a, b = (TcpStream(s) for s in socket.socketpair())
+
+        async def echo() -> None:
+            for _ in range(rounds):
+                await b.send_all(await b.receive_some(1024))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo)
+            started = time.process_time()
+            for _ in range(rounds):
+                await a.send_all(b"x" * 100)
+                await a.receive_some(1024)
+            return time.process_time() - started
+
+    def plain() -> float:
+        a, b = socket.socketpair()
+        selector = selectors.EpollSelector()
+        selector.register(a, selectors.EVENT_READ, a)
+        selector.register(b, selectors.EVENT_READ, b)
+        started = time.process_time()
+        a.send(b"x" * 100)
+        done = 0
+        while done < rounds:
+            for key, _ in selector.select():
+                data = key.data.recv(1024)
+                if key.data is b:
+                    b.send(data)
+                else:
+                    done += 1
+                    a.send(b"x" * 100)
+        return time.process_time() - started
+
+    for name, seconds in (("trio wait_readable + recv/send", trio.run(bare)),
+                          ("trio through common.tcp.TcpStream", trio.run(streams)),
+                          ("selectors, no task switch", plain())):
+        print(f"{name:34} {seconds / rounds * 1e6:6.1f} us CPU per round trip")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,11 +394,16 @@ def main() -> int:
     parser.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
                         help="builds to compare (default: ours=this tree)")
     parser.add_argument("--no-envoy", action="store_true")
+    parser.add_argument("--floor", action="store_true",
+                        help="only the scheduler floor: a ping-pong in one process")
     parser.add_argument("--logs", type=Path, metavar="DIR",
                         help="keep the processes' logs and configs there")
     parser.add_argument("--profile", type=Path, metavar="DIR")
     parser.add_argument("--profiler", choices=("sigprof", "py-spy", "perf"), default="sigprof")
     args = parser.parse_args()
+    if args.floor:
+        scheduler_floor()
+        return 0
     builds = {"ours": REPO}
     if args.compare:
         builds = {}
