@@ -165,6 +165,10 @@ CASES: list[Case] = [
          FLT + "test_ca_root_rotation"),
     case("Faults", "packet loss and delay between two namespaces", "bytes intact, slower",
          "tests/reliability/test_netem.py"),
+    case("Faults", "cluster: 5 ms + 0.5 % loss, then 300 ms per packet, on one node's fabric veth",
+         "8 MiB over HBONE intact and slower; 0.5 s route timeout: 504 in 0.45-1.5 s; "
+         "raised to 10 s: 200",
+         "tests/integration/test_cluster_netem.py"),
     case("Load", "2,000 keep-alive connections through the waypoint, 60 s",
          "0 errors, RSS flat", LOAD + "test_2000_keepalive"),
     case("Load", "200 new connections/s for 60 s", "no fd or memory leak, errors < 1 %",
