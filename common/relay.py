@@ -20,6 +20,11 @@
   to the stream (``set_direct_sink``), so the HBONE reader task writes what arrives
   straight into the socket and this task only wakes for what the socket could
   not take at once.  Use :class:`common.tcp.TcpStream` for plain TCP ends to get it.
+* Socket to tunnel: when the source is a :class:`common.tcp.TcpStream` and the sink
+  an HBONE stream (``pump_from``), the HBONE connection's poller task reads the socket
+  and sends what arrives itself; this task only wakes when the poller hands something
+  back (would block, EOF, error) and takes over with its own reads once the source
+  proves bulk.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import trio
 
 from common.errors import MeshError
 from common.logging import get_logger
+from common.tcp import TcpStream
 
 _log = get_logger("relay")
 
@@ -63,10 +69,19 @@ async def _copy(source: trio.abc.Stream, sink: trio.abc.Stream, counter: list[in
     if direct is not None:
         direct(sink)
     try:
-        # An HBONE stream's bytes are already in memory (bounded by its window): small
-        # reads would only cut them into pieces.
-        await _pump(source, sink, counter, index,
-                    level=len(_SIZES) - 1 if hasattr(source, "set_direct_sink") else 0)
+        polled = getattr(sink, "pump_from", None)
+        if polled is not None and isinstance(source, TcpStream):
+            # Socket to tunnel: the HBONE connection's poller reads for us.
+            counter[index], ended = await polled(source)
+            if ended:
+                await _send_eof(sink)
+                return
+            level = 2  # handed back because it is busy: bulk-sized reads
+        else:
+            # An HBONE stream's bytes are already in memory (bounded by its window): small
+            # reads would only cut them into pieces.
+            level = len(_SIZES) - 1 if hasattr(source, "set_direct_sink") else 0
+        await _pump(source, sink, counter, index, level=level, total=counter[index])
     finally:
         if direct is not None:
             direct(None)
@@ -75,9 +90,8 @@ async def _copy(source: trio.abc.Stream, sink: trio.abc.Stream, counter: list[in
 
 
 async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream, counter: list[int],
-                index: int, *, level: int) -> None:
+                index: int, *, level: int, total: int = 0) -> None:
     size = _SIZES[level][0]
-    total = 0
     receive = source.receive_some
     receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
         source, "receive_into", None)

@@ -34,6 +34,7 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -56,7 +57,8 @@ class TcpStream(trio.abc.HalfCloseableStream):
     owns it and closes it in :meth:`aclose`.
     """
 
-    __slots__ = ("_calls", "_closed", "_drained", "_receiving", "_sending", "socket")
+    __slots__ = ("_calls", "_close_hook", "_closed", "_drained", "_receiving", "_sending",
+                 "socket")
 
     _YIELD_EVERY = 16
 
@@ -68,6 +70,23 @@ class TcpStream(trio.abc.HalfCloseableStream):
         self._drained = False
         self._receiving = False
         self._sending = False
+        self._close_hook: Callable[[], None] | None = None
+
+    @contextlib.contextmanager
+    def lent_socket(self, on_close: Callable[[], None]) -> Iterator[socket.socket]:
+        """The socket, for someone who reads it on behalf of this stream's reader (the
+        HBONE connection's poller): :meth:`receive_some` is refused meanwhile, and
+        ``on_close`` runs first thing if the stream is closed, so the reader learns it."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._check_open()
+        self._receiving = True
+        self._close_hook = on_close
+        try:
+            yield self.socket
+        finally:
+            self._close_hook = None
+            self._receiving = False
 
     def _check_open(self) -> None:
         if self._closed:
@@ -231,6 +250,9 @@ class TcpStream(trio.abc.HalfCloseableStream):
         call too.  :meth:`aclose` afterwards only checkpoints."""
         if not self._closed:
             self._closed = True
+            hook, self._close_hook = self._close_hook, None
+            if hook is not None:
+                hook()
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from common.errors import StreamBrokenError, StreamClosedError
+from common.tcp import TcpStream
 
 if TYPE_CHECKING:
     from common.hbone.connection import HboneConnection
@@ -199,6 +200,23 @@ class HboneStream(trio.abc.HalfCloseableStream):
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
             await self.connection._send(self, view)
+        finally:
+            self._sending = False
+
+    async def pump_from(self, source: TcpStream) -> tuple[int, bool]:
+        """Send what arrives on ``source`` until its EOF, with the reads done by the
+        connection's poller task (see :mod:`common.hbone.connection`).
+
+        Returns ``(bytes sent, True)`` at EOF, or ``(bytes sent, False)`` when the source
+        proved busy (bulk): the caller goes on copying with its own reads.  Raises what
+        the source or this stream raised; the caller must be this stream's only sender.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._check_sendable()
+        self._sending = True
+        try:
+            return await self.connection._pump_polled(self, source)
         finally:
             self._sending = False
 
