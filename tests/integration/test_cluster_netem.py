@@ -31,10 +31,10 @@ import subprocess
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -45,6 +45,8 @@ from deploy.local import network
 from tests.integration.conftest import (
     LocalCluster,
     client_pod,
+    cluster_log_about,
+    describe_pod,
     echo_service,
     ready_pods,
     service_ip,
@@ -53,15 +55,17 @@ from tests.integration.conftest import (
 from tests.integration.test_waypoint_mesh import WAYPOINT_PODS, Mesh
 from tests.integration.ztunnel_support import (
     AMBIENT,
+    http_get,
     label_namespace,
     netns_of,
     node_netns,
     open_from,
-    serving,
 )
 from tests.unit.waypoint_helpers import Client, Reply
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+T = TypeVar("T")
 
 WEB_PORT, SINK_PORT, HBONE_PORT = 8080, 9000, 15008
 PAYLOAD = 8 * 2**20
@@ -93,7 +97,10 @@ NF_DROP, NF_ACCEPT = 0, 1
 COPY_RANGE = 64
 # Packets held at once: 300 ms of a bulk transfer.  Past it the queue fails open.
 QUEUE_MAXLEN = 20000
+# Room for the queue's packet messages (past it they fail open too); root may exceed
+# net.core.rmem_max with SO_RCVBUFFORCE, which Python's socket module does not name.
 RCVBUF = 32 * 2**20
+SO_RCVBUFFORCE = 33
 
 
 @dataclass(frozen=True)
@@ -159,10 +166,12 @@ def _ack(sock: socket.socket, seq: int, what: str) -> None:
         if not select.select([sock], [], [], left)[0]:
             break
         for kind, got, payload in _messages(sock.recv(65536)):
-            if kind == NLMSG_ERROR and got == seq:
-                (error,) = struct.unpack_from("=i", payload)
-                if error:
-                    raise OSError(-error, f"{what}: {os.strerror(-error)}")
+            if kind != NLMSG_ERROR:
+                continue
+            (error,) = struct.unpack_from("=i", payload)
+            if error:
+                raise OSError(-error, f"{what}: {os.strerror(-error)}")
+            if got == seq:
                 return
     raise TimeoutError(f"{what}: no answer from the kernel within 5 s")
 
@@ -213,19 +222,20 @@ class DelayLine:
     ``loss`` or holds it ``delay`` seconds, then accepts every packet that is due with one
     batch verdict (ids grow in arrival order and the delay is constant, so the due packets
     are exactly those up to the newest due id).  :meth:`close` accepts what is still held.
-    Counts: ``hbone`` / ``other`` packets seen (TCP port 15008 on either side or not),
-    ``dropped``.
+    Counts: ``flows`` (source, destination, whether TCP port 15008 is on either side) of
+    the packets seen, ``dropped``.
     """
 
     def __init__(self, netns: str, shaping: Shaping, seed: int = 9) -> None:
         self.shaping = shaping
         self.rng = random.Random(seed)
         self.held: deque[tuple[float, int]] = deque()
-        self.seen: Counter[str] = Counter()
+        self.flows: Counter[tuple[str, str, bool]] = Counter()
+        self.dropped = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self.sock = _netfilter_socket(netns)
-        self.sock.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         self._config(1, _attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0,
                                                             socket.AF_INET)))
         self._config(2, _attr(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE,
@@ -256,9 +266,9 @@ class DelayLine:
     def _packet(self, payload: bytes, now: float) -> None:
         attrs = _attrs(payload[4:])  # after nfgenmsg
         (packet_id,) = struct.unpack_from("!I", attrs[NFQA_PACKET_HDR])
-        self.seen["hbone" if _is_hbone(attrs.get(NFQA_PAYLOAD, b"")) else "other"] += 1
+        self.flows[_flow(attrs.get(NFQA_PAYLOAD, b""))] += 1
         if self.rng.random() < self.shaping.loss:
-            self.seen["dropped"] += 1
+            self.dropped += 1
             self._verdict(NFQNL_MSG_VERDICT, NF_DROP, packet_id)
         else:
             self.held.append((now + self.shaping.delay, packet_id))
@@ -290,14 +300,15 @@ class DelayLine:
             raise AssertionError(f"the delay line failed: {self.error!r}") from self.error
 
 
-def _is_hbone(head: bytes) -> bool:
-    """Whether an IPv4 packet's first bytes are TCP to or from port 15008."""
-    if len(head) < 20 or head[9] != socket.IPPROTO_TCP:
-        return False
+def _flow(head: bytes) -> tuple[str, str, bool]:
+    """An IPv4 packet's source, destination, and whether it is TCP to or from 15008."""
+    if len(head) < 20:
+        return "?", "?", False
+    source, destination = socket.inet_ntoa(head[12:16]), socket.inet_ntoa(head[16:20])
     start = (head[0] & 0x0F) * 4
-    if len(head) < start + 4:
-        return False
-    return HBONE_PORT in struct.unpack_from("!HH", head, start)
+    hbone = (head[9] == socket.IPPROTO_TCP and len(head) >= start + 4
+             and HBONE_PORT in struct.unpack_from("!HH", head, start))
+    return source, destination, hbone
 
 
 def _nft(netns: str, script: str) -> subprocess.CompletedProcess[str]:
@@ -325,10 +336,19 @@ def shaped(netns: str, shaping: Shaping) -> Iterator[DelayLine]:
 def _nfqueue_unavailable(netns: str) -> str | None:
     """Why this kernel cannot run the delay line, or None."""
     try:
-        DelayLine(netns, Shaping(0.0, 0.0)).close()
+        with shaped(netns, Shaping(0.0, 0.0)):
+            pass
     except OSError as exc:
-        return f"NFQUEUE unavailable ({exc}): the kernel needs nfnetlink_queue"
+        return (f"cannot queue packets to userspace ({exc}): the kernel needs "
+                "nfnetlink_queue, nft_compat and xt_NFQUEUE")
     return None
+
+
+def _counts(line: DelayLine, ours: set[str]) -> dict[str, int]:
+    """Packets the delay line saw between this test's pods: HBONE or not; and drops."""
+    mine = [(hbone, n) for (src, dst, hbone), n in line.flows.items() if {src, dst} <= ours]
+    return {"hbone": sum(n for hbone, n in mine if hbone),
+            "other": sum(n for hbone, n in mine if not hbone), "dropped": line.dropped}
 
 
 
@@ -387,6 +407,33 @@ async def _get(netns: str, vip: str) -> tuple[Reply, float]:
         return reply, trio.current_time() - started
 
 
+async def _until(kube: KubeClient, namespace: str, what: str,
+                 attempt: Callable[[], Awaitable[T]],
+                 check: Callable[[T], bool] = lambda _: True, within: float = 30.0) -> T:
+    """Retry ``attempt`` until it returns something ``check`` accepts, with a deadline; on
+    failure the message carries the last error, the pods and the cluster's log about them
+    (CI is read only through its failure messages)."""
+    last: list[str] = ["no attempt finished"]
+
+    async def probe() -> T | None:
+        try:
+            result = await attempt()
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, AssertionError,
+                ValueError) as exc:
+            last[:] = [repr(exc)]
+            return None
+        if check(result):
+            return result
+        last[:] = [f"not yet: {result!r}"[:300]]
+        return None
+    try:
+        return await wait_for(probe, within, interval=0.2, what=what)
+    except AssertionError as exc:
+        pods = [describe_pod(p) for p in (await kube.list(Pod, namespace)).items]
+        raise AssertionError(f"{exc}; last: {last[0]}; pods: {pods}\n"
+                             f"{cluster_log_about(namespace)}") from None
+
+
 async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_configured(
         cluster: LocalCluster, kube: KubeClient, namespace: str,
         record_property: Callable[[str, object], None]) -> None:
@@ -407,15 +454,12 @@ async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_co
     pods = {p.metadata.name: p for p in await ready_pods(kube, ns, 4, within=120)}
     client, web, sink = pods["client"], pods["web"], pods["sink"]
     source = netns_of(client)
-    await serving(client, web, WEB_PORT)
-    sink_ip = str(sink.status.pod_ip)
-
-    async def sink_echoes() -> bool:
-        try:
-            return (await _echo(source, sink_ip, b"ping"))[0] == b"ping"
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
-            return False
-    await wait_for(sink_echoes, 20, interval=0.2, what="the sink echoing")
+    web_ip, sink_ip = str(web.status.pod_ip), str(sink.status.pod_ip)
+    # Ready does not yet mean the application answers through the mesh (see serving()).
+    await _until(kube, ns, "web answering the client",
+                 lambda: http_get(source, web_ip, WEB_PORT, timeout=3))
+    await _until(kube, ns, "the sink echoing", lambda: _echo(source, sink_ip, b"ping"),
+                 check=lambda echoed: echoed[0] == b"ping")
 
     vs = await kube.create(VirtualService.model_validate({
         "metadata": {"name": "web", "namespace": ns},
@@ -423,15 +467,14 @@ async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_co
     mesh = Mesh(cluster, kube, ns)
     await mesh.served(f"VirtualService/{ns}/web", vs.metadata.resource_version or "")
     vip = await service_ip(kube, ns, "web")
-
-    async def through_waypoint() -> bool:
-        try:
-            reply, _ = await _get(source, vip)
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
-            return False
-        return reply.status == 200 and "x-envoy-upstream-service-time" in reply.headers
-    # The waypoint's HBONE connection to the far node is pooled before shaping starts.
-    await wait_for(through_waypoint, 30, interval=0.2, what="web answering via the waypoint")
+    # Through the waypoint (it stamps x-envoy-upstream-service-time); this also pools its
+    # HBONE connection to the far node before shaping starts.
+    await _until(kube, ns, "web answering via the waypoint", lambda: _get(source, vip),
+                 check=lambda got: got[0].status == 200
+                 and "x-envoy-upstream-service-time" in got[0].headers)
+    waypoints = (await kube.list(Pod, ns, label_selector=WAYPOINT_PODS)).items
+    assert [(p.metadata.uid, p.spec.node_name) for p in waypoints] == [
+        (waypoint.metadata.uid, near)], "the waypoint moved: the layout no longer holds"
 
     # (1) The same 8 MiB echoed through the tunnel, clean and shaped.
     payload = random.Random(9).randbytes(PAYLOAD)
@@ -440,7 +483,8 @@ async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_co
     clean, clean_seconds = await _echo(source, sink_ip, payload)
     with shaped(far_netns, BULK) as line:
         lossy, lossy_seconds = await _echo(source, sink_ip, payload)
-    bulk_seen = dict(line.seen)
+    ours = {str(p.status.pod_ip) for p in (*pods.values(), waypoint)}
+    bulk_seen = _counts(line, ours)
 
     # (2) The route timeout under 300 ms per crossing packet, then raised to 10 s.
     with shaped(far_netns, SLOW) as line:
@@ -448,7 +492,7 @@ async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_co
         raised = await kube.patch(VirtualService, "web", {"spec": _route(RAISED_TIMEOUT)}, ns)
         await mesh.served(f"VirtualService/{ns}/web", raised.metadata.resource_version or "")
         answered, answered_seconds = await _get(source, vip)
-    slow_seen = dict(line.seen)
+    slow_seen = _counts(line, ours)
 
     lost = abs(len(payload) - len(clean)) + abs(len(payload) - len(lossy))
     record_property("bytes_lost", lost)
@@ -464,10 +508,11 @@ async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_co
     assert hashlib.sha256(clean).digest() == digest
     assert hashlib.sha256(lossy).digest() == digest, f"{len(lossy)} bytes came back"
     assert lossy_seconds > clean_seconds
-    # Everything shaped was HBONE between the nodes' ztunnels (and the waypoint).
-    assert bulk_seen.get("hbone", 0) > 0 and bulk_seen.get("other", 0) == 0, bulk_seen
-    assert bulk_seen.get("dropped", 0) > 0, bulk_seen
-    assert slow_seen.get("hbone", 0) > 0 and slow_seen.get("other", 0) == 0, slow_seen
+    # Between this test's pods, everything shaped was HBONE (ztunnel to ztunnel, waypoint
+    # to ztunnel): the traffic crossed the fabric inside the tunnel.
+    assert bulk_seen["hbone"] > 0 and bulk_seen["other"] == 0, bulk_seen
+    assert bulk_seen["dropped"] > 0, bulk_seen
+    assert slow_seen["hbone"] > 0 and slow_seen["other"] == 0, slow_seen
     assert (timed_out.status, timed_out.body) == (504, b"upstream request timeout")
     assert ROUTE_TIMEOUT - 0.05 <= timed_out_seconds <= 1.5, timed_out_seconds
     assert answered.status == 200, answered
