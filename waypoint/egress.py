@@ -33,9 +33,10 @@ from common.errors import ConnectRefusedError, ConnectTimeoutError, MeshError
 from common.logging import get_logger
 from common.model import Snapshot, WaypointRef
 from common.service_entries import ExternalService, entry_index, resolve_entry_host
+from common.tcp import open_tcp
 from waypoint.routing.catalog import DEFAULT_DOMAIN, ServiceInfo, ServicePortInfo
 from waypoint.tls_origination import SHARED_CONTEXTS, ContextCache, Origination, originate
-from waypoint.upstream import EndpointInfo, Transport, open_tcp
+from waypoint.upstream import EndpointInfo, Transport
 
 __all__ = ["EgressTransport", "ExternalEndpoint", "ExternalServiceInfo", "egress_served",
            "egress_service_infos"]

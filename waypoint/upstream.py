@@ -30,8 +30,7 @@ import trio
 
 from common.errors import ConnectRefusedError, ConnectTimeoutError, MeshError, UpstreamError
 from common.identity import SpiffeId
-from common.tcp import TcpStream
-from common.tcp import open_tcp as open_tcp  # re-exported: waypoint.egress dials with it
+from common.tcp import TcpStream, open_tcp
 from waypoint.http import NEED_DATA, Event, RequestWriter, ResponseParser, Signal
 from waypoint.resilience import CircuitBreaker, Host
 from waypoint.resilience.timeouts import Alarms
