@@ -302,9 +302,11 @@ class _H2Session:
         self.body_bytes: dict[int, int] = {}
 
     async def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            async with self.send_lock:
+        # Taken under the lock: bytes taken outside it could be overtaken by a later
+        # flush of another stream's task, and the peer would read frames out of order.
+        async with self.send_lock:
+            data = self.conn.data_to_send()
+            if data:
                 await self.stream.send_all(data)
 
     async def run(self, first: bytes, upgrade: tuple[str, EchoRequest] | None = None) -> None:
