@@ -269,7 +269,7 @@ class Processes:
         child = subprocess.Popen(in_netns(netns, argv), stdout=log, stderr=log, cwd=cwd,
                                  env=env)
         self._stack.callback(log.close)
-        self._stack.callback(_stop, child)
+        self._stack.callback(stop_process, child)
         return child
 
     def fork(self, target: Callable[..., None], *args: Any) -> BaseProcess:
@@ -285,7 +285,7 @@ class Processes:
         return proc
 
 
-def _stop(child: subprocess.Popen[bytes]) -> None:
+def stop_process(child: subprocess.Popen[bytes]) -> None:
     if child.poll() is None:
         child.terminate()
         try:
@@ -416,6 +416,31 @@ class L4Env:
     bulk_size: int
 
 
+def start_envoy_pair(procs: Processes, work: Path, client: Any, server: Any) -> tuple[int, int]:
+    """Envoy's HBONE pair: the client Envoy on ``client``'s loopback, the server Envoy on
+    ``server``'s address (``.name``: its netns, ``.ip``); their pids."""
+    certs = write_certs(work / "certs")
+    server_conf = work / "envoy-hbone-server.yaml"
+    server_conf.write_text(without_breakers(fill_template(
+        "envoy-hbone-server.yaml", ADMIN_PORT=19001, HBONE_PORT=ENVOY_HBONE_PORT,
+        BACKEND_PORT=BACKEND_PORT, CERT_DIR=certs,
+    ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
+              f"address: 0.0.0.0, port_value: {ENVOY_HBONE_PORT}")))
+    client_conf = work / "envoy-hbone-client.yaml"
+    client_conf.write_text(without_breakers(fill_template(
+        "envoy-hbone-client.yaml", ADMIN_PORT=19000, LISTEN_PORT=ENVOY_LISTEN_PORT,
+        BACKEND_PORT=BACKEND_PORT, HBONE_PORT=ENVOY_HBONE_PORT, CERT_DIR=certs,
+    ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
+              f"address: {server.ip}, port_value: {ENVOY_HBONE_PORT}")))
+    envoy_s = procs.popen("envoy-hbone-server", envoy_argv(server_conf, 11), netns=server.name)
+    wait_tcp(server.ip, ENVOY_HBONE_PORT, what="envoy HBONE server", netns=server.name,
+             alive=lambda: envoy_s.poll() is None)
+    envoy_c = procs.popen("envoy-hbone-client", envoy_argv(client_conf, 12), netns=client.name)
+    wait_tcp("127.0.0.1", ENVOY_LISTEN_PORT, what="envoy HBONE client", netns=client.name,
+             alive=lambda: envoy_c.poll() is None)
+    return envoy_c.pid, envoy_s.pid
+
+
 def _ztunnel_node(node: str, ca_dir: str, pods: dict[str, tuple[str, str]],
                   ready: Any) -> None:
     # bench/ztunnel_l4.py (another helper's) runs one ztunnel "node" per process: reuse it.
@@ -445,32 +470,12 @@ def l4_env(work: Path, bulk_size: int) -> Iterator[L4Env]:
         spec = {k: (pods[k].name, pods[k].ip) for k in ("a", "b")}
         nodes = [procs.fork(_ztunnel_node, node, str(ca_dir), spec) for node in
                  ("node1", "node2")]
-        certs = write_certs(work / "certs")
-        server_conf = work / "envoy-hbone-server.yaml"
-        server_conf.write_text(without_breakers(fill_template(
-            "envoy-hbone-server.yaml", ADMIN_PORT=19001, HBONE_PORT=ENVOY_HBONE_PORT,
-            BACKEND_PORT=BACKEND_PORT, CERT_DIR=certs,
-        ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
-                  f"address: 0.0.0.0, port_value: {ENVOY_HBONE_PORT}")))
-        client_conf = work / "envoy-hbone-client.yaml"
-        client_conf.write_text(without_breakers(fill_template(
-            "envoy-hbone-client.yaml", ADMIN_PORT=19000, LISTEN_PORT=ENVOY_LISTEN_PORT,
-            BACKEND_PORT=BACKEND_PORT, HBONE_PORT=ENVOY_HBONE_PORT, CERT_DIR=certs,
-        ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
-                  f"address: {pods['d'].ip}, port_value: {ENVOY_HBONE_PORT}")))
-        server = procs.popen("envoy-hbone-server", envoy_argv(server_conf, 11),
-                             netns=pods["d"].name)
-        wait_tcp(pods["d"].ip, ENVOY_HBONE_PORT, what="envoy HBONE server",
-                 netns=pods["d"].name, alive=lambda: server.poll() is None)
-        client = procs.popen("envoy-hbone-client", envoy_argv(client_conf, 12),
-                             netns=pods["c"].name)
-        wait_tcp("127.0.0.1", ENVOY_LISTEN_PORT, what="envoy HBONE client",
-                 netns=pods["c"].name, alive=lambda: client.poll() is None)
+        client_pid, server_pid = start_envoy_pair(procs, work, pods["c"], pods["d"])
         yield L4Env(bulk_size=bulk_size, targets={
             "ours": L4Target(netns=pods["a"].name, host=pods["b"].ip, port=BACKEND_PORT,
                              pids=tuple(p.pid for p in nodes if p.pid is not None)),
             "envoy": L4Target(netns=pods["c"].name, host="127.0.0.1", port=ENVOY_LISTEN_PORT,
-                              pids=(client.pid, server.pid)),
+                              pids=(client_pid, server_pid)),
             "direct": L4Target(netns=pods["c"].name, host=pods["d"].ip, port=BACKEND_PORT,
                                pids=()),
         })

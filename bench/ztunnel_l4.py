@@ -56,21 +56,17 @@ sys.path.insert(0, str(REPO))
 from bench.harness import (  # noqa: E402
     BACKEND_PORT,
     CURL,
-    ENVOY_HBONE_PORT,
     ENVOY_LISTEN_PORT,
     PYTHON,
     WRK,
     Processes,
     bulk_file,
-    envoy_argv,
-    fill_template,
     in_netns,
     parse_wrk,
     raise_nofile,
+    start_envoy_pair,
     start_nginx,
-    wait_tcp,
-    without_breakers,
-    write_certs,
+    stop_process,
 )
 from common.ca import CertificateAuthority  # noqa: E402
 from common.logging import configure  # noqa: E402
@@ -189,45 +185,12 @@ def start_ours(procs: Processes, stack: ExitStack, tree: Path, label: str,
                                  cwd=tree, stdout=subprocess.PIPE, stderr=log,
                                  env={**os.environ, "PYTHONPATH": str(tree),
                                       "ZTUNNEL_L4_CPUPROF": str(cpuprof or "")})
-        stack.callback(_stop, child)
+        stack.callback(stop_process, child)
         assert child.stdout is not None
         if not child.stdout.readline().startswith(b"ready"):
             raise RuntimeError(f"ztunnel {label}/{node} did not start: see {log.name}")
         pids.append(child.pid)
     return tuple(pids)
-
-
-def _stop(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
-def start_envoy(procs: Processes, work: Path, client: PodNs, server: PodNs) -> tuple[int, int]:
-    certs = write_certs(work / "certs")
-    server_conf = work / "envoy-hbone-server.yaml"
-    server_conf.write_text(without_breakers(fill_template(
-        "envoy-hbone-server.yaml", ADMIN_PORT=19001, HBONE_PORT=ENVOY_HBONE_PORT,
-        BACKEND_PORT=BACKEND_PORT, CERT_DIR=certs,
-    ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
-              f"address: 0.0.0.0, port_value: {ENVOY_HBONE_PORT}")))
-    client_conf = work / "envoy-hbone-client.yaml"
-    client_conf.write_text(without_breakers(fill_template(
-        "envoy-hbone-client.yaml", ADMIN_PORT=19000, LISTEN_PORT=ENVOY_LISTEN_PORT,
-        BACKEND_PORT=BACKEND_PORT, HBONE_PORT=ENVOY_HBONE_PORT, CERT_DIR=certs,
-    ).replace(f"address: 127.0.0.1, port_value: {ENVOY_HBONE_PORT}",
-              f"address: {server.ip}, port_value: {ENVOY_HBONE_PORT}")))
-    envoy_s = procs.popen("envoy-hbone-server", envoy_argv(server_conf, 11), netns=server.name)
-    wait_tcp(server.ip, ENVOY_HBONE_PORT, what="envoy HBONE server", netns=server.name,
-             alive=lambda: envoy_s.poll() is None)
-    envoy_c = procs.popen("envoy-hbone-client", envoy_argv(client_conf, 12), netns=client.name)
-    wait_tcp("127.0.0.1", ENVOY_LISTEN_PORT, what="envoy HBONE client", netns=client.name,
-             alive=lambda: envoy_c.poll() is None)
-    return envoy_c.pid, envoy_s.pid
 
 
 def requests(system: System, seconds: int, profile: Path | None = None,
@@ -312,7 +275,7 @@ def environment(work: Path, builds: dict[str, Path], with_envoy: bool,
             client, server = pods[f"{i}c"], pods[f"{i}s"]
             start_nginx(procs, work, f"0.0.0.0:{BACKEND_PORT}", bulk, netns=server.name,
                         name="nginx-envoy")
-            pids = start_envoy(procs, work, client, server)
+            pids = start_envoy_pair(procs, work, client, server)
             systems.append(System("envoy", client.name, "127.0.0.1", ENVOY_LISTEN_PORT, pids))
         yield systems
 
