@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import KubeApiError
-from common.kube import Deployment, Gateway, KubeClient, Pod, Service, ServiceAccount
+from common.kube import Deployment, Gateway, KubeClient, Service, ServiceAccount
 from common.kube.client import R
 from common.logging import get_logger
 from deploy.local.informer import Cache
@@ -32,18 +32,17 @@ log = get_logger("local.gateways")
 class GatewayController:
     """Waypoint Gateways' missing objects; deletion of what a deleted one owned."""
 
-    def __init__(self, client: KubeClient, gateways: Cache[Gateway], pods: Cache[Pod],
+    def __init__(self, client: KubeClient, gateways: Cache[Gateway],
                  services: Cache[Service], deployments: Cache[Deployment],
                  accounts: Cache[ServiceAccount]) -> None:
         self.client = client
         self.gateways = gateways
-        self.pods = pods
         self.services = services
         self.deployments = deployments
         self.accounts = accounts
 
     async def reconcile(self) -> None:
-        for tracked in (self.gateways, self.pods, self.services, self.deployments,
+        for tracked in (self.gateways, self.services, self.deployments,
                         self.accounts):
             await tracked.synced.wait()
         for gw in self.gateways.values():

@@ -23,7 +23,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from common.errors import KubeApiError
-from common.kube import KubeClient, Pod
+from common.kube import Backoff, KubeClient, Pod
 from common.kube.objects import Container
 from common.logging import get_logger
 from common.translate import NETNS_ANNOTATION
@@ -45,9 +45,8 @@ PROBE_TIMEOUT = 0.5
 # A pod whose sandbox could not be made is retried after this pause, not in a hot loop.
 FAILED_POD_RETRY = 2.0
 # A status write that failed (API server busy or restarting) is tried again this many
-# times, backing off from 0.1 s to STATUS_RETRY_CAP.
+# times, with the watch client's jittered backoff capped at 2 s.
 STATUS_WRITE_ATTEMPTS = 12
-STATUS_RETRY_CAP = 2.0
 
 
 def now() -> str:
@@ -190,6 +189,7 @@ class Kubelet:
             # while the containers run), so a failed one is retried, each time with the
             # containers' latest state.
             async with lock:
+                backoff = Backoff(base=0.1, cap=2.0)
                 for attempt in range(STATUS_WRITE_ATTEMPTS):
                     status = pod_status(pod_ip=ip, host_ip=self.host_ip, started=started,
                                         containers=entries)
@@ -202,7 +202,7 @@ class Kubelet:
                             return
                         logger.warning("status_write_failed", error=str(exc),
                                        attempt=attempt + 1)
-                    await trio.sleep(min(STATUS_RETRY_CAP, 0.1 * 2 ** attempt))
+                    await trio.sleep(backoff.next_delay())
 
         async with trio.open_nursery() as nursery:
             for container in pod.spec.containers:

@@ -213,7 +213,7 @@ class Supervisor:
             ("deployments", DeploymentController(client, deployments, pods, nodes, namespaces)),
             ("endpoints", EndpointsController(client, services, pods, slices, nodes)),
             ("namespaces", NamespaceController(client, namespaces)),
-            ("gateways", GatewayController(client, gateways, pods, services, deployments,
+            ("gateways", GatewayController(client, gateways, services, deployments,
                                            accounts)),
             ("kube-proxy", proxy), ("dns", dns)]
         for i in range(self.nodes):

@@ -245,7 +245,7 @@ async def test_gateway_controller_collects_orphans_and_deploys_bare_gateways(
         gateways, pods, services = Cache(Gateway, signal), Cache(Pod, signal), \
             Cache(Service, signal)
         deployments, accounts = Cache(Deployment, signal), Cache(ServiceAccount, signal)
-        controller = GatewayController(client, gateways, pods, services, deployments, accounts)
+        controller = GatewayController(client, gateways, services, deployments, accounts)
         async with trio.open_nursery() as nursery:
             for cache in (gateways, pods, services, deployments, accounts):
                 nursery.start_soon(cache.run, client)
