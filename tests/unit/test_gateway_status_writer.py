@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ import trio.testing
 from common.errors import KubeApiError
 from common.kube import Gateway, KubeClient, KubeConfig, Namespace, Service
 from deploy.local.apiserver.server import serve
+from tests.integration.conftest import wait_for
 from waypoint.gateway_status import GatewayStatusWriter
 
 T = TypeVar("T")
@@ -30,17 +31,6 @@ async def client(tmp_path: Path) -> AsyncIterator[KubeClient]:
                 {"metadata": {"name": "waypoint", "namespace": "shop"}, "spec": WAYPOINT}))
             yield kube
         nursery.cancel_scope.cancel()
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], what: str,
-                     within: float = 10.0) -> T:
-    """The first non-None answer of ``probe`` (polled), or fail naming ``what``."""
-    with trio.move_on_after(within):
-        while True:
-            if (answer := await probe()) is not None:
-                return answer
-            await trio.sleep(0.02)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def condition(gw: Gateway, kind: str) -> dict[str, Any]:
@@ -68,7 +58,7 @@ async def test_writes_once_ready_then_follows_generation_and_service(
             return gw if gw.status.get("conditions") and \
                 condition(gw, "Programmed")["status"] == "True" else None
 
-        gw = await eventually(programmed, "Programmed=True")
+        gw = await wait_for(programmed, 10, interval=0.02, what="Programmed=True")
         assert gw.status["addresses"] == [{"type": "IPAddress", "value": "10.96.0.9"}]
         assert condition(gw, "Accepted")["observedGeneration"] == gw.metadata.generation == 1
         assert writer.writes == 1
@@ -82,7 +72,7 @@ async def test_writes_once_ready_then_follows_generation_and_service(
             gw = await client.get(Gateway, "waypoint", "shop")
             return gw if condition(gw, "Accepted")["observedGeneration"] == 2 else None
 
-        gw = await eventually(observed, "observedGeneration 2")
+        gw = await wait_for(observed, 10, interval=0.02, what="observedGeneration 2")
         assert condition(gw, "Accepted")["reason"] == "ListenersNotValid"
         assert [x["name"] for x in gw.status["listeners"]] == ["mesh", "extra"]
 
@@ -93,7 +83,7 @@ async def test_writes_once_ready_then_follows_generation_and_service(
             gw = await client.get(Gateway, "waypoint", "shop")
             return gw if condition(gw, "Programmed")["status"] == "False" else None
 
-        gw = await eventually(unaddressed, "Programmed=False")
+        gw = await wait_for(unaddressed, 10, interval=0.02, what="Programmed=False")
         assert condition(gw, "Programmed")["reason"] == "AddressNotAssigned"
         assert "addresses" not in gw.status
         # Its own writes come back through the watch and are not written again.
@@ -120,7 +110,7 @@ async def test_a_stale_copy_is_refused_and_the_newer_one_written(client: KubeCli
             gw = await client.get(Gateway, "waypoint", "shop")
             return gw if gw.status.get("conditions") else None
 
-        gw = await eventually(settled, "a status")
+        gw = await wait_for(settled, 10, interval=0.02, what="a status")
         # Both writers now see the stored status as theirs: one more change, one write.
         await client.patch(Gateway, "waypoint", {"metadata": {"labels": {"a": "b"}}}, "shop")
         await trio.testing.wait_all_tasks_blocked(0.05)  # every event seen and handled
@@ -158,7 +148,7 @@ async def test_a_forbidden_write_is_retried_with_backoff_until_granted(
             gw = await client.get(Gateway, "waypoint", "shop")
             return gw if gw.status.get("conditions") else None
 
-        gw = await eventually(written, "a status after three refusals")
+        gw = await wait_for(written, 10, interval=0.02, what="a status after three refusals")
         nursery.cancel_scope.cancel()
     assert len(refused) == 3 and writer.writes == 1
     assert condition(gw, "Programmed")["status"] == "True"
