@@ -375,6 +375,7 @@ class HboneConnection:
         sockets, not a task step each (see module doc)."""
         polled = self._polled
         buffer = bytearray(_POLL_READ)
+        view = memoryview(buffer)  # sliced per read: one copy into ``data``, not two
         try:
             while True:
                 await trio.lowlevel.wait_readable(poll.fileno())
@@ -396,7 +397,7 @@ class HboneConnection:
                         self._hand_back(poll, fd, entry, _EOF)
                         continue
                     entry.count += count
-                    data = bytes(buffer[:count])
+                    data = bytes(view[:count])
                     stream = entry.stream
                     written = (None if stream._error is not None or stream._closed
                                else self._send_now(stream, memoryview(data)))
