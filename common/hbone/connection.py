@@ -24,14 +24,16 @@ Polled sources: a relay copying a plain TCP socket into one of our streams
 (:meth:`HboneStream.pump_from`) does not wait on its socket in its own task.  The
 socket joins a private epoll set of the connection (created with the first one), and
 one *poller* task waits on that set's fd: on readiness it reads each ready socket
-(64 KiB) and sends the bytes by the fast path above, all synchronously, so a batch of
-requests from many connections costs one task step instead of one each (the profile
-blamed trio's per-wake-up cost: ~10-15 us of loop, EPOLLONESHOT re-arm and resumption
-per task step on this machine).  Whenever the poller cannot finish on its own (a
-write would block, EOF, an error, a closed stream) it unregisters the socket and hands
-the bytes back to the relay's task, which sends them the ordinary way (waiting for the
-writer, so backpressure holds: no socket is read while its bytes are still pending)
-and then registers the socket again.  A read that fills the 64 KiB buffer marks the
+(64 KiB), frames what it read, and writes the whole pass's frames by the fast path
+above in one write, all synchronously.  So a batch of requests from many connections
+costs one task step instead of one each (the profile blamed trio's per-wake-up cost:
+~10-15 us of loop, EPOLLONESHOT re-arm and resumption per task step on this machine),
+and one TLS record run and one syscall, which also wakes the peer once, instead of one
+each (this halved the ztunnel pair's CPU per small request).  Whenever the poller
+cannot finish on its own (a write would block, EOF, an error, a closed stream) it
+unregisters the socket and hands the bytes back to the relay's task, which sends them
+the ordinary way (waiting for the writer, so backpressure holds: no socket is read
+while its bytes are still pending) and then registers the socket again.  A read that fills the 64 KiB buffer marks the
 source as bulk and hands it back for good: the relay's own loop, with its growing
 reads, moves bulk more cheaply.
 
@@ -102,7 +104,8 @@ class _Polled:
     registered: bool = False
     state: str | None = None  # set by the poller when the owning task must act
     data: bytes = b""  # read but not yet (all) written
-    partial: bool = False  # ``data`` was framed, its rest is in the backlog
+    # ``data`` was framed and its rest is in the backlog: the writer's mark of it
+    pending: _PendingSend | None = None
     bulk: bool = False  # a read filled the poller's buffer
     error: BaseException | None = None
     count: int = 0
@@ -364,21 +367,26 @@ class HboneConnection:
             if entry.error is not None:
                 raise entry.error
             data, entry.data = entry.data, b""
-            if data:
+            pending, entry.pending = entry.pending, None
+            if pending is not None:
+                await self._wait_sent(stream, pending)
+            elif data:
                 stream._check_sendable()
-                await self._send_rest(stream, memoryview(data), entry.partial)
+                await self._send_rest(stream, memoryview(data), partial=False)
             if entry.bulk:
                 return entry.count, False
 
     async def _poller(self, poll: select.epoll) -> None:
         """One task reads every polled source: a readiness costs a loop over ready
-        sockets, not a task step each (see module doc)."""
+        sockets, not a task step each, and the pass's frames go out in one write (see
+        module doc)."""
         polled = self._polled
         buffer = bytearray(_POLL_READ)
         view = memoryview(buffer)  # sliced per read: one copy into ``data``, not two
         try:
             while True:
                 await trio.lowlevel.wait_readable(poll.fileno())
+                framed: list[tuple[int, _Polled, bytes]] = []
                 for fd, _events in poll.poll(0):
                     entry = polled.get(fd)
                     if entry is None or not entry.registered:
@@ -398,16 +406,29 @@ class HboneConnection:
                         continue
                     entry.count += count
                     data = bytes(view[:count])
-                    stream = entry.stream
-                    written = (None if stream._error is not None or stream._closed
-                               else self._send_now(stream, memoryview(data)))
-                    if written is True and count < _POLL_READ:
-                        continue
-                    if written is not True:
-                        entry.data = data
-                    entry.partial = written is False
                     entry.bulk = count == _POLL_READ
+                    if self._frame_polled(entry.stream, data):
+                        framed.append((fd, entry, data))
+                        continue
+                    # The fast path does not apply: the relay's task sends the bytes.
+                    entry.data = data
                     self._hand_back(poll, fd, entry, _READY)
+                if not framed:
+                    continue
+                # One write for every source read in this pass: with many requests in
+                # flight a pass finds several, and each write is a TLS record and a
+                # syscall that also wakes the peer.
+                written = self._write_now(_coalesce(self.protocol.data_to_send()))
+                for fd, entry, data in framed:
+                    if not written:
+                        # Framed, and its rest is in the backlog: its task waits for the
+                        # writer (no read of the socket until then: backpressure).  The
+                        # mark is queued now, before the writer can flush the backlog.
+                        entry.pending = self._mark_backlogged(stream=entry.stream,
+                                                              view=memoryview(data))
+                        self._hand_back(poll, fd, entry, _READY)
+                    elif entry.bulk:
+                        self._hand_back(poll, fd, entry, _READY)
         finally:
             self._poller_done = True
             poll.close()
@@ -416,6 +437,16 @@ class HboneConnection:
                 entry.error = StreamResetError("the HBONE connection is closed")
                 entry.state = _FAILED
                 entry.lot.unpark_all()
+
+    def _frame_polled(self, stream: HboneStream, data: bytes) -> bool:
+        """Queue ``data`` whole as DATA frames for the poller's write of this pass, when
+        the fast path applies (see :meth:`_send_now`); else do nothing, return False."""
+        if (self._try_send is None or self._writing or self._backlog or self._stopping
+                or stream._error is not None or stream._closed
+                or len(data) > self.protocol.send_window(stream.stream_id)):
+            return False
+        self.protocol.send_data(stream.stream_id, memoryview(data))
+        return True
 
     @staticmethod
     def _hand_back(poll: select.epoll, fd: int, entry: _Polled, state: str) -> None:
@@ -446,13 +477,24 @@ class HboneConnection:
         if self.closed:
             raise StreamResetError("the HBONE connection is closed")
         if partial:
-            # Framed and partly written: the writer finishes it from the backlog.
-            pending = _PendingSend(stream, view, pos=len(view))
-            self._written.append(pending)
+            pending = self._mark_backlogged(stream, view)
         else:
             pending = _PendingSend(stream, view)
             self._sends[stream.stream_id] = pending
+            self._wake_writer()
+        await self._wait_sent(stream, pending)
+
+    def _mark_backlogged(self, stream: HboneStream, view: memoryview) -> _PendingSend:
+        """A send the fast path framed and partly wrote: done once the writer wrote the
+        backlog (the next write after this call marks it)."""
+        pending = _PendingSend(stream, view, pos=len(view))
+        self._written.append(pending)
         self._wake_writer()
+        return pending
+
+    async def _wait_sent(self, stream: HboneStream, pending: _PendingSend) -> None:
+        if self.closed and not pending.done:
+            raise StreamResetError("the HBONE connection is closed")
         try:
             while not pending.done:
                 if pending.error is not None:
@@ -498,10 +540,15 @@ class HboneConnection:
         if len(view) > self.protocol.send_window(stream.stream_id):
             return None
         self.protocol.send_data(stream.stream_id, view)
-        chunks = _coalesce(self.protocol.data_to_send())
+        return self._write_now(_coalesce(self.protocol.data_to_send()))
+
+    def _write_now(self, chunks: list[bytes | memoryview]) -> bool:
+        """Write framed ``chunks`` synchronously; False when the rest went to the backlog
+        (the writer writes it first; a transport error is left for the writer to meet)."""
+        assert self._try_send is not None
         for index, chunk in enumerate(chunks):
             try:
-                sent = try_send(chunk)
+                sent = self._try_send(chunk)
             except TRANSPORT_ERRORS:
                 sent = 0
             if sent < len(chunk):
