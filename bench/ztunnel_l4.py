@@ -173,6 +173,18 @@ def cpu_seconds(pids: tuple[int, ...]) -> tuple[float, float, float]:
     return user / tick, system / tick, first / tick
 
 
+def syscalls(pids: tuple[int, ...]) -> int:
+    """Read-type plus write-type system calls ``pids`` made so far, all threads
+    (``syscr`` + ``syscw`` of /proc/<pid>/io: reads, recvs, writes, sends)."""
+    count = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("syscr", "syscw"):
+                count += int(value)
+    return count
+
+
 def start_ours(procs: Processes, stack: ExitStack, tree: Path, label: str,
                client: PodNs, server: PodNs, ca_dir: Path,
                cpuprof: Path | None) -> tuple[int, ...]:
@@ -217,10 +229,10 @@ def requests(system: System, seconds: int, profile: Path | None = None,
                      str(seconds), "-r", "250", "-f", "raw", "--nonblocking", "--gil",
                      "-o", f"{out}.txt"], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL))
-    before = cpu_seconds(system.pids)
+    before, calls_before = cpu_seconds(system.pids), syscalls(system.pids)
     done = subprocess.run(argv, capture_output=True, text=True, check=True,
                           timeout=seconds + 60)
-    after = cpu_seconds(system.pids)
+    after, calls_after = cpu_seconds(system.pids), syscalls(system.pids)
     user, kernel, client = (after[i] - before[i] for i in range(3))
     for spy in spies:
         spy.wait(timeout=seconds + 30)
@@ -232,7 +244,8 @@ def requests(system: System, seconds: int, profile: Path | None = None,
     sample = {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
               "cpu_us": (user + kernel) / max(total, 1) * 1e6,
               "sys_us": kernel / max(total, 1) * 1e6,
-              "client_us": client / max(total, 1) * 1e6, "errors": float(result.errors)}
+              "client_us": client / max(total, 1) * 1e6, "errors": float(result.errors),
+              "io_calls": (calls_after - calls_before) / max(total, 1)}
     system.samples.append(sample)
     return sample
 
@@ -393,7 +406,8 @@ def main() -> int:
                     print(f"round {round_number} {system.label:8} {s['rps']:8,.0f} req/s "
                           f"p50 {s['p50_ms']:6.2f} ms p99 {s['p99_ms']:7.2f} ms "
                           f"{s['cpu_us']:6.1f} us CPU/request ({s['sys_us']:.0f} system, "
-                          f"{s['client_us']:.0f} client side)",
+                          f"{s['client_us']:.0f} client side; "
+                          f"{s['io_calls']:.1f} I/O calls/request)",
                           flush=True)
                     if args.bulk:
                         b = download(system, args.bulk)
