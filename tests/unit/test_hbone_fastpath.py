@@ -29,11 +29,13 @@ CONNECT = [(b":method", b"CONNECT"), (b":authority", b"127.0.0.1:9")]
 
 
 class RecordingTcpStream(TcpStream):
-    """Counts the synchronous writes that could not take everything."""
+    """Counts the synchronous writes, and those that could not take everything."""
 
+    writes = 0
     partial_writes = 0
 
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        self.writes += 1
         sent = super().try_send(data)
         if sent < len(data):
             self.partial_writes += 1

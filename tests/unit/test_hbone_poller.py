@@ -5,6 +5,7 @@ block, at EOF, on errors and for bulk sources."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
@@ -56,6 +57,59 @@ async def test_request_response_through_the_poller_in_order() -> None:
                         await app.send_eof()
                         assert await app.receive_some() == b""
         assert pair.client._polled == {}
+
+
+async def test_sources_ready_together_go_out_in_one_write() -> None:
+    """Eight apps' requests waiting when the poller wakes: one transport write carries
+    all eight, and each stream gets its own request."""
+    async with connection_pair() as pair, contextlib.AsyncExitStack() as stack:
+        apps, peers = [], []
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    proxy, app = await stack.enter_async_context(sink_pair())
+                    stream, peer = await pair.open()
+                    nursery.start_soon(relay, proxy, stream)
+                    apps.append(app)
+                    peers.append(peer)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(pair.client._polled) == 8
+                writes = pair.client_transport.writes
+                for index, app in enumerate(apps):  # no checkpoint: all ready at once
+                    assert app.try_send(f"request {index}".encode()) == len(f"request {index}")
+                await trio.testing.wait_all_tasks_blocked()
+                assert pair.client_transport.writes == writes + 1
+                for index, peer in enumerate(peers):
+                    assert await peer.receive_some() == f"request {index}".encode()
+                nursery.cancel_scope.cancel()
+
+
+async def test_many_sources_on_a_slow_tunnel_arrive_whole_and_in_order() -> None:
+    """Several polled sources and small buffers: the pass's one write often stops
+    half-way, every source of the pass then waits for the writer, and each stream's
+    bytes still arrive whole and in order."""
+    rng = random.Random(13)
+    streams = [[rng.randbytes(rng.randrange(1, 6_000)) for _ in range(80)] for _ in range(4)]
+    digests = [hashlib.sha256() for _ in streams]
+    async with connection_pair(small=True) as pair, contextlib.AsyncExitStack() as stack:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for messages, digest in zip(streams, digests, strict=True):
+                    proxy, app = await stack.enter_async_context(sink_pair(small=True))
+                    stream, peer = await pair.open()
+                    nursery.start_soon(relay, proxy, stream)
+                    nursery.start_soon(_drain_then_end, peer, digest, 0.001)
+
+                    async def send(app: trio.abc.HalfCloseableStream = app,
+                                   messages: list[bytes] = messages) -> None:
+                        for message in messages:
+                            await app.send_all(message)
+                        await app.send_eof()
+
+                    nursery.start_soon(send)
+        assert pair.client_transport.partial_writes > 0
+        for messages, digest in zip(streams, digests, strict=True):
+            assert digest.digest() == hashlib.sha256(b"".join(messages)).digest()
 
 
 async def test_half_close_from_the_app_reaches_the_peer_and_the_reply_comes_back() -> None:
