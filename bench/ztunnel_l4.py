@@ -260,8 +260,12 @@ def download(system: System, size: int) -> dict[str, float]:
     if int(done.stdout or 0) != size:
         raise RuntimeError(f"curl through {system.label}: {done.stdout!r} of {size} bytes")
     after = cpu_seconds(system.pids)
+    gib = size / 2**30
     sample = {"mb_s": size / elapsed / 1e6,
-              "cpu_s_gib": (sum(after[:2]) - sum(before[:2])) / (size / 2**30)}
+              "cpu_s_gib": (sum(after[:2]) - sum(before[:2])) / gib,
+              # The client-side proxy's share (the receiving, decrypting end): a
+              # single-threaded proxy busy for the whole download is the bottleneck.
+              "client_busy": (after[2] - before[2]) / elapsed}
     system.bulk.append(sample)
     return sample
 
@@ -412,7 +416,9 @@ def main() -> int:
                     if args.bulk:
                         b = download(system, args.bulk)
                         print(f"round {round_number} {system.label:8} {b['mb_s']:8,.0f} MB/s "
-                              f"{b['cpu_s_gib']:.2f} CPU s/GiB", flush=True)
+                              f"{b['cpu_s_gib']:.2f} CPU s/GiB, "
+                              f"client side {b['client_busy']:.0%} busy",
+                              flush=True)
     envoy = next((s for s in systems if s.label == "envoy"), None)
     print("median:")
     for system in systems:
