@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -56,27 +56,36 @@ def test_alarms_memory_follows_the_live_entries_not_the_history() -> None:
 
 
 # --- the trio shell ------------------------------------------------------------------
+# These tests run on pytest-trio's ``autojump_clock``: nothing blocks on real I/O for
+# long (socketpairs), so deadlines pass in virtual time and each test takes milliseconds.
+
+Upstream = tuple[UpstreamConnection, socket.socket]
 
 
 @pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
+async def upstream() -> AsyncIterator[Callable[[], Upstream]]:
+    """Makes upstream connections over socketpairs (and the peer's end of each); all
+    closed after the test, whatever its outcome."""
+    made: list[Upstream] = []
 
+    def make() -> Upstream:
+        ours, theirs = socket.socketpair()
+        port = len(made) + 1
+        conn = UpstreamConnection(TcpStream(ours), Host(f"127.0.0.1:{port}"),
+                                  EndpointInfo("127.0.0.1", port))
+        made.append((conn, theirs))
+        return conn, theirs
 
-@pytest.fixture
-async def connection() -> AsyncIterator[tuple[UpstreamConnection, socket.socket]]:
-    ours, theirs = socket.socketpair()
-    conn = UpstreamConnection(TcpStream(ours), Host("127.0.0.1:1"),
-                              EndpointInfo("127.0.0.1", 1))
-    yield conn, theirs
-    await conn.aclose()
-    theirs.close()
+    yield make
+    for conn, peer in made:
+        await conn.aclose()
+        peer.close()
 
 
 async def test_timer_interrupts_a_waiting_receive_at_the_deadline(
         autojump_clock: trio.testing.MockClock,
-        connection: tuple[UpstreamConnection, socket.socket]) -> None:
-    conn, _ = connection
+        upstream: Callable[[], Upstream]) -> None:
+    conn, _ = upstream()
     timer = TryTimer()
     start = trio.current_time()
     entry = timer.start(start + 0.25, conn)
@@ -89,14 +98,18 @@ async def test_timer_interrupts_a_waiting_receive_at_the_deadline(
 
 async def test_timer_leaves_a_try_alone_once_stopped(
         autojump_clock: trio.testing.MockClock,
-        connection: tuple[UpstreamConnection, socket.socket]) -> None:
-    conn, peer = connection
+        upstream: Callable[[], Upstream]) -> None:
+    conn, peer = upstream()
     timer = TryTimer()
-    entry = timer.start(trio.current_time() + 0.25, conn)
+    start = trio.current_time()
+    entry = timer.start(start + 0.25, conn)
     peer.send(b"HTTP/1.1 200 OK\r\n")
     assert await conn.stream.receive_some(100) == b"HTTP/1.1 200 OK\r\n"
     timer.stop(entry)
+    # Past the stopped deadline in virtual time: the timer wakes for it and must find
+    # nothing to interrupt.
     await trio.sleep(1.0)
+    assert trio.current_time() - start == pytest.approx(1.0)
     assert not conn.interrupted
     peer.send(b"more")
     assert await conn.stream.receive_some(100) == b"more"
@@ -104,25 +117,25 @@ async def test_timer_leaves_a_try_alone_once_stopped(
 
 async def test_timer_wakes_early_for_a_deadline_earlier_than_its_alarm(
         autojump_clock: trio.testing.MockClock,
-        connection: tuple[UpstreamConnection, socket.socket]) -> None:
-    conn, _ = connection
-    other_sock, other_peer = socket.socketpair()
-    other = UpstreamConnection(TcpStream(other_sock), Host("127.0.0.1:2"),
-                               EndpointInfo("127.0.0.1", 2))
+        upstream: Callable[[], Upstream]) -> None:
+    conn, _ = upstream()
+    other, _ = upstream()
     timer = TryTimer()
     start = trio.current_time()
-    far = timer.start(start + 10.0, other)  # the timer sleeps until t+10 ...
+    far = timer.start(start + 10.0, other)
+    await trio.testing.wait_all_tasks_blocked()  # the timer now sleeps until t+10 ...
     timer.start(start + 0.5, conn)  # ... and must wake at t+0.5 for this one
     with pytest.raises(trio.ClosedResourceError):
         await conn.stream.receive_some(100)
     assert trio.current_time() - start == pytest.approx(0.5)
     assert conn.interrupted and not other.interrupted
     timer.stop(far)
-    await other.aclose()
-    other_peer.close()
 
 
 # --- the pipeline on real TCP upstream connections ----------------------------------
+# These run on the real clock: the upstream is a real echo server over loopback TCP, and a
+# mock clock that jumps while tasks wait for the kernel would fire the route timeouts
+# before ordinary answers arrive.  So each waits out its short timeouts (0.2-0.3 s).
 
 
 @pytest.fixture
@@ -139,21 +152,9 @@ def timed_tries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return seen
 
 
-async def _waypoint(nursery: trio.Nursery, route: dict[str, Any]) -> Client:
-    """A bench-mode waypoint routing ``echo`` to a real echo server over TCP, and a
-    keep-alive client connection into it."""
-    waypoint = await _bench_waypoint(nursery, route)
-    return _connect(nursery, waypoint)
-
-
-def _connect(nursery: trio.Nursery, waypoint: Waypoint) -> Client:
-    ours, theirs = socket.socketpair()
-    nursery.start_soon(serve_stream, TcpStream(theirs), waypoint.proxy,
-                       PeerInfo(source_ip="127.0.0.1", destination="10.96.0.9", port=80), None)
-    return Client(TcpStream(ours))
-
-
 async def _bench_waypoint(nursery: trio.Nursery, route: dict[str, Any]) -> Waypoint:
+    """A bench-mode waypoint routing ``echo`` (VIP 10.96.0.9:80) with ``route`` to a real
+    echo server over TCP, both served in ``nursery``."""
     server = echo.Server(echo.Identity(pod="echo", namespace="default"))
     ports = await nursery.start(echo.serve, [0], server, "127.0.0.1")
     waypoint = Waypoint(Options(name="waypoint", namespace="default", access_log=False))
@@ -169,68 +170,70 @@ async def _bench_waypoint(nursery: trio.Nursery, route: dict[str, Any]) -> Waypo
     return waypoint
 
 
+def _connect(nursery: trio.Nursery, waypoint: Waypoint) -> Client:
+    """A keep-alive client connection into ``waypoint``, addressed to the echo VIP."""
+    ours, theirs = socket.socketpair()
+    nursery.start_soon(serve_stream, TcpStream(theirs), waypoint.proxy,
+                       PeerInfo(source_ip="127.0.0.1", destination="10.96.0.9", port=80), None)
+    return Client(TcpStream(ours))
+
+
 async def test_route_timeout_on_a_reused_tcp_connection_answers_504_and_recovers(
-        timed_tries: list[float]) -> None:
-    async with trio.open_nursery() as nursery:
-        client = await _waypoint(nursery, {"timeout": "0.3s"})
-        with trio.fail_after(10):
-            # The first request leaves an idle upstream connection: the next try runs on
-            # it under the shared timer rather than a cancel scope.
-            assert (await client.request("/")).status == 200
-            start = trio.current_time()
-            reply = await client.request("/?delay=5s")
-            elapsed = trio.current_time() - start
-            assert reply.status == 504 and reply.body == b"upstream request timeout"
-            assert 0.3 <= elapsed < 2.0
-            # The timed-out connection is closed, never reused: the next request gets
-            # a clean answer, and so does one after it on a reused connection.
-            assert (await client.request("/")).status == 200
-            assert (await client.request("/")).status == 200
-        # Requests 2 and 4 found an idle connection (3 opened a new one, under a scope).
-        assert len(timed_tries) == 2
-        nursery.cancel_scope.cancel()
+        nursery: trio.Nursery, timed_tries: list[float]) -> None:
+    client = _connect(nursery, await _bench_waypoint(nursery, {"timeout": "0.3s"}))
+    with trio.fail_after(10):
+        # The first request leaves an idle upstream connection: the next try runs on
+        # it under the shared timer rather than a cancel scope.
+        assert (await client.request("/")).status == 200
+        start = trio.current_time()
+        reply = await client.request("/?delay=5s")
+        elapsed = trio.current_time() - start
+        assert reply.status == 504 and reply.body == b"upstream request timeout"
+        assert 0.3 <= elapsed < 2.0
+        # The timed-out connection is closed, never reused: the next request gets
+        # a clean answer, and so does one after it on a reused connection.
+        assert (await client.request("/")).status == 200
+        assert (await client.request("/")).status == 200
+    # Requests 2 and 4 found an idle connection (3 opened a new one, under a scope).
+    assert len(timed_tries) == 2
 
 
 async def test_per_try_timeouts_on_tcp_connections_are_retried_then_answer_504(
-        timed_tries: list[float]) -> None:
-    async with trio.open_nursery() as nursery:
-        client = await _waypoint(nursery, {
-            "timeout": "10s",
-            "retries": {"attempts": 2, "perTryTimeout": "0.2s", "retryOn": "5xx"}})
-        with trio.fail_after(10):
-            assert (await client.request("/")).status == 200
-            start = trio.current_time()
-            reply = await client.request("/?delay=5s")
-            elapsed = trio.current_time() - start
-            # Three tries of 0.2 s each (the first on the reused connection), then 504.
-            assert reply.status == 504 and reply.body == b"upstream request timeout"
-            assert 0.6 <= elapsed < 3.0
-            assert (await client.request("/")).status == 200
-        assert timed_tries  # the first slow try at least ran under the timer
-        nursery.cancel_scope.cancel()
+        nursery: trio.Nursery, timed_tries: list[float]) -> None:
+    client = _connect(nursery, await _bench_waypoint(nursery, {
+        "timeout": "10s",
+        "retries": {"attempts": 2, "perTryTimeout": "0.2s", "retryOn": "5xx"}}))
+    with trio.fail_after(10):
+        assert (await client.request("/")).status == 200
+        start = trio.current_time()
+        reply = await client.request("/?delay=5s")
+        elapsed = trio.current_time() - start
+        # Three tries of 0.2 s each (the first on the reused connection), then 504.
+        assert reply.status == 504 and reply.body == b"upstream request timeout"
+        assert 0.6 <= elapsed < 3.0
+        assert (await client.request("/")).status == 200
+    assert timed_tries  # the first slow try at least ran under the timer
 
 
 async def test_concurrent_timeouts_leak_no_connection_or_request_slot(
-        timed_tries: list[float]) -> None:
-    async with trio.open_nursery() as nursery:
-        waypoint = await _bench_waypoint(nursery, {"timeout": "0.3s"})
-        statuses: list[int] = []
+        nursery: trio.Nursery, timed_tries: list[float]) -> None:
+    waypoint = await _bench_waypoint(nursery, {"timeout": "0.3s"})
+    statuses: list[int] = []
 
-        async def client_run() -> None:
-            client = _connect(nursery, waypoint)
-            for path in ("/", "/?delay=5s", "/", "/?delay=5s", "/"):
-                statuses.append((await client.request(path)).status)
+    async def client_run() -> None:
+        client = _connect(nursery, waypoint)
+        for path in ("/", "/?delay=5s", "/", "/?delay=5s", "/"):
+            statuses.append((await client.request(path)).status)
 
-        with trio.fail_after(20):
-            async with trio.open_nursery() as clients:
-                for _ in range(12):
-                    clients.start_soon(client_run)
-        assert sorted(set(statuses)) == [200, 504]
-        assert statuses.count(504) == 24 and statuses.count(200) == 36
-        assert timed_tries  # the timer, not only cancel scopes, was in play
-        (state,) = waypoint.clusters.by_name.values()
-        # Every connection still counted open is idle in the pool (none leaked by an
-        # interrupted try), and no request slot is left taken.
-        assert state.breaker.active_connections == state.pool.idle_count()
-        assert state.breaker.active_requests == 0
-        nursery.cancel_scope.cancel()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as clients:
+            for _ in range(12):
+                clients.start_soon(client_run)
+    assert sorted(set(statuses)) == [200, 504]
+    assert statuses.count(504) == 24 and statuses.count(200) == 36
+    assert timed_tries  # the timer, not only cancel scopes, was in play
+    (state,) = waypoint.clusters.by_name.values()
+    # Every connection still counted open is idle in the pool (none leaked by an
+    # interrupted try), and no request slot is left taken.
+    assert state.breaker.active_connections == state.pool.idle_count()
+    assert state.breaker.active_requests == 0
