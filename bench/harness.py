@@ -544,19 +544,18 @@ def run_wrk(url: str, seconds: float, *, netns: str | None = None, connections: 
     return parse_wrk(done.stdout)
 
 
-def run_loadgen(host: str, port: int, *, rate: float, seconds: float,
-                netns: str | None = None, connections: int = 16) -> dict[str, float]:
-    """bench/loadgen.py at a fixed ``rate`` from ``netns``; its JSON figures."""
-    import json
-
-    argv = [PYTHON, "-m", "bench.loadgen", "--host", host, "--port", str(port), "--rate",
-            str(rate), "--seconds", str(seconds), "--connections", str(connections)]
-    done = subprocess.run(in_netns(netns, argv), capture_output=True, text=True, cwd=REPO,
-                          timeout=seconds + 60)
+def run_wrk_fixed_rate(url: str, *, rate: float, seconds: float, netns: str | None = None,
+                       connections: int = 16) -> WrkResult:
+    """wrk paced to ``rate`` requests/s by bench/fixed_rate.lua (see there) from ``netns``;
+    ``rps`` is the achieved rate."""
+    argv = [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
+            "-s", str(REPO / "bench" / "fixed_rate.lua"), url]
+    done = subprocess.run(in_netns(netns, argv), capture_output=True, text=True,
+                          timeout=seconds + 60, env={**os.environ, "WRK_RATE": str(rate)})
     if done.returncode != 0:
-        raise BenchError(f"loadgen against {host}:{port} failed: {done.stderr[-2000:]}")
-    figures: dict[str, float] = json.loads(done.stdout)
-    return figures
+        raise BenchError(f"wrk at {rate:g}/s against {url} failed ({done.returncode}): "
+                         f"{done.stderr.strip()}")
+    return parse_wrk(done.stdout)
 
 
 def run_curl(url: str, size: int, *, netns: str | None = None) -> float:

@@ -1,8 +1,9 @@
 """Case 1: small keep-alive requests through the node-to-node tunnel.
 
 At saturation: ``wrk -t1 -c16`` from the client pod to nginx's short 200, req/s, p50, p99.
-At a fixed 1,000 req/s (bench/loadgen.py, latency from the scheduled send time): p50, p99,
-and the p99 a system *adds* over the direct connection measured in the same round.
+At a fixed 1,000 req/s (wrk paced by bench/fixed_rate.lua: latency measured in C from each
+request's send): p50, p99, and the p99 a system *adds* over the direct connection measured
+in the same round.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from bench.harness import (
     alternate,
     median,
     row,
-    run_loadgen,
     run_wrk,
+    run_wrk_fixed_rate,
 )
 
 CASE = "l4_requests"
@@ -35,7 +36,7 @@ def run(ctx: Context) -> list[CaseResult]:
         {name: partial(run_wrk, targets[name].url(), ctx.seconds, netns=targets[name].netns)
          for name in SYSTEMS}, ctx.rounds, ctx.log)
     fixed = alternate(
-        {name: partial(run_loadgen, targets[name].host, targets[name].port, rate=FIXED_RATE,
+        {name: partial(run_wrk_fixed_rate, targets[name].url(), rate=FIXED_RATE,
                        seconds=ctx.seconds, netns=targets[name].netns)
          for name in SYSTEMS}, ctx.rounds, ctx.log)
 
@@ -50,19 +51,19 @@ def run(ctx: Context) -> list[CaseResult]:
             ("p99_ms", "L4 keep-alive p99 at saturation", "ms", None)):
         rows.append(row(CASE, name, unit, figures(field, saturation), target=target))
     for key in ("p50_ms", "p99_ms"):
-        samples = {name: [r[key] for r in results] for name, results in fixed.items()}
-        rows.append(row(CASE, f"L4 {key[:3]} at {FIXED_RATE:,.0f} req/s", "ms", samples))
+        rows.append(row(CASE, f"L4 {key[:3]} at {FIXED_RATE:,.0f} req/s", "ms",
+                        figures(key, fixed)))
     # Added latency is paired per round (system minus direct of the same round), so a noisy
     # round shifts both terms together.
-    added = {name: [r["p99_ms"] - d["p99_ms"] for r, d in zip(fixed[name], fixed["direct"],
-                                                                strict=True)]
+    added = {name: [r.p99_ms - d.p99_ms for r, d in zip(fixed[name], fixed["direct"],
+                                                            strict=True)]
              for name in ("ours", "envoy")}
     rows.append(row(
         CASE, f"L4 p99 added over direct at {FIXED_RATE:,.0f} req/s", "ms", added,
         target=Target(kind="ratio", op="<=", threshold=2.0),
         note="achieved rates: " + ", ".join(
-            f"{n} {median([r['rate'] for r in fixed[n]]):,.0f}/s"
-            f" ({sum(int(r['errors']) for r in fixed[n])} errors)" for n in SYSTEMS)))
+            f"{n} {median([r.rps for r in fixed[n]]):,.0f}/s"
+            f" ({sum(r.errors for r in fixed[n])} errors)" for n in SYSTEMS)))
     errors = {name: sum(r.errors for r in results) for name, results in saturation.items()}
     if any(errors.values()):
         rows[0].note = f"wrk errors: {errors}"
