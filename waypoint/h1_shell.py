@@ -30,6 +30,7 @@ import trio
 
 from common.errors import Http1Error
 from common.logging import get_logger
+from common.tcp import TcpStream
 from waypoint.http import (
     DEFAULT_LIMITS,
     NEED_DATA,
@@ -81,8 +82,13 @@ class H1Connection:
         self._body_done = True
         self._continue_sent = False
         self._started = False
+        self._ended = False
         self._close_after = False
         self._scope = trio.CancelScope()
+        # Responses may be left to the proxy's SendBatcher (plain TCP clients only);
+        # True while one may still be waiting there, so own sends drain it first.
+        self._batchable = type(stream) is TcpStream
+        self._deferred = False
 
     # --- Downstream ------------------------------------------------------------------
 
@@ -97,7 +103,7 @@ class H1Connection:
         assert head is not None
         if head.expect_continue and not self._continue_sent and not self._started:
             self._continue_sent = True
-            await self.stream.send_all(_CONTINUE)
+            await self._send(_CONTINUE)
         parser = self.parser
         while True:
             event = parser.next_event()
@@ -139,13 +145,43 @@ class H1Connection:
 
     def write_end(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self._out.append(self.writer.end(trailers))
+        self._ended = True
 
     async def flush(self) -> None:
         out = self._out
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            await self.stream.send_all(data)
+            head = self._head
+            if (self._ended and self._batchable and not self._close_after
+                    and not self.writer.must_close and head is not None and head.keep_alive):
+                # A whole response on a connection that stays open: the next step is
+                # the wait for the next request, so it can go with this pass's others.
+                assert isinstance(self.stream, TcpStream)
+                self.proxy.sends.defer(self.stream, bytes(data))
+                self._deferred = True
+                return
+            await self._send(data)
+
+    async def _send(self, data: bytes | memoryview) -> None:
+        """Send now, after any response still waiting in the proxy's SendBatcher."""
+        await self._settle()
+        await self.stream.send_all(data)
+
+    async def _settle(self) -> None:
+        """Send a response still waiting in the proxy's SendBatcher now, in this task."""
+        if self._deferred:
+            self._deferred = False
+            assert isinstance(self.stream, TcpStream)
+            await self.proxy.sends.drain(self.stream)
+
+    def release_deferred(self) -> None:
+        """Before the stream is closed: hand a deferred response to the kernel if it
+        takes it now, never waiting (see :meth:`SendBatcher.release`)."""
+        if self._deferred:
+            self._deferred = False
+            assert isinstance(self.stream, TcpStream)
+            self.proxy.sends.release(self.stream)
 
     # --- the connection loop ---------------------------------------------------------
 
@@ -164,6 +200,7 @@ class H1Connection:
         try:
             with self._scope:
                 await self._loop()
+                await self._settle()  # the last response leaves before the caller closes
             if self._scope.cancelled_caught:
                 await self._on_timeout()
         except Http1Error as exc:
@@ -211,6 +248,7 @@ class H1Connection:
             self._body_done = False
             self._continue_sent = False
             self._started = False
+            self._ended = False
             # Deadlines move lazily: setting one costs more than the rest of a small
             # request's bookkeeping, so the scope is only touched when the deadline is
             # about to be too close (or was tightened for a partial head).
@@ -260,14 +298,16 @@ class H1Connection:
                 b"connection: close\r\n\r\n%s" % (status, reason_phrase(status), len(text), text))
         with trio.move_on_after(1.0):
             with contextlib.suppress(*STREAM_ERRORS):
-                await self.stream.send_all(data)
+                await self._send(data)
 
 
 async def serve_h1(stream: trio.abc.Stream, proxy: Proxy, peer: PeerInfo, initial: bytes = b"",
                    *, timeouts: H1Timeouts | None = None) -> None:
     """Serve one downstream HTTP/1.1 connection and close it."""
+    conn = H1Connection(stream, proxy, peer, timeouts=timeouts)
     try:
-        await H1Connection(stream, proxy, peer, timeouts=timeouts).run(initial)
+        await conn.run(initial)
     finally:
+        conn.release_deferred()
         with trio.CancelScope(shield=True), contextlib.suppress(*STREAM_ERRORS):
             await stream.aclose()

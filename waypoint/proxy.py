@@ -46,6 +46,7 @@ from common.authz.model import GatewayRef, RequestContext, ServiceRef
 from common.errors import Http1Error, UpstreamError
 from common.identity import SpiffeId
 from common.logging import get_logger
+from common.tcp import TcpStream
 from waypoint import telemetry
 from waypoint.clusters import UNKNOWN, Clusters, ClusterState
 from waypoint.direct import DirectClusters
@@ -84,6 +85,7 @@ from waypoint.upstream import (
     STREAM_ERRORS,
     EndpointInfo,
     PoolOverflow,
+    SendBatcher,
     TryTimer,
     UpstreamConnection,
 )
@@ -285,6 +287,9 @@ class Proxy:
         # Connections whose request body is still being sent by a _pump_body task.
         self._pumping: set[int] = set()
         self._timer = TryTimer()
+        #: Requests sent whole and keep-alive responses go out in one burst per
+        #: scheduler pass (:class:`SendBatcher`); the HTTP/1.1 shell uses it too.
+        self.sends = SendBatcher()
         # The running trio loop's clock, bound on first use: three calls cheaper per
         # reading than trio.current_time(), read about seven times per request.
         self._now: Callable[[], float] | None = None
@@ -744,8 +749,15 @@ class Proxy:
                 out.extend(writer.data(piece))
             if complete:
                 out.append(writer.end())
-            await conn.stream.send_all(b"".join(out))
-            if not complete:
+                stream = conn.stream
+                if type(stream) is TcpStream:
+                    # The next step is the wait for the response: the request can go
+                    # out with the others of this scheduler pass.
+                    self.sends.defer(stream, b"".join(out))
+                else:
+                    await stream.send_all(b"".join(out))
+            else:
+                await conn.stream.send_all(b"".join(out))
                 nursery: trio.Nursery | None = getattr(down, "nursery", None)
                 if nursery is not None:
                     # Full duplex (streaming gRPC): the rest of the body goes up

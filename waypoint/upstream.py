@@ -306,3 +306,120 @@ class TryTimer:
             for conn in alarms.pop_due(trio.current_time()):
                 conn.interrupt()
             self._armed = alarms.next_deadline()
+
+
+class SendBatcher:
+    """Small writes of many connections, sent together when the scheduler's batch ends.
+
+    Theory of operation.  Under load, one pass of trio's scheduler runs the tasks of many
+    connections that became ready together; each used to send its upstream request or
+    downstream response the moment it was ready, so the peer (the backend, the client)
+    was woken once per write, with a request's worth of Python between two writes: on a
+    small virtual machine a wake-up of a sleeping peer costs the sender more kernel time
+    than the write itself, and the peer handles one message per wake-up.  Instead, a task
+    whose next step is a wait for the reply (an upstream request sent whole, a keep-alive
+    response ended) hands its bytes to :meth:`defer` and goes on to that wait; a system
+    task, woken by the first deferral of a pass, runs in the scheduler's next pass (trio
+    runs the tasks rescheduled during a pass only after it) and writes every deferred
+    buffer back to back, synchronously, before new I/O events are handled.
+
+    Order on a stream is kept: bytes deferred for one stream go out in the order given;
+    its owner calls :meth:`drain` before any send of its own, and :meth:`release` (a
+    best-effort write without waiting) before closing it.  A write the kernel takes only
+    in part (a peer that stopped reading) is finished by a system task of its own with
+    ``send_all``; later deferrals for that stream queue behind it.  A write that fails
+    closes the stream, so that its owner's pending receive fails (as its own send would
+    have); a stream its owner closed meanwhile is skipped.
+    """
+
+    __slots__ = ("_busy", "_parked", "_pending", "_task", "_token")
+
+    def __init__(self) -> None:
+        self._pending: dict[TcpStream, list[bytes]] = {}
+        # Streams whose partial write a finisher task completes: its queue, and its end.
+        self._busy: dict[TcpStream, tuple[list[bytes], trio.Event]] = {}
+        self._task: trio.lowlevel.Task | None = None
+        self._parked = False
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def defer(self, stream: TcpStream, data: bytes) -> None:
+        """Send ``data`` on ``stream`` once the current scheduler pass has ended."""
+        token = trio.lowlevel.current_trio_token()
+        if token is not self._token:
+            self._token = token
+            self._pending = {}
+            self._busy = {}
+            self._task = None
+            self._parked = False
+            trio.lowlevel.spawn_system_task(self._run, name="waypoint send batch")
+        busy = self._busy.get(stream)
+        if busy is not None:
+            busy[0].append(data)
+            return
+        pending = self._pending.get(stream)
+        if pending is None:
+            self._pending[stream] = [data]
+        else:
+            pending.append(data)
+        if self._parked:
+            self._parked = False
+            assert self._task is not None
+            trio.lowlevel.reschedule(self._task)
+
+    async def drain(self, stream: TcpStream) -> None:
+        """Send what is deferred for ``stream`` now, in this task (its owner's, before a
+        send of its own), waiting as ``send_all`` does."""
+        busy = self._busy.get(stream)
+        if busy is not None:
+            await busy[1].wait()
+        chunks = self._pending.pop(stream, None)
+        if chunks:
+            await stream.send_all(b"".join(chunks))
+
+    def release(self, stream: TcpStream) -> None:
+        """Before ``stream`` is closed: write what is deferred for it if the kernel takes it
+        now (a close never waits on a peer that stopped reading), forget the rest."""
+        chunks = self._pending.pop(stream, None)
+        if chunks:
+            with contextlib.suppress(*STREAM_ERRORS, trio.BusyResourceError):
+                stream.try_send(b"".join(chunks))
+
+    async def _run(self) -> None:
+        self._task = trio.lowlevel.current_task()
+        while True:
+            pending = self._pending
+            if pending:
+                self._pending = {}
+                for stream, chunks in pending.items():
+                    self._write(stream, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self._parked = True
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._parked = False  # cancelled: the run is ending
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _write(self, stream: TcpStream, data: bytes) -> None:
+        try:
+            sent = stream.try_send(data)
+        except trio.ClosedResourceError:
+            return  # its owner closed it: nothing left to deliver
+        except (trio.BrokenResourceError, trio.BusyResourceError):
+            stream.close()
+            return
+        if sent < len(data):
+            self._busy[stream] = ([], trio.Event())
+            trio.lowlevel.spawn_system_task(self._finish, stream, data[sent:],
+                                            name="waypoint send batch: partial write")
+
+    async def _finish(self, stream: TcpStream, rest: bytes) -> None:
+        queue, done = self._busy[stream]
+        try:
+            await stream.send_all(rest)
+            while queue:
+                await stream.send_all(queue.pop(0))
+        except STREAM_ERRORS:
+            stream.close()
+        finally:
+            del self._busy[stream]
+            done.set()
