@@ -206,8 +206,9 @@ def start_ours(procs: Processes, stack: ExitStack, tree: Path, label: str,
 
 
 def requests(system: System, seconds: int, profile: Path | None = None,
-             profiler: str = "sigprof") -> dict[str, float]:
-    argv = in_netns(system.netns, [WRK, "-t1", "-c16", f"-d{seconds}s", "--latency",
+             profiler: str = "sigprof", churn: bool = False) -> dict[str, float]:
+    close = ["-H", "Connection: close"] if churn else []
+    argv = in_netns(system.netns, [WRK, "-t1", "-c16", f"-d{seconds}s", "--latency", *close,
                                    f"http://{system.host}:{system.port}/"])
     spies = []
     if profile is not None:
@@ -369,6 +370,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--churn", action="store_true",
+                        help="one request per connection (wrk -H 'Connection: close')")
     parser.add_argument("--bulk", type=int, default=0, metavar="BYTES",
                         help="also one download of BYTES per system and round")
     parser.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
@@ -406,7 +409,7 @@ def main() -> int:
                 for system in systems if round_number % 2 else reversed(systems):
                     profile = (args.profile if last and system.label == systems[0].label
                                else None)
-                    s = requests(system, args.seconds, profile, args.profiler)
+                    s = requests(system, args.seconds, profile, args.profiler, args.churn)
                     print(f"round {round_number} {system.label:8} {s['rps']:8,.0f} req/s "
                           f"p50 {s['p50_ms']:6.2f} ms p99 {s['p99_ms']:7.2f} ms "
                           f"{s['cpu_us']:6.1f} us CPU/request ({s['sys_us']:.0f} system, "

@@ -56,6 +56,7 @@ import h2.exceptions
 import h2.settings
 
 from common.errors import Http2ViolationError
+from common.hbone.hpack_literal import LiteralEncoder
 
 # DESIGN.md section 4: what we offer every HBONE peer.
 STREAM_WINDOW = 4 * 1024 * 1024
@@ -139,6 +140,7 @@ class H2Protocol:
         self._clock = clock
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.encoder = LiteralEncoder()
         settings: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
