@@ -12,7 +12,9 @@ Tests send requests from pods with :func:`fetch` (Python's urllib, so curl is no
 what the test created in it afterwards (by deleting the namespace).  Clusters left by
 earlier runs whose pytest process died are removed first.  Helpers: :meth:`LocalCluster.exec` runs a
 command in a pod through ``ambientctl exec``; :func:`wait_for` polls the API with a
-deadline; :func:`echo_deployment` and :func:`echo_service` build the usual objects.
+deadline; :func:`ready_pods` waits for a cluster's pods to be Ready (a failure quotes that
+cluster's log, :meth:`LocalCluster.log_about`); :func:`echo_deployment` and
+:func:`echo_service` build the usual objects.
 """
 
 from __future__ import annotations
@@ -69,6 +71,15 @@ class LocalCluster:
     def state_dir(self) -> Path:
         return local_cluster.state_dir(self.name)
 
+    def log_about(self, text: str, lines: int = 40) -> str:
+        """The last lines of this cluster's log that mention ``text``."""
+        path = self.state_dir / "supervisor.log"
+        try:
+            found = [ln for ln in path.read_text(errors="replace").splitlines() if text in ln]
+        except OSError as exc:
+            return f"(cluster log unreadable: {exc})"
+        return "cluster log:\n" + "\n".join(found[-lines:])
+
     def ambientctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "deploy.ambientctl", *args], capture_output=True, text=True,
@@ -100,13 +111,11 @@ def cluster() -> Iterator[LocalCluster]:
     reuse = os.environ.get("AMBIENT_TEST_CLUSTER")
     if reuse:
         state = local_cluster.read_state(reuse)
-        _SESSION_CLUSTER[:] = [reuse]
         yield LocalCluster(reuse, str(state["server"]), 0.0)
         return
     _remove_abandoned_test_clusters()
     name = f"it{os.getpid()}"
     result = local_cluster.up(name, 2)
-    _SESSION_CLUSTER[:] = [name]
     try:
         yield LocalCluster(name, result.server, result.seconds)
     finally:
@@ -145,23 +154,25 @@ def is_ready(pod: Pod) -> bool:
         c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
-async def ready_pods(client: KubeClient, namespace: str, count: int,
+async def ready_pods(cluster: LocalCluster, namespace: str, count: int,
                      label_selector: str | None = None, within: float = 60.0) -> list[Pod]:
-    """Wait until exactly ``count`` pods (matching the selector) exist and are Ready.
+    """Wait until exactly ``count`` pods (matching the selector) exist in ``cluster`` and
+    are Ready.
 
     On failure the message describes each pod and quotes the cluster's log lines about
     the namespace: a CI run is read only through its failure messages."""
     seen: list[Pod] = []
 
-    async def probe() -> list[Pod] | None:
-        pods = (await client.list(Pod, namespace, label_selector=label_selector)).items
-        seen[:] = pods
-        return pods if len(pods) == count and all(is_ready(p) for p in pods) else None
-    try:
-        return await wait_for(probe, within, what=f"{count} ready pods in {namespace}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; pods: {[describe_pod(p) for p in seen]}\n"
-                             f"{cluster_log_about(namespace)}") from None
+    async with cluster.client() as client:
+        async def probe() -> list[Pod] | None:
+            pods = (await client.list(Pod, namespace, label_selector=label_selector)).items
+            seen[:] = pods
+            return pods if len(pods) == count and all(is_ready(p) for p in pods) else None
+        try:
+            return await wait_for(probe, within, what=f"{count} ready pods in {namespace}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; pods: {[describe_pod(p) for p in seen]}\n"
+                                 f"{cluster.log_about(namespace)}") from None
 
 
 def describe_pod(pod: Pod) -> str:
@@ -170,21 +181,6 @@ def describe_pod(pod: Pod) -> str:
     gone = " deleting" if pod.metadata.deletion_timestamp else ""
     return (f"{pod.metadata.name} on {pod.spec.node_name} {pod.status.phase} "
             f"ip={pod.status.pod_ip} ready={is_ready(pod)}{gone} containers={statuses}")
-
-
-_SESSION_CLUSTER: list[str] = []
-
-
-def cluster_log_about(text: str, lines: int = 40) -> str:
-    """The last lines of this run's cluster log that mention ``text``."""
-    if not _SESSION_CLUSTER:
-        return ""
-    path = local_cluster.state_dir(_SESSION_CLUSTER[0]) / "supervisor.log"
-    try:
-        found = [ln for ln in path.read_text(errors="replace").splitlines() if text in ln]
-    except OSError as exc:
-        return f"(cluster log unreadable: {exc})"
-    return "cluster log:\n" + "\n".join(found[-lines:])
 
 
 def echo_deployment(name: str, namespace: str, replicas: int = 1,

@@ -203,12 +203,12 @@ class StreamMesh:
         l4.metadata.labels = {"istio.io/use-waypoint": "none"}
         await self.kube.create(l4)
         await self.kube.create(client_pod("client", self.ns, "node-0"))
-        pods = await ready_pods(self.kube, self.ns, 4, within=180)
+        pods = await ready_pods(self.cluster, self.ns, 4, within=180)
         self.client = next(p for p in pods if p.metadata.name == "client")
         return self
 
     async def stream_pods(self) -> list[Pod]:
-        return await ready_pods(self.kube, self.ns, 2, label_selector="app=stream", within=120)
+        return await ready_pods(self.cluster, self.ns, 2, label_selector="app=stream", within=120)
 
     async def dataplane_ips(self, path: str, service: str) -> set[str] | None:
         """The endpoint IPs of ``service`` that the proxy in front of it would pick now:
@@ -427,7 +427,7 @@ async def test_ztunnel_restarted_on_a_node_new_connections_succeed_once_back(
         server = client_pod("server", namespace, "node-1")
         server.metadata.labels = {"app": "server"}
         await kube.create(server)
-        pods = {p.metadata.name: p for p in await ready_pods(kube, namespace, 2, within=120)}
+        pods = {p.metadata.name: p for p in await ready_pods(cluster, namespace, 2, within=120)}
         client, server = pods["client"], pods["server"]
         client_ns, server_ip = netns_of(client), str(server.status.pod_ip)
         for pod in (client, server):

@@ -45,9 +45,9 @@ def _pod_netns(cluster: LocalCluster, pod: Pod) -> str:
 async def test_scaling_a_deployment_creates_and_removes_pods_and_namespaces(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     await kube.create(echo_deployment("web", namespace, replicas=1))
-    first = await ready_pods(kube, namespace, 1)
+    first = await ready_pods(cluster, namespace, 1)
     await kube.patch(Deployment, "web", {"spec": {"replicas": 4}}, namespace)
-    pods = await ready_pods(kube, namespace, 4)
+    pods = await ready_pods(cluster, namespace, 4)
     assert {p.spec.node_name for p in pods} == {"node-0", "node-1"}
     assert len({p.status.pod_ip for p in pods}) == 4
     assert all(p.metadata.labels["app"] == "web" for p in pods)
@@ -60,7 +60,7 @@ async def test_scaling_a_deployment_creates_and_removes_pods_and_namespaces(
     await wait_for(status_counts, what="deployment status readyReplicas=4")
 
     await kube.patch(Deployment, "web", {"spec": {"replicas": 1}}, namespace)
-    remaining = await ready_pods(kube, namespace, 1)
+    remaining = await ready_pods(cluster, namespace, 1)
     gone = [p for p in pods if p.metadata.name != remaining[0].metadata.name]
 
     async def namespaces_removed() -> bool:
@@ -72,7 +72,7 @@ async def test_scaling_a_deployment_creates_and_removes_pods_and_namespaces(
 async def test_a_crashed_container_is_restarted(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     await kube.create(echo_deployment("crashy", namespace, replicas=1))
-    pod = (await ready_pods(kube, namespace, 1))[0]
+    pod = (await ready_pods(cluster, namespace, 1))[0]
     inode = netns.inode(_pod_netns(cluster, pod))
     assert inode is not None
     victims = netns.pids_in({inode})
@@ -95,7 +95,7 @@ async def test_a_crashed_container_is_restarted(
 async def test_logs_and_exec_exit_code(cluster: LocalCluster, kube: KubeClient,
                                       namespace: str) -> None:
     await kube.create(echo_deployment("talk", namespace, replicas=1))
-    pod = (await ready_pods(kube, namespace, 1))[0]
+    pod = (await ready_pods(cluster, namespace, 1))[0]
     done = await cluster.exec(namespace, "deploy/talk", "sh", "-c",
                               'cat /etc/resolv.conf; "$@" >/dev/null; exit 7', "sh",
                               *fetch("http://localhost:8080/logged"))
@@ -150,7 +150,7 @@ async def test_cluster_down_leaves_no_namespace_link_process_or_file(
     state = json.loads((state_dir / "state.json").read_text())
     async with KubeClient(KubeConfig.for_server(state["server"])) as client:
         await client.create(echo_deployment("web", "default", replicas=2))
-        await ready_pods(client, "default", 2)
+        await ready_pods(LocalCluster(name, state["server"], 0.0), "default", 2)
     owned = local_cluster.owned_namespaces(name)
     assert len(owned) == 1 + 2 + 2  # fabric, nodes, pods
     inodes = {i for i in map(netns.inode, owned) if i is not None}
@@ -189,7 +189,7 @@ async def test_deleting_a_namespace_removes_its_pods_and_objects(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     await kube.create(echo_deployment("doomed", namespace, replicas=2))
     await kube.create(echo_service("doomed", namespace, {"app": "doomed"}))
-    pods = await ready_pods(kube, namespace, 2)
+    pods = await ready_pods(cluster, namespace, 2)
     await kube.delete(Namespace, namespace)
     names = network.Names(cluster.name)
 

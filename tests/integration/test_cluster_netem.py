@@ -45,7 +45,6 @@ from deploy.local import network
 from tests.integration.conftest import (
     LocalCluster,
     client_pod,
-    cluster_log_about,
     describe_pod,
     echo_service,
     ready_pods,
@@ -407,7 +406,7 @@ async def _get(netns: str, vip: str) -> tuple[Reply, float]:
         return reply, trio.current_time() - started
 
 
-async def _until(kube: KubeClient, namespace: str, what: str,
+async def _until(cluster: LocalCluster, kube: KubeClient, namespace: str, what: str,
                  attempt: Callable[[], Awaitable[T]],
                  check: Callable[[T], bool] = lambda _: True, within: float = 30.0) -> T:
     """Retry ``attempt`` until it returns something ``check`` accepts, with a deadline; on
@@ -431,7 +430,7 @@ async def _until(kube: KubeClient, namespace: str, what: str,
     except AssertionError as exc:
         pods = [describe_pod(p) for p in (await kube.list(Pod, namespace)).items]
         raise AssertionError(f"{exc}; last: {last[0]}; pods: {pods}\n"
-                             f"{cluster_log_about(namespace)}") from None
+                             f"{cluster.log_about(namespace)}") from None
 
 
 async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_configured(
@@ -444,21 +443,21 @@ async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_co
     enrolled: dict[str, str | None] = {**AMBIENT}
     await label_namespace(kube, ns, enrolled)
     await _ambientctl(cluster, "waypoint", "apply", "-n", ns, "--enroll-namespace")
-    (waypoint,) = await ready_pods(kube, ns, 1, label_selector=WAYPOINT_PODS, within=120)
+    (waypoint,) = await ready_pods(cluster, ns, 1, label_selector=WAYPOINT_PODS, within=120)
     near = str(waypoint.spec.node_name)
     far = "node-1" if near == "node-0" else "node-0"
     await kube.create(client_pod("client", ns, near))
     await kube.create(_server_pod("web", ns, far, {"app": "web"}, WEB_PORT))
     await kube.create(_server_pod("sink", ns, far, {"app": "sink"}, SINK_PORT, "--tcp"))
     await kube.create(echo_service("web", ns, {"app": "web"}, WEB_PORT))
-    pods = {p.metadata.name: p for p in await ready_pods(kube, ns, 4, within=120)}
+    pods = {p.metadata.name: p for p in await ready_pods(cluster, ns, 4, within=120)}
     client, web, sink = pods["client"], pods["web"], pods["sink"]
     source = netns_of(client)
     web_ip, sink_ip = str(web.status.pod_ip), str(sink.status.pod_ip)
     # Ready does not yet mean the application answers through the mesh (see serving()).
-    await _until(kube, ns, "web answering the client",
+    await _until(cluster, kube, ns, "web answering the client",
                  lambda: http_get(source, web_ip, WEB_PORT, timeout=3))
-    await _until(kube, ns, "the sink echoing", lambda: _echo(source, sink_ip, b"ping"),
+    await _until(cluster, kube, ns, "the sink echoing", lambda: _echo(source, sink_ip, b"ping"),
                  check=lambda echoed: echoed[0] == b"ping")
 
     vs = await kube.create(VirtualService.model_validate({
@@ -469,7 +468,7 @@ async def test_loss_and_delay_between_nodes_keep_bytes_intact_and_timeouts_as_co
     vip = await service_ip(kube, ns, "web")
     # Through the waypoint (it stamps x-envoy-upstream-service-time); this also pools its
     # HBONE connection to the far node before shaping starts.
-    await _until(kube, ns, "web answering via the waypoint", lambda: _get(source, vip),
+    await _until(cluster, kube, ns, "web answering via the waypoint", lambda: _get(source, vip),
                  check=lambda got: got[0].status == 200
                  and "x-envoy-upstream-service-time" in got[0].headers)
     waypoints = (await kube.list(Pod, ns, label_selector=WAYPOINT_PODS)).items

@@ -18,7 +18,7 @@ async def test_a_deployment_scaled_to_100_runs_100_pods_with_distinct_ips(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     started = trio.current_time()
     await kube.create(echo_deployment("many", namespace, replicas=PODS))
-    pods = await ready_pods(kube, namespace, PODS, within=240)
+    pods = await ready_pods(cluster, namespace, PODS, within=240)
     elapsed = trio.current_time() - started
     print(f"\n{PODS} pods Running and Ready with IPs in {elapsed:.1f}s "
           f"(cluster up took {cluster.up_seconds:.1f}s)")

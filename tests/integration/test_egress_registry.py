@@ -42,7 +42,7 @@ async def test_service_entry_resolves_and_registry_only_blocks_the_rest(
     await kube.create(Pod.model_validate({
         "metadata": {"name": "client", "namespace": namespace},
         "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "ambient/echo"}]}}))
-    await ready_pods(kube, namespace, 1, within=120)
+    await ready_pods(cluster, namespace, 1, within=120)
 
     async def resolved() -> str | None:
         done = await cluster.exec(namespace, "client", "python3", "-c", RESOLVE,
@@ -86,7 +86,7 @@ async def test_a_service_entry_vip_is_dialled_by_its_host(
     await kube.create(Pod.model_validate({
         "metadata": {"name": "client", "namespace": namespace},
         "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "ambient/echo"}]}}))
-    await ready_pods(kube, namespace, 1, within=120)
+    await ready_pods(cluster, namespace, 1, within=120)
     await kube.create(ServiceEntry.model_validate({
         "metadata": {"name": "loop", "namespace": namespace},
         "spec": {"hosts": ["localhost"], "location": "MESH_EXTERNAL", "resolution": "DNS",

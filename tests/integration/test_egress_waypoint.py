@@ -153,7 +153,7 @@ async def test_egress_waypoint_originates_tls_retries_and_denies(
     await kube.create(Pod.model_validate({
         "metadata": {"name": "client", "namespace": namespace},
         "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "ambient/echo"}]}}))
-    pods = await ready_pods(kube, namespace, 2, within=180)
+    pods = await ready_pods(cluster, namespace, 2, within=180)
     client_pod = next(p for p in pods if p.metadata.name == "client")
     vip = await _vip(kube, namespace, "api")
     await _served(cluster, kube, namespace, {
@@ -231,7 +231,7 @@ async def test_static_endpoints_are_dialled_by_ztunnel_without_a_waypoint(
     await kube.create(Pod.model_validate({
         "metadata": {"name": "client", "namespace": namespace},
         "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "ambient/echo"}]}}))
-    (client_pod,) = await ready_pods(kube, namespace, 1, within=120)
+    (client_pod,) = await ready_pods(cluster, namespace, 1, within=120)
     vip = await _vip(kube, namespace, "static")
 
     async def answered() -> Reply | None:

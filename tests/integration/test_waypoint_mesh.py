@@ -80,7 +80,7 @@ class Mesh:
             "metadata": {"name": "client", "namespace": ns, "labels": {"app": "client"}},
             "spec": {"nodeName": "node-0", "containers": [{"name": "c",
                                                            "image": "ambient/echo"}]}}))
-        pods = await ready_pods(self.kube, ns, 4, within=180)
+        pods = await ready_pods(self.cluster, ns, 4, within=180)
         self.client_pod = next(p for p in pods if p.metadata.name == "client")
         self.vip = await service_ip(self.kube, ns, "reviews")
         return self
@@ -271,7 +271,7 @@ async def test_l7_deny_by_path_and_method_and_l4_service_without_waypoint(
     svc = echo_service("plain", namespace, {"app": "plain"})
     svc.metadata.labels = {"istio.io/use-waypoint": "none"}
     await kube.create(svc)
-    await ready_pods(kube, namespace, 5, within=180)
+    await ready_pods(cluster, namespace, 5, within=180)
     plain_vip = await service_ip(kube, namespace, "plain")
 
     async def l4() -> Reply | None:

@@ -120,7 +120,7 @@ async def test_outlier_detection_ejects_the_failing_pod_and_lets_it_back(
                      "name": "fail", "image": "python",
                      "command": ["python", "-c", _FAILING_SERVER],
                      "ports": [{"containerPort": 8080}]}]}}}}))
-    await ready_pods(kube, namespace, 5, within=180)
+    await ready_pods(cluster, namespace, 5, within=180)
     rule: dict[str, Any] = {
         "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
         "metadata": {"name": "reviews"},
@@ -331,7 +331,7 @@ async def test_locality_stays_in_zone_fails_over_and_comes_back(
     enroll: dict[str, str | None] = {**AMBIENT}
     await label_namespace(kube, ns, enroll)
     await _sh(cluster, "waypoint", "apply", "-n", ns, "--enroll-namespace")
-    waypoint = (await ready_pods(kube, ns, 1, WAYPOINT_PODS, within=180))[0]
+    waypoint = (await ready_pods(cluster, ns, 1, WAYPOINT_PODS, within=180))[0]
     # Zone A is where the waypoint runs: the waypoint is the client of the endpoint pick
     # (as Istio's waypoint Envoy is); the client pod runs there too.
     nodes = {n.metadata.name: n for n in (await kube.list(Node)).items}
@@ -353,7 +353,7 @@ async def test_locality_stays_in_zone_fails_over_and_comes_back(
         "metadata": {"name": "client", "namespace": ns, "labels": {"app": "client"}},
         "spec": {"nodeName": home, "containers": [{"name": "c", "image": "ambient/echo"}]}}))
     await kube.create(echo_service("loc", ns, {"app": "loc"}))
-    pods = await ready_pods(kube, ns, 5, within=180)
+    pods = await ready_pods(cluster, ns, 5, within=180)
     mesh = Mesh(cluster, kube, ns)
     mesh.client_pod = next(p for p in pods if p.metadata.name == "client")
     mesh.vip = await service_ip(kube, ns, "loc")

@@ -76,7 +76,7 @@ class Scene:
                     "name": "echo", "image": "ambient/echo",
                     "ports": [{"containerPort": PORT}]}]}}))
         await self.kube.create(echo_service("web", self.ns, {"app": "web"}))
-        pods = await ready_pods(self.kube, self.ns, 3, within=180)
+        pods = await ready_pods(self.cluster, self.ns, 3, within=180)
         self.client = next(p for p in pods if p.metadata.name == "client")
         self.pod_ip = str(next(p for p in pods if p.metadata.name == "web").status.pod_ip)
         self.vip = await service_ip(self.kube, self.ns, "web")

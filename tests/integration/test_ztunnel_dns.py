@@ -66,7 +66,7 @@ async def test_captured_pod_dns_is_answered_by_ztunnel(
     await kube.create(echo_pod("client", namespace, "node-0"))
     await kube.create(echo_service("server", namespace, {"app": "server"}))
     vip = await service_ip(kube, namespace, "server")
-    (client,) = await ready_pods(kube, namespace, 1)
+    (client,) = await ready_pods(cluster, namespace, 1)
     await wait_enrolled(cluster, client)
     netns = netns_of(client)
 

@@ -131,7 +131,7 @@ async def mesh(cluster: LocalCluster, kube: KubeClient, namespace: str,
     ztunnel holds all four as ready endpoints."""
     await label_namespace(kube, namespace, {**AMBIENT})
     await kube.create(client_pod(namespace))
-    (client,) = await ready_pods(kube, namespace, 1, label_selector="app=client")
+    (client,) = await ready_pods(cluster, namespace, 1, label_selector="app=client")
     await wait_enrolled(cluster, client)
     await kube.create(backend_service(namespace, spec))
     vip = await service_ip(kube, namespace, SERVICE)

@@ -49,10 +49,11 @@ def pinned(name: str, namespace: str, node: str, *, sa: str | None = None,
                                             "labels": {"app": name}}, "spec": spec})
 
 
-async def start(kube: KubeClient, namespace: str, *pods: Pod) -> dict[str, Pod]:
+async def start(cluster: LocalCluster, kube: KubeClient, namespace: str,
+                *pods: Pod) -> dict[str, Pod]:
     for pod in pods:
         await kube.create(pod)
-    ready = await ready_pods(kube, namespace, len(pods))
+    ready = await ready_pods(cluster, namespace, len(pods))
     return {p.metadata.name: p for p in ready}
 
 
@@ -68,7 +69,7 @@ def source_ip(answer: dict[str, Any]) -> str:
 async def test_cross_node_pod_and_service_traffic_is_hbone_only_and_keeps_the_source_ip(
         cluster: LocalCluster, kube: KubeClient, namespace: str, tmp_path: Path) -> None:
     await label_namespace(kube, namespace, AMBIENT)
-    pods = await start(kube, namespace, pinned("server", namespace, "node-1"),
+    pods = await start(cluster, kube, namespace, pinned("server", namespace, "node-1"),
                        pinned("client", namespace, "node-0"))
     await kube.create(echo_service("server", namespace, {"app": "server"}))
     vip = await service_ip(kube, namespace, "server")
@@ -101,9 +102,9 @@ async def test_enrol_and_release_a_namespace_while_traffic_flows(
     outside = f"{namespace}-out"
     await kube.create(Namespace.model_validate({"metadata": {"name": outside}}))
     try:
-        inside = await start(kube, namespace, pinned("server", namespace, "node-1"),
+        inside = await start(cluster, kube, namespace, pinned("server", namespace, "node-1"),
                              pinned("client", namespace, "node-0"))
-        other = await start(kube, outside, pinned("server", outside, "node-1"),
+        other = await start(cluster, kube, outside, pinned("server", outside, "node-1"),
                             pinned("client", outside, "node-0"))
         outside_failures: list[str] = []
         outside_ok = 0
@@ -158,7 +159,7 @@ def _policy(name: str, namespace: str, spec: dict[str, Any]) -> AuthorizationPol
 async def test_authorization_policy_by_principal_and_namespace_including_a_live_change(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     await label_namespace(kube, namespace, AMBIENT)
-    pods = await start(kube, namespace, pinned("server", namespace, "node-1"),
+    pods = await start(cluster, kube, namespace, pinned("server", namespace, "node-1"),
                        pinned("client", namespace, "node-0"),
                        pinned("other", namespace, "node-0", sa="other"))
     for pod in pods.values():
@@ -208,7 +209,7 @@ async def test_authorization_policy_by_principal_and_namespace_including_a_live_
 async def test_one_gib_through_both_ztunnels_arrives_intact(
         cluster: LocalCluster, kube: KubeClient, namespace: str) -> None:
     await label_namespace(kube, namespace, AMBIENT)
-    pods = await start(kube, namespace,
+    pods = await start(cluster, kube, namespace,
                        pinned("server", namespace, "node-1", env={"ECHO_MODE": "tcp"}),
                        pinned("client", namespace, "node-0"))
     for pod in pods.values():
