@@ -12,6 +12,17 @@ import trio
 import trio.testing
 
 from common.tcp import TcpStream
+from tests.unit.waypoint_helpers import Answer, FakeBackend, Harness, service
+from waypoint.h1_shell import serve_h1
+from waypoint.http import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Data,
+    ResponseHead,
+    ResponseParser,
+)
+from waypoint.proxy import PeerInfo
 from waypoint.upstream import SendBatcher
 
 Pairs = list[tuple[TcpStream, socket.socket]]
@@ -120,3 +131,82 @@ async def test_release_writes_what_the_kernel_takes_without_waiting(pairs: Pairs
     stream.close()
     await trio.lowlevel.checkpoint()
     assert peer.recv(100) == b"last response"
+
+
+# --- the HTTP/1.1 shell on a plain TCP client (where it defers its responses) ----------
+
+A = "10.0.0.1:8080"
+
+
+async def _tcp_client(nursery: trio.Nursery, backend: FakeBackend | None = None
+                      ) -> socket.socket:
+    """A raw client socket served by a waypoint's serve_h1 over TCP (so its keep-alive
+    responses go through the SendBatcher), routing ``echo`` to ``backend``."""
+    h = await Harness(nursery, {"services": [service("echo", A)]},
+                      {A: backend or FakeBackend("a")}).start()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    nursery.start_soon(serve_h1, TcpStream(theirs), h.waypoint.proxy,
+                       PeerInfo(source_ip="10.0.0.9"))
+    return ours
+
+
+async def _read_all(sock: socket.socket, responses: int
+                    ) -> tuple[list[tuple[int, bytes]], bool]:
+    """``responses`` responses as (status, body), and whether EOF followed them."""
+    parser = ResponseParser()
+    for _ in range(responses):
+        parser.expect_response(b"GET")
+    got: list[tuple[int, bytes]] = []
+    with trio.fail_after(5):
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                await trio.lowlevel.wait_readable(sock)
+                chunk = sock.recv(65536)
+                if chunk:
+                    parser.feed(chunk)
+                elif len(got) == responses:
+                    return got, True
+                else:
+                    parser.feed_eof()
+                continue
+            if isinstance(event, ResponseHead):
+                got.append((event.status, b""))
+            elif isinstance(event, Data):
+                got[-1] = (got[-1][0], got[-1][1] + bytes(event.data))
+            elif event is PAUSED or isinstance(event, ConnectionClosed):
+                return got, True
+
+
+def _get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nhost: echo\r\n{extra}\r\n".encode()
+
+
+async def test_pipelined_responses_over_tcp_keep_their_order(nursery: trio.Nursery) -> None:
+    backend = FakeBackend("a", lambda seen: Answer(body=seen.head.target))
+    sock = await _tcp_client(nursery, backend)
+    nowhere = b"GET /2 HTTP/1.1\r\nhost: nowhere\r\n\r\n"  # a local 404, no upstream wait
+    sock.sendall(_get("/1") + nowhere + _get("/3") + _get("/4", "connection: close\r\n"))
+    got, eof = await _read_all(sock, 4)
+    assert got == [(200, b"/1"), (404, b""), (200, b"/3"), (200, b"/4")] and eof
+    sock.close()
+
+
+async def test_a_deferred_response_arrives_before_the_close_on_client_eof(
+        nursery: trio.Nursery) -> None:
+    sock = await _tcp_client(nursery)
+    sock.sendall(_get("/"))
+    sock.shutdown(socket.SHUT_WR)  # the client's EOF ends the loop right after the answer
+    got, eof = await _read_all(sock, 1)
+    assert got == [(200, b"ok")] and eof
+    sock.close()
+
+
+async def test_a_bad_request_after_a_deferred_response_is_answered_after_it(
+        nursery: trio.Nursery) -> None:
+    sock = await _tcp_client(nursery)
+    sock.sendall(_get("/") + b"GET / HTTP/1.1\r\nbad header\r\n\r\n")
+    got, eof = await _read_all(sock, 2)
+    assert [status for status, _ in got] == [200, 400] and eof
+    sock.close()
