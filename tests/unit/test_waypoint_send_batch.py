@@ -210,3 +210,17 @@ async def test_a_bad_request_after_a_deferred_response_is_answered_after_it(
     got, eof = await _read_all(sock, 2)
     assert [status for status, _ in got] == [200, 400] and eof
     sock.close()
+
+
+async def test_large_pipelined_responses_to_a_client_that_reads_late_arrive_whole(
+        nursery: trio.Nursery) -> None:
+    # Each response is far larger than the socket buffers: the batch's writes end
+    # partial, later responses queue behind them, and nothing is lost or reordered.
+    backend = FakeBackend("a", lambda seen: Answer(body=seen.head.target * 40_000))
+    sock = await _tcp_client(nursery, backend)
+    paths = [f"/{i:02d}" for i in range(12)]
+    sock.sendall(b"".join(_get(p) for p in paths[:-1]) + _get(paths[-1], "connection: close\r\n"))
+    await trio.testing.wait_all_tasks_blocked()  # the waypoint is stuck on full buffers
+    got, eof = await _read_all(sock, len(paths))
+    assert got == [(200, p.encode() * 40_000) for p in paths] and eof
+    sock.close()
