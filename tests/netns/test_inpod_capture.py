@@ -5,15 +5,17 @@ from __future__ import annotations
 import secrets
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import trio
 
 from common.netns import call_in_netns
 from ztunnel.inpod.install import install_capture, remove_capture
 from ztunnel.inpod.origdst import original_destination
-from ztunnel.inpod.rules import PROBE_SOURCE, ZTUNNEL_MARK
+from ztunnel.inpod.rules import PROBE_SOURCE, RULE_PRIORITY, ZTUNNEL_MARK, ip_route_commands
 
 pytestmark = pytest.mark.netns
 
@@ -125,3 +127,41 @@ async def test_capture_redirects_outbound_inbound_and_spares_ztunnel(pair: Pair)
         conn, src = dest_l.accept()
         conn.close()
         assert src[0] == POD_IP
+
+
+async def test_installing_again_over_live_rules_keeps_replies_steered(pair: Pair) -> None:
+    """A restarted ztunnel installs over the rules its predecessor left while the pod's
+    connections carry traffic: nothing is removed first, so a transparent connection
+    exchanging messages all the while loses none (a reply routed away meets a reset),
+    and the pod ends with one steering rule per family, not two."""
+    assert not any("del" in cmd for cmd in ip_route_commands(add=True))
+    await install_capture(pair.pod)
+    app_l = _listen(pair.pod, "0.0.0.0", 8080)
+    with app_l, _dial(pair.pod, (POD_IP, 8080), mark=True, source=PEER_IP) as spoofed:
+        conn, _ = app_l.accept()
+        done = threading.Event()
+
+        def ping_pong() -> int:
+            exchanges = 0
+            while not done.is_set() and exchanges < 1_000_000:
+                conn.sendall(b"reply")
+                assert spoofed.recv(16) == b"reply"
+                exchanges += 1
+            return exchanges
+
+        with conn:
+            async with trio.open_nursery() as nursery:
+                async def exchange() -> None:
+                    assert await trio.to_thread.run_sync(ping_pong) > 0
+
+                nursery.start_soon(exchange)
+                try:
+                    for _ in range(3):
+                        await install_capture(pair.pod)
+                finally:
+                    done.set()
+    shown = await trio.run_process(["ip", "-n", pair.pod.rsplit("/", 1)[1], "-4", "rule",
+                                    "show", "pref", str(RULE_PRIORITY)], capture_stdout=True)
+    rules = shown.stdout.decode()
+    assert len(rules.strip().splitlines()) == 1, rules
+    await remove_capture(pair.pod)

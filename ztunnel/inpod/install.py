@@ -3,8 +3,8 @@
 The namespace is named by a path (``/run/netns/<name>`` on the local cluster,
 ``/proc/<pid>/ns/net`` or the runtime's netns file on Kubernetes) and entered with
 ``nsenter``, so the same code serves both.  Installing is idempotent: the table is
-replaced atomically by one ``nft -f`` transaction and stale policy routes are
-removed first.
+replaced atomically by one ``nft -f`` transaction, and the policy route is
+replaced in place rather than removed and added again (no window without it).
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ from ztunnel.inpod.rules import (
 log = get_logger("inpod")
 
 
-async def _run(netns_path: str, argv: list[str], stdin: bytes = b"",
-               check: bool = True) -> subprocess.CompletedProcess[bytes]:
+async def _run(netns_path: str, argv: list[str], stdin: bytes = b"", check: bool = True,
+               accept: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` in the namespace; with ``check`` a failure raises, unless its error
+    output contains ``accept``."""
     cmd = ["nsenter", f"--net={netns_path}", *argv]
     result = await trio.run_process(cmd, stdin=stdin, capture_stdout=True,
                                     capture_stderr=True, check=False)
-    if check and result.returncode != 0:
+    if (check and result.returncode != 0
+            and not (accept is not None and accept in result.stderr)):
         raise ConfigError(
             f"{' '.join(argv)} failed in {netns_path}: "
             f"{result.stderr.decode(errors='replace').strip()} "
@@ -40,16 +43,12 @@ async def _run(netns_path: str, argv: list[str], stdin: bytes = b"",
 
 
 async def install_capture(netns_path: str, ports: CapturePorts = DEFAULT_PORTS) -> None:
-    """Install (or replace) the capture rules in the namespace at ``netns_path``."""
+    """Install (or replace) the capture rules in the namespace at ``netns_path``; safe
+    over a pod whose rules are in use (see ``ip_route_commands``)."""
     await _run(netns_path, ["nft", "-f", "-"], stdin=nft_ruleset(ports).encode())
-    for cmd in ip_route_commands(add=False):
-        await _run(netns_path, cmd, check=False)
     for cmd in ip_route_commands(add=True):
-        if "-6" in cmd:
-            # A pod without IPv6 (disabled by sysctl) cannot take v6 routes; v4 still works.
-            await _run(netns_path, cmd, check=False)
-        else:
-            await _run(netns_path, cmd)
+        # A pod without IPv6 (disabled by sysctl) cannot take v6 routes; v4 still works.
+        await _run(netns_path, cmd, check="-6" not in cmd, accept=b"File exists")
     log.info("capture installed", netns=netns_path)
 
 

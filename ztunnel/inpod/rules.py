@@ -110,13 +110,21 @@ def nft_delete_script() -> str:
 
 
 def ip_route_commands(add: bool) -> list[list[str]]:
-    """``ip`` commands (run inside the pod's netns) for the reply-steering policy route."""
-    verb = "add" if add else "del"
+    """``ip`` commands (run inside the pod's netns) for the reply-steering policy route.
+
+    Installing removes nothing first: the route is replaced in place and the rule added
+    (where an identical rule is already there ``ip`` answers "File exists", which
+    install_capture accepts).  A ztunnel that installs over a live pod's existing rules
+    (after a restart) so never opens a window in which replies to its transparent
+    connections are routed away: before, a delete-then-add could cut a request in flight.
+    """
     cmds = []
     for family in ("-4", "-6"):
         local = "0.0.0.0/0" if family == "-4" else "::/0"
-        cmds.append(["ip", family, "rule", verb, "fwmark", f"{CONN_MARK:#x}",
-                     "pref", str(RULE_PRIORITY), "lookup", str(ROUTE_TABLE)])
-        cmds.append(["ip", family, "route", verb, "local", local, "dev", "lo",
-                     "table", str(ROUTE_TABLE)])
+        route = ["ip", family, "route", "replace" if add else "del", "local", local, "dev",
+                 "lo", "table", str(ROUTE_TABLE)]
+        rule = ["ip", family, "rule", "add" if add else "del", "fwmark", f"{CONN_MARK:#x}",
+                "pref", str(RULE_PRIORITY), "lookup", str(ROUTE_TABLE)]
+        # The route before the rule that sends packets to it, and away in reverse.
+        cmds += [route, rule] if add else [rule, route]
     return cmds
