@@ -445,7 +445,7 @@ class HboneConnection:
     def _frame_polled(self, stream: HboneStream, data: bytes) -> bool:
         """Queue ``data`` whole as DATA frames for the poller's write of this pass, when
         the fast path applies (see :meth:`_send_now`); else do nothing, return False."""
-        if (self._try_send is None or self._writing or self._backlog or self._stopping
+        if (self._try_send is None or not self._fast_path_open()
                 or stream._error is not None or stream._closed
                 or len(data) > self.protocol.send_window(stream.stream_id)):
             return False
@@ -527,7 +527,7 @@ class HboneConnection:
         ends the connection the one usual way.
         """
         try_send = self._try_send
-        if try_send is None or self._writing or self._backlog or self._stopping:
+        if try_send is None or not self._fast_path_open():
             return None
         if len(view) < _COALESCE_BELOW:
             # The usual small message: one frame in one buffer, one write.
@@ -545,6 +545,11 @@ class HboneConnection:
             return None
         self.protocol.send_data(stream.stream_id, view)
         return self._write_now(_coalesce(self.protocol.data_to_send()))
+
+    def _fast_path_open(self) -> bool:
+        """A send may be written from the sender's task: the writer is not writing and
+        has nothing left over (it would be overtaken), and the connection is not ending."""
+        return not (self._writing or self._backlog or self._stopping)
 
     def _write_now(self, chunks: list[bytes | memoryview]) -> bool:
         """Write framed ``chunks`` synchronously; False when the rest went to the backlog
