@@ -26,6 +26,19 @@ async def _drain_then_end(stream: trio.abc.HalfCloseableStream, digest: hashlib.
     await stream.send_eof()
 
 
+async def _read_to_eof(stream: trio.abc.HalfCloseableStream) -> bytes:
+    received = b""
+    while chunk := await stream.receive_some():
+        received += chunk
+    return received
+
+
+async def _send_then_end(app: trio.abc.HalfCloseableStream, messages: list[bytes]) -> None:
+    for message in messages:
+        await app.send_all(message)
+    await app.send_eof()
+
+
 async def _echo(stream: trio.abc.HalfCloseableStream) -> None:
     while data := await stream.receive_some(65536):
         await stream.send_all(data)
@@ -99,14 +112,7 @@ async def test_many_sources_on_a_slow_tunnel_arrive_whole_and_in_order() -> None
                     stream, peer = await pair.open()
                     nursery.start_soon(relay, proxy, stream)
                     nursery.start_soon(_drain_then_end, peer, digest, 0.001)
-
-                    async def send(app: trio.abc.HalfCloseableStream = app,
-                                   messages: list[bytes] = messages) -> None:
-                        for message in messages:
-                            await app.send_all(message)
-                        await app.send_eof()
-
-                    nursery.start_soon(send)
+                    nursery.start_soon(_send_then_end, app, messages)
         assert pair.client_transport.partial_writes > 0
         for messages, digest in zip(streams, digests, strict=True):
             assert digest.digest() == hashlib.sha256(b"".join(messages)).digest()
@@ -120,16 +126,10 @@ async def test_half_close_from_the_app_reaches_the_peer_and_the_reply_comes_back
                 nursery.start_soon(relay, proxy, stream)
                 await app.send_all(b"whole request")
                 await app.send_eof()
-                received = b""
-                while chunk := await peer.receive_some():
-                    received += chunk
-                assert received == b"whole request"
+                assert await _read_to_eof(peer) == b"whole request"
                 await peer.send_all(b"reply after EOF")
                 await peer.send_eof()
-                reply = b""
-                while chunk := await app.receive_some():
-                    reply += chunk
-                assert reply == b"reply after EOF"
+                assert await _read_to_eof(app) == b"reply after EOF"
 
 
 async def test_bulk_source_is_handed_back_and_arrives_intact() -> None:
@@ -141,12 +141,7 @@ async def test_bulk_source_is_handed_back_and_arrives_intact() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(relay, proxy, stream)
                 nursery.start_soon(_drain_then_end, peer, digest)
-
-                async def send() -> None:
-                    await app.send_all(payload)
-                    await app.send_eof()
-
-                nursery.start_soon(send)
+                nursery.start_soon(_send_then_end, app, [payload])
         assert digest.digest() == hashlib.sha256(payload).digest()
 
 
@@ -162,9 +157,7 @@ async def test_slow_tunnel_makes_the_poller_hand_back_and_keeps_order() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(relay, proxy, stream)
                 nursery.start_soon(_drain_then_end, peer, digest, 0.001)
-                for message in messages:
-                    await app.send_all(message)
-                await app.send_eof()
+                await _send_then_end(app, messages)
         assert pair.client_transport.partial_writes > 0
         assert digest.digest() == hashlib.sha256(b"".join(messages)).digest()
 
