@@ -179,22 +179,21 @@ async def test_hbone_is_not_tracked_while_captured_traffic_is(pair: Pair) -> Non
     hbone_l = _listen(pair.pod, "0.0.0.0", 15008)
     out_l = _listen(pair.pod, "0.0.0.0", 15001)
     peer_hbone_l = _listen(pair.peer, PEER_IP, 15008)
-    with hbone_l, out_l, peer_hbone_l:
-        # HBONE in (a peer ztunnel dialling this pod) and out (ztunnel's marked dial),
-        # each with data both ways: no conntrack entry in the pod for either.
-        with _dial(pair.peer, (POD_IP, 15008)) as inbound, \
-                _dial(pair.pod, (PEER_IP, 15008), mark=True) as outbound:
-            for client, listener in ((inbound, hbone_l), (outbound, peer_hbone_l)):
-                conn, _ = listener.accept()
-                with conn:
-                    client.sendall(b"ping")
-                    assert conn.recv(4) == b"ping"
-                    conn.sendall(b"pong")
-                    assert client.recv(4) == b"pong"
-            # The application's redirected connection still is (the redirect needs it).
-            with _dial(pair.pod, (PEER_IP, 9000)):
-                conn, _ = out_l.accept()
-                conn.close()
-                table = _tracked(pair.pod)
+    # HBONE in (a peer ztunnel dialling this pod) and out (ztunnel's marked dial), each
+    # with data both ways: no conntrack entry in the pod for either.
+    with hbone_l, out_l, peer_hbone_l, _dial(pair.peer, (POD_IP, 15008)) as inbound, \
+            _dial(pair.pod, (PEER_IP, 15008), mark=True) as outbound:
+        for client, listener in ((inbound, hbone_l), (outbound, peer_hbone_l)):
+            conn, _ = listener.accept()
+            with conn:
+                client.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+                conn.sendall(b"pong")
+                assert client.recv(4) == b"pong"
+        # The application's redirected connection still is (the redirect needs it).
+        with _dial(pair.pod, (PEER_IP, 9000)):
+            conn, _ = out_l.accept()
+            conn.close()
+            table = _tracked(pair.pod)
     assert "dport=9000" in table
     assert "port=15008" not in table
