@@ -150,6 +150,9 @@ class HboneConnection:
         # unwritten (the writer writes them first), and whether the writer is writing.
         self._try_send: Callable[[bytes | memoryview], int] | None = getattr(
             transport, "try_send", None)
+        # A transport that may take bytes before their ciphertext is all out (our
+        # TLSStream): then the writer must finish sending it (an empty backlog write).
+        self._has_unsent: Callable[[], bool] | None = getattr(transport, "has_unsent", None)
         self._backlog: list[bytes | memoryview] = []
         self._writing = False
         self._fast_sends = 0
@@ -540,7 +543,7 @@ class HboneConnection:
                 if sent < len(frame):
                     self._backlog = [memoryview(frame)[sent:]]
                     return False
-                return True
+                return self._all_out()
         if len(view) > self.protocol.send_window(stream.stream_id):
             return None
         self.protocol.send_data(stream.stream_id, view)
@@ -564,6 +567,14 @@ class HboneConnection:
                 # TLS rule: a retried write starts with the same bytes; the backlog does.
                 self._backlog = [memoryview(chunk)[sent:], *chunks[index + 1:]]
                 return False
+        return self._all_out()
+
+    def _all_out(self) -> bool:
+        """After a fast write: True when the transport has nothing left to send; else the
+        writer is left an empty write, which sends the rest (False, as a backlog)."""
+        if self._has_unsent is not None and self._has_unsent():
+            self._backlog = [b""]
+            return False
         return True
 
     async def _wait_send_window(self, stream: HboneStream) -> None:

@@ -10,6 +10,7 @@ import socket
 import pytest
 import trio
 
+from common import tls
 from common.tls import TLSStream
 from tests.unit.test_tls import listener, pki  # noqa: F401  (fixtures)
 from tests.unit.test_tls import pair as pair
@@ -45,3 +46,70 @@ async def test_try_send_after_send_eof_is_refused(pair: tuple[TLSStream, TLSStre
     await client.send_eof()
     with pytest.raises(Exception, match="after send_eof"):
         client.try_send(b"x")
+
+
+needs_batches = pytest.mark.skipif(tls._libssl is None,
+                                   reason="records are batched only with the libssl helper")
+
+
+@needs_batches
+async def test_try_send_takes_one_batch_and_keeps_its_ciphertext_until_sent(
+        pair: tuple[TLSStream, TLSStream]) -> None:
+    client, server = pair
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = random.Random(3).randbytes(3 * 1024 * 1024)
+    taken = client.try_send(payload)
+    # One batch is encrypted (1 MiB), more than the socket takes: the rest of its
+    # ciphertext stays with the stream, and nothing more is taken until it is out.
+    assert taken == 1024 * 1024
+    assert client.has_unsent()
+    assert client.try_send(memoryview(payload)[taken:]) == 0
+    received = hashlib.sha256()
+
+    async def receive() -> None:
+        count = 0
+        while count < len(payload):
+            data = await server.receive_some()
+            received.update(data)
+            count += len(data)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await client.send_all(b"")  # sends what the batch left, and nothing else
+            assert not client.has_unsent()
+            await client.send_all(memoryview(payload)[taken:])
+    assert received.digest() == hashlib.sha256(payload).digest()
+
+
+@needs_batches
+async def test_a_mebibyte_leaves_in_a_few_sends_not_one_per_record(
+        pair: tuple[TLSStream, TLSStream], monkeypatch: pytest.MonkeyPatch) -> None:
+    client, server = pair
+    calls: list[int] = []
+
+    def counting_send(sock: socket.socket, data: memoryview) -> int:
+        calls.append(len(data))
+        return socket.socket.send(sock, data)
+
+    monkeypatch.setattr(tls, "_raw_send", counting_send)
+    payload = random.Random(4).randbytes(1024 * 1024)
+    got = bytearray()
+
+    async def receive() -> None:
+        while len(got) < len(payload):
+            got.extend(await server.receive_some())
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await client.send_all(payload)
+    assert got == payload
+    # 64 records of 16 KiB: with the socket BIO that was 64 writes.
+    assert sum(calls) >= len(payload)
+    assert len(calls) <= 16
+    # A small send stays on OpenSSL's own socket writes: no copy through memory.
+    calls.clear()
+    await client.send_all(b"x" * 1024)
+    assert calls == []
+    assert await server.receive_some() == b"x" * 1024
