@@ -16,6 +16,15 @@ from tests.unit.test_tls import listener, pki  # noqa: F401  (fixtures)
 from tests.unit.test_tls import pair as pair
 
 
+async def _receive_into(server: TLSStream, size: int, digest: hashlib._Hash) -> None:
+    """Read ``size`` bytes from ``server`` into ``digest``."""
+    count = 0
+    while count < size:
+        data = await server.receive_some()
+        digest.update(data)
+        count += len(data)
+
+
 async def test_try_send_then_send_all_of_the_rest_arrives_intact(
         pair: tuple[TLSStream, TLSStream]) -> None:
     client, server = pair
@@ -25,16 +34,9 @@ async def test_try_send_then_send_all_of_the_rest_arrives_intact(
     assert taken < len(payload)  # nobody reads yet: the socket filled up
     received = hashlib.sha256()
 
-    async def receive() -> None:
-        count = 0
-        while count < len(payload):
-            data = await server.receive_some()
-            received.update(data)
-            count += len(data)
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive)
+            nursery.start_soon(_receive_into, server, len(payload), received)
             rest = memoryview(payload)[taken:]
             rest = rest[client.try_send(rest):]  # a retry with the same bytes: allowed
             await client.send_all(rest)
@@ -66,16 +68,9 @@ async def test_try_send_takes_one_batch_and_keeps_its_ciphertext_until_sent(
     assert client.try_send(memoryview(payload)[taken:]) == 0
     received = hashlib.sha256()
 
-    async def receive() -> None:
-        count = 0
-        while count < len(payload):
-            data = await server.receive_some()
-            received.update(data)
-            count += len(data)
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive)
+            nursery.start_soon(_receive_into, server, len(payload), received)
             await client.send_all(b"")  # sends what the batch left, and nothing else
             assert not client.has_unsent()
             await client.send_all(memoryview(payload)[taken:])
