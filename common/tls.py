@@ -12,14 +12,14 @@ Large sends (with the libssl helper) go another way: OpenSSL writes their record
 memory BIO, and the stream sends them on with one ``send`` per batch.  The socket BIO
 makes a ``write()``, so a packet through the pod's veth, bridge and netfilter hooks, of
 every 16 KiB record; the copy out of the memory BIO costs less than the 60,000 writes per
-GiB it saves (bench/ztunnel_l4.py --bulk: 4.85 -> 4.08 CPU s/GiB for the ztunnel pair).
+GiB it saves (bench/ztunnel_l4.py --bulk: 4.84 -> 4.07 CPU s/GiB for the ztunnel pair).
 Small sends keep the socket BIO: for them the copy and the extra calls cost more than
 they save (110 -> 120 us of CPU per small request in one comparison with every send
-through memory; the same with only large ones).  While ciphertext
-of a batch waits for the socket (``has_unsent``), the memory BIO stays OpenSSL's write
-BIO, so whatever OpenSSL writes meanwhile (a read's KeyUpdate answer, the next send)
-queues behind it; once it is all out the socket BIO is put back.  At most one batch is
-encrypted ahead of the socket.
+through memory; unchanged with only large ones).  While ciphertext of a batch waits for
+the socket (``has_unsent``), the memory BIO stays OpenSSL's write BIO, so whatever
+OpenSSL writes meanwhile (a read's KeyUpdate answer, the next send) queues behind it;
+once it is all out the socket BIO is put back.  At most one batch is encrypted ahead of
+the socket.
 
 The rules of a non-blocking SSL socket that the stream follows:
 
@@ -153,9 +153,9 @@ class _LibSSL:
         lib.ERR_clear_error.argtypes = []
         lib.ERR_clear_error.restype = None
         lib.SSL_set0_wbio.argtypes = [vp, vp]
+        lib.SSL_set0_wbio.restype = None
         lib.SSL_get_rbio.argtypes = [vp]
         lib.SSL_get_rbio.restype = vp
-        lib.SSL_set0_wbio.restype = None
         lib.BIO_up_ref.argtypes = [vp]
         lib.BIO_up_ref.restype = i
         lib.BIO_ctrl_pending.argtypes = [vp]
