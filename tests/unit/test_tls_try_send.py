@@ -25,12 +25,18 @@ async def _receive_into(server: TLSStream, size: int, digest: hashlib._Hash) -> 
         count += len(data)
 
 
+def _offer(client: TLSStream, seed: int, mib: int) -> tuple[bytes, int]:
+    """``mib`` MiB offered to ``client`` through a 4 KiB send buffer that nobody reads:
+    the payload and what ``try_send`` took of it."""
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = random.Random(seed).randbytes(mib * 1024 * 1024)
+    return payload, client.try_send(payload)
+
+
 async def test_try_send_then_send_all_of_the_rest_arrives_intact(
         pair: tuple[TLSStream, TLSStream]) -> None:
     client, server = pair
-    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    payload = random.Random(9).randbytes(4 * 1024 * 1024)
-    taken = client.try_send(payload)
+    payload, taken = _offer(client, seed=9, mib=4)
     assert taken < len(payload)  # nobody reads yet: the socket filled up
     received = hashlib.sha256()
 
@@ -58,9 +64,7 @@ needs_batches = pytest.mark.skipif(tls._libssl is None,
 async def test_try_send_takes_one_batch_and_keeps_its_ciphertext_until_sent(
         pair: tuple[TLSStream, TLSStream]) -> None:
     client, server = pair
-    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    payload = random.Random(3).randbytes(3 * 1024 * 1024)
-    taken = client.try_send(payload)
+    payload, taken = _offer(client, seed=3, mib=3)
     # One batch is encrypted (1 MiB), more than the socket takes: the rest of its
     # ciphertext stays with the stream, and nothing more is taken until it is out.
     assert taken == 1024 * 1024
