@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import h2.events
 import pytest
@@ -48,11 +49,14 @@ def _small_buffers(*socks: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
 
+Transport = TypeVar("Transport", bound=trio.abc.HalfCloseableStream)
+
+
 @dataclass
-class Pair:
+class Pair(Generic[Transport]):
     client: HboneConnection
     server: HboneConnection
-    client_transport: RecordingTcpStream
+    client_transport: Transport
     accepted: trio.MemoryReceiveChannel[HboneStream]
     nursery: trio.Nursery
     start_server: Callable[[], None] = field(default=lambda: None)
@@ -65,11 +69,21 @@ class Pair:
 
 
 @asynccontextmanager
-async def connection_pair(*, small: bool = False,
-                          server_running: bool = True) -> AsyncIterator[Pair]:
+async def connection_pair(*, small: bool = False, server_running: bool = True
+                          ) -> AsyncIterator[Pair[RecordingTcpStream]]:
+    """HBONE over a socketpair, the client side's writes counted."""
     a, b = socket.socketpair()
     if small:
         _small_buffers(a, b)
+    async with hbone_pair(RecordingTcpStream(a), TcpStream(b),
+                          server_running=server_running) as pair:
+        yield pair
+
+
+@asynccontextmanager
+async def hbone_pair(client_transport: Transport, server_transport: trio.abc.HalfCloseableStream,
+                     *, server_running: bool = True) -> AsyncIterator[Pair[Transport]]:
+    """Two HboneConnections over the given transports; the server accepts every CONNECT."""
     send_accepted, accepted = trio.open_memory_channel[HboneStream](16)
 
     def on_request(connection: HboneConnection, event: h2.events.RequestReceived) -> None:
@@ -77,9 +91,8 @@ async def connection_pair(*, small: bool = False,
         connection.respond(stream, 200)
         send_accepted.send_nowait(stream)
 
-    client_transport = RecordingTcpStream(a)
     client = HboneConnection(client_transport, client_side=True)
-    server = HboneConnection(TcpStream(b), client_side=False, on_request=on_request)
+    server = HboneConnection(server_transport, client_side=False, on_request=on_request)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.run)
         pair = Pair(client, server, client_transport, accepted, nursery)

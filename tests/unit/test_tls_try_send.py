@@ -12,6 +12,7 @@ import trio
 
 from common import tls
 from common.tls import TLSStream
+from tests.unit.test_hbone_fastpath import hbone_pair
 from tests.unit.test_tls import listener, pki  # noqa: F401  (fixtures)
 from tests.unit.test_tls import pair as pair
 
@@ -112,3 +113,21 @@ async def test_a_mebibyte_leaves_in_a_few_sends_not_one_per_record(
     await client.send_all(b"x" * 1024)
     assert calls == []
     assert await server.receive_some() == b"x" * 1024
+
+
+@needs_batches
+async def test_hbone_message_whose_ciphertext_waits_arrives_with_nothing_sent_after_it(
+        pair: tuple[TLSStream, TLSStream]) -> None:
+    """One 1 MB message through HBONE over a small send buffer, then silence: the fast
+    path takes it whole, so only the connection's writer can finish its ciphertext."""
+    client, server = pair
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    message = random.Random(5).randbytes(1_000_000)
+    async with hbone_pair(client, server) as hbone:
+        stream, peer = await hbone.open()
+        with trio.fail_after(10):
+            await stream.send_all(message)
+            received = bytearray()
+            while len(received) < len(message):
+                received += await peer.receive_some()
+    assert received == message
