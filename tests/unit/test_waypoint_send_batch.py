@@ -14,14 +14,7 @@ import trio.testing
 from common.tcp import TcpStream
 from tests.unit.waypoint_helpers import Answer, FakeBackend, Harness, service
 from waypoint.h1_shell import serve_h1
-from waypoint.http import (
-    NEED_DATA,
-    PAUSED,
-    ConnectionClosed,
-    Data,
-    ResponseHead,
-    ResponseParser,
-)
+from waypoint.http import Data, ResponseHead, ResponseParser
 from waypoint.proxy import PeerInfo
 from waypoint.upstream import SendBatcher
 
@@ -151,32 +144,28 @@ async def _tcp_client(nursery: trio.Nursery, backend: FakeBackend | None = None
     return ours
 
 
-async def _read_all(sock: socket.socket, responses: int
-                    ) -> tuple[list[tuple[int, bytes]], bool]:
-    """``responses`` responses as (status, body), and whether EOF followed them."""
+async def _read_until_closed(sock: socket.socket, responses: int) -> list[tuple[int, bytes]]:
+    """Everything the waypoint sends until it closes the connection (a timeout fails the
+    test if it never does), as (status, body) of the ``responses`` responses expected."""
+    received = bytearray()
+    with trio.fail_after(5):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            if not (chunk := sock.recv(65536)):
+                break
+            received += chunk
     parser = ResponseParser()
     for _ in range(responses):
         parser.expect_response(b"GET")
+    parser.feed(bytes(received))
+    parser.feed_eof()
     got: list[tuple[int, bytes]] = []
-    with trio.fail_after(5):
-        while True:
-            event = parser.next_event()
-            if event is NEED_DATA:
-                await trio.lowlevel.wait_readable(sock)
-                chunk = sock.recv(65536)
-                if chunk:
-                    parser.feed(chunk)
-                elif len(got) == responses:
-                    return got, True
-                else:
-                    parser.feed_eof()
-                continue
-            if isinstance(event, ResponseHead):
-                got.append((event.status, b""))
-            elif isinstance(event, Data):
-                got[-1] = (got[-1][0], got[-1][1] + bytes(event.data))
-            elif event is PAUSED or isinstance(event, ConnectionClosed):
-                return got, True
+    for event in parser.events():
+        if isinstance(event, ResponseHead):
+            got.append((event.status, b""))
+        elif isinstance(event, Data):
+            got[-1] = (got[-1][0], got[-1][1] + bytes(event.data))
+    return got
 
 
 def _get(path: str, extra: str = "") -> bytes:
@@ -188,8 +177,8 @@ async def test_pipelined_responses_over_tcp_keep_their_order(nursery: trio.Nurse
     sock = await _tcp_client(nursery, backend)
     nowhere = b"GET /2 HTTP/1.1\r\nhost: nowhere\r\n\r\n"  # a local 404, no upstream wait
     sock.sendall(_get("/1") + nowhere + _get("/3") + _get("/4", "connection: close\r\n"))
-    got, eof = await _read_all(sock, 4)
-    assert got == [(200, b"/1"), (404, b""), (200, b"/3"), (200, b"/4")] and eof
+    got = await _read_until_closed(sock, 4)
+    assert got == [(200, b"/1"), (404, b""), (200, b"/3"), (200, b"/4")]
     sock.close()
 
 
@@ -198,8 +187,7 @@ async def test_a_deferred_response_arrives_before_the_close_on_client_eof(
     sock = await _tcp_client(nursery)
     sock.sendall(_get("/"))
     sock.shutdown(socket.SHUT_WR)  # the client's EOF ends the loop right after the answer
-    got, eof = await _read_all(sock, 1)
-    assert got == [(200, b"ok")] and eof
+    assert await _read_until_closed(sock, 1) == [(200, b"ok")]
     sock.close()
 
 
@@ -207,8 +195,8 @@ async def test_a_bad_request_after_a_deferred_response_is_answered_after_it(
         nursery: trio.Nursery) -> None:
     sock = await _tcp_client(nursery)
     sock.sendall(_get("/") + b"GET / HTTP/1.1\r\nbad header\r\n\r\n")
-    got, eof = await _read_all(sock, 2)
-    assert [status for status, _ in got] == [200, 400] and eof
+    got = await _read_until_closed(sock, 2)
+    assert [status for status, _ in got] == [200, 400]
     sock.close()
 
 
@@ -221,6 +209,6 @@ async def test_large_pipelined_responses_to_a_client_that_reads_late_arrive_whol
     paths = [f"/{i:02d}" for i in range(12)]
     sock.sendall(b"".join(_get(p) for p in paths[:-1]) + _get(paths[-1], "connection: close\r\n"))
     await trio.testing.wait_all_tasks_blocked()  # the waypoint is stuck on full buffers
-    got, eof = await _read_all(sock, len(paths))
-    assert got == [(200, p.encode() * 40_000) for p in paths] and eof
+    got = await _read_until_closed(sock, len(paths))
+    assert got == [(200, p.encode() * 40_000) for p in paths]
     sock.close()
