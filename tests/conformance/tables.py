@@ -200,7 +200,7 @@ def _share_ok(count: int, total: int, share: float, tolerance: float) -> bool:
     # alone is 3.4 sigma and failed a correct split about once in 1,700 checks (one
     # suite run drew 755/1000 against 704 +- 16 over eight reruns).  A wrong split
     # (50/50 for 70/30) is still 14 sigma out.
-    sigma = math.sqrt(share * (1 - share) / total) if total else 0.0
+    sigma = math.sqrt(share * (1 - share) / total)
     return abs(count / total - share) <= max(tolerance, 5 * sigma) + 1e-9
 
 
