@@ -647,7 +647,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def _push(self) -> bool:
         """Hand the ciphertext waiting in memory to the socket, without waiting; True
         when none is left, and OpenSSL writes the socket again.  Raises the socket's
-        error (a reset peer)."""
+        error (a reset peer); the caller then marks the send side broken, so what was
+        left unsent is never looked at again."""
         if not self._batching:
             return True
         out = self._out
@@ -666,9 +667,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except BlockingIOError:
                 self._unsent = unsent
                 return False
-            except OSError:
-                self._unsent = unsent
-                raise
             unsent = unsent[sent:] if sent < len(unsent) else None
 
     def has_unsent(self) -> bool:
